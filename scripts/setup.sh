@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Installs everything UKAI needs on a fresh Debian machine with Node.js 20:
+# the Debian packages (FUSE, QEMU's and libnbd's clients), the npm packages
+# from the lockfile, and the compiled TypeScript. Safe to run again: each
+# step is skipped when what it makes is already there and up to date.
+#
+#   scripts/setup.sh           what the node and the tests need
+#   scripts/setup.sh --bench   also the benchmark's peers (fio, bindfs, nbdkit)
+#   scripts/setup.sh --force   redo every step (CI)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+want_bench=0
+force=0
+for arg in "$@"; do
+  case "$arg" in
+    --bench) want_bench=1 ;;
+    --force) force=1 ;;
+    *) echo "setup.sh: unknown option '$arg'" >&2; exit 2 ;;
+  esac
+done
+
+# Debian packages: the package that provides each command we need.
+declare -A provides=(
+  [/usr/lib/x86_64-linux-gnu/libfuse.so.2]=libfuse2
+  [fusermount]=fuse3
+  [qemu-img]=qemu-utils
+  [qemu-io]=qemu-utils
+  [nbdinfo]=libnbd-bin
+  [nbdcopy]=libnbd-bin
+  [fio]=fio
+)
+if [ "$want_bench" = 1 ]; then
+  provides[bindfs]=bindfs
+  provides[nbdkit]=nbdkit
+  provides[qemu-nbd]=qemu-utils
+fi
+
+missing=()
+for what in "${!provides[@]}"; do
+  if [ "$force" = 1 ]; then missing+=("${provides[$what]}"); continue; fi
+  case "$what" in
+    /*) [ -e "$what" ] || missing+=("${provides[$what]}") ;;
+    *) command -v "$what" >/dev/null 2>&1 || missing+=("${provides[$what]}") ;;
+  esac
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  mapfile -t pkgs < <(printf '%s\n' "${missing[@]}" | sort -u)
+  sudo_cmd=()
+  [ "$(id -u)" = 0 ] || sudo_cmd=(sudo)
+  echo "setup: installing Debian packages: ${pkgs[*]}"
+  "${sudo_cmd[@]}" apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq "${pkgs[@]}" >/dev/null
+fi
+
+# npm packages, exactly as the lockfile says; redone when the lockfile changes.
+stamp=node_modules/.ukai-lock-stamp
+lock_sum=$(sha256sum package-lock.json | cut -d' ' -f1)
+if [ "$force" = 1 ] || [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$lock_sum" ]; then
+  echo "setup: npm ci"
+  npm ci --no-audit --no-fund --loglevel=error
+  echo "$lock_sum" > "$stamp"
+fi
+
+echo "setup: compiling TypeScript"
+npx tsc -p .

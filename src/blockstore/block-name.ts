@@ -1,0 +1,21 @@
+/**
+ * Block file names: the seed's `blockname_format` ("%016d"), a printf
+ * format with exactly one zero-padded decimal conversion. Only "%0Nd"
+ * (optionally with a fixed prefix and suffix of safe characters) is
+ * accepted, so a format can never produce a path separator.
+ */
+const FORMAT = /^([A-Za-z0-9._-]*)%0(\d{1,2})d([A-Za-z0-9._-]*)$/
+
+export type BlockNamer = (index: number) => string
+
+export function parseBlockNameFormat (format: string): BlockNamer {
+  const m = FORMAT.exec(format)
+  if (m === null) {
+    throw new Error(`blockname_format ${JSON.stringify(format)} is not of the form "%0Nd" (for example "%016d")`)
+  }
+  const prefix = m[1]!
+  const width = Number(m[2])
+  const suffix = m[3]!
+  if (width < 1 || width > 20) throw new Error(`blockname_format width must be 1-20, got ${width}`)
+  return (index: number) => prefix + String(index).padStart(width, '0') + suffix
+}

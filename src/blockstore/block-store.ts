@@ -1,0 +1,268 @@
+/**
+ * This node's block files: `<image_root>/<image>/<blockname_format % i>`.
+ *
+ * - Files are sparse and created on the first write; inside an image's
+ *   directory, a missing file or the part past a file's end reads as
+ *   zeros. The image directory itself is made when the image is
+ *   allocated here; if it is missing, the replica is lost and reads fail
+ *   (we never invent zeros for data we should have).
+ * - File handles stay open in an LRU (never open/close per I/O) and all
+ *   I/O is positional.
+ * - flush() fsyncs every file of the image written since the last flush.
+ */
+import * as fs from 'node:fs'
+import { join } from 'node:path'
+import { UkaiError } from '../errors.js'
+import { validateImageName } from '../metadata/names.js'
+import { parseBlockNameFormat, type BlockNamer } from './block-name.js'
+
+interface Handle {
+  key: string
+  image: string
+  /** -1 while the block file does not exist. */
+  fd: number
+  /** I/O in flight; an entry in use is never closed. */
+  users: number
+  dirty: boolean
+}
+
+const pRead = (fd: number, buf: Buffer, off: number, len: number, pos: number): Promise<number> =>
+  new Promise((resolve, reject) => fs.read(fd, buf, off, len, pos, (e, n) => e ? reject(e) : resolve(n)))
+const pWrite = (fd: number, buf: Buffer, off: number, len: number, pos: number): Promise<number> =>
+  new Promise((resolve, reject) => fs.write(fd, buf, off, len, pos, (e, n) => e ? reject(e) : resolve(n)))
+const pFsync = (fd: number): Promise<void> =>
+  new Promise((resolve, reject) => fs.fdatasync(fd, (e) => e ? reject(e) : resolve()))
+const pClose = (fd: number): Promise<void> =>
+  new Promise((resolve, reject) => fs.close(fd, (e) => e ? reject(e) : resolve()))
+const pOpen = (path: string, flags: number): Promise<number> =>
+  new Promise((resolve, reject) => fs.open(path, flags, 0o644, (e, fd) => e ? reject(e) : resolve(fd)))
+const pFtruncate = (fd: number, len: number): Promise<void> =>
+  new Promise((resolve, reject) => fs.ftruncate(fd, len, (e) => e ? reject(e) : resolve()))
+const pFstat = (fd: number): Promise<fs.Stats> =>
+  new Promise((resolve, reject) => fs.fstat(fd, (e, st) => e ? reject(e) : resolve(st)))
+
+export type DiscardMode = 'trim' | 'zero' | 'zero-allocated'
+
+export interface BlockStoreOptions {
+  /** Most block files kept open at once. */
+  maxOpen?: number
+}
+
+export class BlockStore {
+  readonly root: string
+  private readonly name: BlockNamer
+  private readonly maxOpen: number
+  // Insertion order is recency order: a use re-inserts the entry.
+  private readonly handles = new Map<string, Handle>()
+  private readonly opening = new Map<string, Promise<Handle>>()
+  private readonly knownDirs = new Set<string>()
+
+  constructor (root: string, blocknameFormat: string, options: BlockStoreOptions = {}) {
+    this.root = root
+    this.name = parseBlockNameFormat(blocknameFormat)
+    this.maxOpen = options.maxOpen ?? 1024
+  }
+
+  imageDir (image: string): string {
+    return join(this.root, validateImageName(image))
+  }
+
+  blockPath (image: string, block: number): string {
+    return join(this.imageDir(image), this.name(block))
+  }
+
+  /** Makes the image's directory (allocation). Existing block files are kept. */
+  async allocate (image: string): Promise<void> {
+    await fs.promises.mkdir(this.imageDir(image), { recursive: true })
+    this.knownDirs.add(image)
+  }
+
+  async has (image: string): Promise<boolean> {
+    try {
+      return (await fs.promises.stat(this.imageDir(image))).isDirectory()
+    } catch { return false }
+  }
+
+  /** Removes every block file of the image on this node. */
+  async destroy (image: string): Promise<void> {
+    await this.closeImage(image)
+    this.knownDirs.delete(image)
+    await fs.promises.rm(this.imageDir(image), { recursive: true, force: true })
+  }
+
+  /** Reads `buf.length` bytes of block `block` at `offset`; holes and missing files read as zeros. */
+  async read (image: string, block: number, offset: number, buf: Buffer): Promise<void> {
+    const h = await this.acquire(image, block, false)
+    try {
+      let done = 0
+      if (h.fd >= 0) {
+        while (done < buf.length) {
+          const n = await pRead(h.fd, buf, done, buf.length - done, offset + done)
+          if (n === 0) break
+          done += n
+        }
+      }
+      if (done < buf.length) buf.fill(0, done)
+    } finally { this.release(h) }
+  }
+
+  async write (image: string, block: number, offset: number, data: Buffer): Promise<void> {
+    const h = await this.acquire(image, block, true)
+    try {
+      let done = 0
+      while (done < data.length) {
+        done += await pWrite(h.fd, data, done, data.length - done, offset + done)
+      }
+      h.dirty = true
+    } finally { this.release(h) }
+  }
+
+  /**
+   * Discards or zeroes [offset, offset+length) of a block:
+   * - 'trim': the range's contents may be dropped. A range reaching the
+   *   end of the file shortens it (space freed); inside the file it is
+   *   left alone (a trim is advice, not a promise).
+   * - 'zero': the range reads as zeros afterwards; the file's tail is
+   *   freed as for 'trim', the rest is written with zeros.
+   * - 'zero-allocated': the range reads as zeros and stays allocated (NBD's
+   *   NO_HOLE): zeros are written everywhere.
+   */
+  async discard (image: string, block: number, offset: number, length: number, mode: DiscardMode): Promise<void> {
+    const h = await this.acquire(image, block, mode === 'zero-allocated')
+    try {
+      if (h.fd < 0) return
+      const size = mode === 'zero-allocated' ? Infinity : (await pFstat(h.fd)).size
+      if (offset >= size) return
+      if (offset + length >= size) {
+        await pFtruncate(h.fd, offset)
+        h.dirty = true
+        return
+      }
+      if (mode === 'trim') return
+      const chunk = Buffer.alloc(Math.min(length, 1 << 20))
+      for (let done = 0; done < length;) {
+        const n = Math.min(chunk.length, length - done)
+        done += await pWrite(h.fd, chunk, 0, n, offset + done)
+      }
+      h.dirty = true
+    } finally { this.release(h) }
+  }
+
+  /** Bytes of the block's file that exist (0 when it was never written). */
+  async allocatedLength (image: string, block: number): Promise<number> {
+    const h = await this.acquire(image, block, false)
+    try {
+      return h.fd < 0 ? 0 : (await pFstat(h.fd)).size
+    } finally { this.release(h) }
+  }
+
+  /** fsyncs every block file of the image written since its last flush. */
+  async flush (image: string): Promise<void> {
+    const pending: Array<Promise<void>> = []
+    for (const h of this.handles.values()) {
+      if (h.image === image && h.dirty && h.fd >= 0) {
+        h.dirty = false
+        h.users++
+        pending.push(pFsync(h.fd).catch((err) => { h.dirty = true; throw err }).finally(() => this.release(h)))
+      }
+    }
+    await Promise.all(pending)
+  }
+
+  /** Flushes and closes every handle of the image. */
+  async closeImage (image: string): Promise<void> {
+    await this.flush(image)
+    for (const h of [...this.handles.values()]) {
+      if (h.image === image && h.users === 0) await this.evict(h)
+    }
+  }
+
+  async close (): Promise<void> {
+    for (const h of [...this.handles.values()]) {
+      if (h.dirty && h.fd >= 0) await pFsync(h.fd).catch(() => {})
+      await this.evict(h)
+    }
+  }
+
+  private async acquire (image: string, block: number, create: boolean): Promise<Handle> {
+    const key = `${image}/${block}`
+    let h = this.handles.get(key)
+    if (h === undefined || (create && h.fd < 0)) {
+      let p = this.opening.get(key)
+      if (p === undefined) {
+        p = this.open(image, block, key, create)
+        this.opening.set(key, p)
+        void p.finally(() => this.opening.delete(key)).catch(() => {})
+      }
+      h = await p
+      if (create && h.fd < 0) return await this.acquire(image, block, create)
+    } else {
+      // Most recently used goes to the end of the map.
+      this.handles.delete(key)
+      this.handles.set(key, h)
+    }
+    h.users++
+    return h
+  }
+
+  private async open (image: string, block: number, key: string, create: boolean): Promise<Handle> {
+    const path = this.blockPath(image, block)
+    let fd: number
+    try {
+      fd = await pOpen(path, fs.constants.O_RDWR | (create ? fs.constants.O_CREAT : 0))
+    } catch (err) {
+      const code = (err as NodeJS.ErrnoException).code
+      if (code !== 'ENOENT') throw err
+      if (!await this.dirExists(image)) {
+        throw new UkaiError('UKAI_ERR_IO', `no data for image '${image}' on this node: ${this.imageDir(image)} is missing`, { image })
+      }
+      if (create) throw err
+      fd = -1
+    }
+    const old = this.handles.get(key)
+    if (old !== undefined) {
+      // An entry that was absent (-1) is replaced by the newly created file.
+      this.handles.delete(key)
+      if (old.fd >= 0) await pClose(fd) // raced with another open: keep the old
+      else {
+        old.fd = fd
+      }
+      this.handles.set(key, old)
+      return old
+    }
+    const h: Handle = { key, image, fd, users: 0, dirty: false }
+    this.handles.set(key, h)
+    await this.trim()
+    return h
+  }
+
+  private async dirExists (image: string): Promise<boolean> {
+    if (this.knownDirs.has(image)) return true
+    const ok = await this.has(image)
+    if (ok) this.knownDirs.add(image)
+    return ok
+  }
+
+  private release (h: Handle): void {
+    h.users--
+  }
+
+  /** Closes least recently used idle handles beyond maxOpen. */
+  private async trim (): Promise<void> {
+    if (this.handles.size <= this.maxOpen) return
+    for (const h of this.handles.values()) {
+      if (this.handles.size <= this.maxOpen) break
+      if (h.users === 0) await this.evict(h)
+    }
+  }
+
+  private async evict (h: Handle): Promise<void> {
+    if (this.handles.get(h.key) !== h) return
+    this.handles.delete(h.key)
+    if (h.fd < 0) return
+    // A dirty file is synced before its handle goes, or a later flush of
+    // the image would miss it.
+    if (h.dirty) await pFsync(h.fd)
+    await pClose(h.fd)
+  }
+}

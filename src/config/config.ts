@@ -1,0 +1,184 @@
+/**
+ * The node's configuration: a JSON file, validated when it is loaded. The
+ * seed's key names are kept (image_root, metadata_root, blockname_format,
+ * control_port, proxy_port), with the later UKAI's `id` and `data_root`
+ * (an alias of image_root). An unknown key, a wrong type or an impossible
+ * value is an error that names the key; nothing starts with a bad config.
+ */
+import { readFileSync } from 'node:fs'
+import { dirname, resolve } from 'node:path'
+import { UkaiError } from '../errors.js'
+import { parseBlockNameFormat } from '../blockstore/block-name.js'
+import { canonicalLocation } from '../metadata/names.js'
+import { parseSize } from '../util/size.js'
+
+export const DEFAULT_CONFIG_PATH = '/etc/ukai/config'
+
+export interface Config {
+  /** Where this node keeps block files: <image_root>/<image>/<block>. */
+  image_root: string
+  /** Where the embedded metadata store keeps one file per image. */
+  metadata_root: string
+  blockname_format: string
+  control_port: number
+  proxy_port: number
+  /** Address the control API listens on; loopback unless configured. */
+  control_address: string
+  /** Address the peer (proxy) port listens on; loopback unless configured. */
+  proxy_address: string
+  /** This node's address as image locations name it, "host:port". */
+  id: string
+  /** Seconds a node in the error state is skipped before it is tried again. */
+  retry_after: number
+  /** Seconds a peer may take to answer before it is put in the error state. */
+  io_timeout: number
+  /** Metadata store backend: "file" (embedded, default). */
+  metadata_backend: 'file'
+  /** Default block size for `ukai image create`, in bytes. */
+  default_block_size: number
+  /** Where the config was read from, or undefined for built-in defaults. */
+  source: string | undefined
+}
+
+type Checker = (value: unknown, key: string, base: string) => unknown
+
+const fail = (key: string, message: string): UkaiError =>
+  new UkaiError('UKAI_ERR_INVALID_CONFIG', `config key '${key}': ${message}`, { key })
+
+const path: Checker = (v, key, base) => {
+  if (typeof v !== 'string' || v.length === 0) throw fail(key, 'must be a non-empty path string')
+  if (v.includes('\0')) throw fail(key, 'must not contain NUL')
+  return resolve(base, v)
+}
+const port: Checker = (v, key) => {
+  if (typeof v !== 'number' || !Number.isInteger(v) || v < 1 || v > 65535) {
+    throw fail(key, `must be an integer port number 1-65535, got ${JSON.stringify(v)}`)
+  }
+  return v
+}
+const address: Checker = (v, key) => {
+  if (typeof v !== 'string' || !/^[A-Za-z0-9.:_[\]-]+$/.test(v)) throw fail(key, `must be a host name or IP address, got ${JSON.stringify(v)}`)
+  return v
+}
+const seconds: Checker = (v, key) => {
+  if (typeof v !== 'number' || !Number.isFinite(v) || v <= 0 || v > 86400) {
+    throw fail(key, `must be a number of seconds greater than 0 and at most 86400, got ${JSON.stringify(v)}`)
+  }
+  return v
+}
+const blockNameFormat: Checker = (v, key) => {
+  if (typeof v !== 'string') throw fail(key, 'must be a string such as "%016d"')
+  try { parseBlockNameFormat(v) } catch (err) { throw fail(key, (err as Error).message) }
+  return v
+}
+const backend: Checker = (v, key) => {
+  if (v !== 'file') throw fail(key, `must be "file", got ${JSON.stringify(v)}`)
+  return v
+}
+const byteSize: Checker = (v, key) => {
+  if (typeof v === 'number' && Number.isSafeInteger(v) && v > 0) return v
+  if (typeof v === 'string') {
+    try { return parseSize(v, key) } catch (err) { throw fail(key, (err as Error).message) }
+  }
+  throw fail(key, `must be a positive size in bytes or a string such as "64M", got ${JSON.stringify(v)}`)
+}
+
+const KEYS: Record<string, { check: Checker, as?: keyof Config }> = {
+  image_root: { check: path },
+  data_root: { check: path, as: 'image_root' },
+  metadata_root: { check: path },
+  blockname_format: { check: blockNameFormat },
+  control_port: { check: port },
+  proxy_port: { check: port },
+  control_address: { check: address },
+  proxy_address: { check: address },
+  id: { check: (v, key) => v }, // checked below, once proxy_port is known
+  retry_after: { check: seconds },
+  io_timeout: { check: seconds },
+  metadata_backend: { check: backend },
+  default_block_size: { check: byteSize }
+}
+
+export function defaultConfig (): Config {
+  return {
+    image_root: '/var/lib/ukai/images',
+    metadata_root: '/var/lib/ukai/metadata',
+    blockname_format: '%016d',
+    control_port: 22221,
+    proxy_port: 22222,
+    control_address: '127.0.0.1',
+    proxy_address: '127.0.0.1',
+    id: '127.0.0.1:22222',
+    retry_after: 60,
+    io_timeout: 10,
+    metadata_backend: 'file',
+    default_block_size: 64 * 2 ** 20,
+    source: undefined
+  }
+}
+
+/**
+ * Validates a parsed config object. Relative paths are taken relative to
+ * `base` (the config file's directory).
+ */
+export function parseConfig (raw: unknown, base: string, source?: string): Config {
+  if (typeof raw !== 'object' || raw === null || Array.isArray(raw)) {
+    throw new UkaiError('UKAI_ERR_INVALID_CONFIG', 'config must be a JSON object')
+  }
+  const cfg = defaultConfig() as unknown as Record<string, unknown>
+  const given = raw as Record<string, unknown>
+  if ('image_root' in given && 'data_root' in given) {
+    throw fail('data_root', 'is an alias of image_root; give only one of them')
+  }
+  for (const [key, value] of Object.entries(given)) {
+    const spec = KEYS[key]
+    if (spec === undefined) {
+      throw fail(key, `unknown key (known keys: ${Object.keys(KEYS).join(', ')})`)
+    }
+    cfg[spec.as ?? key] = spec.check(value, key, base)
+  }
+  const config = cfg as unknown as Config
+  config.source = source
+  if (!('id' in given)) {
+    config.id = `${config.proxy_address}:${config.proxy_port}`
+  } else {
+    try {
+      canonicalLocation(given.id as string, config.proxy_port)
+    } catch {
+      throw fail('id', `must be this node's address as "host" or "host:port", got ${JSON.stringify(given.id)}`)
+    }
+  }
+  if (config.control_port === config.proxy_port && config.control_address === config.proxy_address) {
+    throw fail('control_port', `must differ from proxy_port (${config.proxy_port})`)
+  }
+  return config
+}
+
+/**
+ * Loads the config: the path given, else $UKAI_CONFIG, else
+ * /etc/ukai/config. Only the default path may be absent (then the built-in
+ * defaults apply); a path the operator named must exist.
+ */
+export function loadConfig (path?: string): Config {
+  const named = path ?? process.env.UKAI_CONFIG
+  const file = named ?? DEFAULT_CONFIG_PATH
+  let text: string
+  try {
+    text = readFileSync(file, 'utf8')
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT' && named === undefined) return defaultConfig()
+    throw new UkaiError('UKAI_ERR_INVALID_CONFIG', `cannot read config file ${file}: ${(err as Error).message}`, { path: file })
+  }
+  let raw: unknown
+  try {
+    raw = JSON.parse(text)
+  } catch (err) {
+    throw new UkaiError('UKAI_ERR_INVALID_CONFIG', `config file ${file} is not valid JSON: ${(err as Error).message}`, { path: file })
+  }
+  return parseConfig(raw, dirname(resolve(file)), resolve(file))
+}
+
+/** True when `location` names this node. */
+export function isLocalLocation (config: Config, location: string): boolean {
+  return canonicalLocation(location, config.proxy_port) === canonicalLocation(config.id, config.proxy_port)
+}

@@ -1,0 +1,157 @@
+/**
+ * The embedded metadata store: one file per image under metadata_root,
+ * `<name>.json`, in the stored format. Every write is an atomic replace:
+ * write a temp file, fsync it, rename it over the old one, fsync the
+ * directory. A crash at any moment leaves the old or the new file, never
+ * a torn one; a leftover temp file is ignored and removed at open.
+ */
+import { promises as fsp, watch, type FSWatcher } from 'node:fs'
+import { join } from 'node:path'
+import { UkaiError } from '../errors.js'
+import { decodeStored, encodeStored } from './codec.js'
+import type { ImageMeta } from './image.js'
+import { MetadataStore, type WatchListener } from './store.js'
+
+const FILE = /^([A-Za-z0-9][A-Za-z0-9._-]{0,127})\.json$/
+const TEMP = /^\..*\.tmp$/
+
+let tempCounter = 0
+
+export async function atomicWriteFile (dir: string, file: string, data: string | Buffer): Promise<void> {
+  const tmp = join(dir, `.${file}.${process.pid}.${++tempCounter}.tmp`)
+  const fh = await fsp.open(tmp, 'w', 0o644)
+  try {
+    await fh.writeFile(data)
+    await fh.sync()
+  } finally {
+    await fh.close()
+  }
+  try {
+    await fsp.rename(tmp, join(dir, file))
+  } catch (err) {
+    await fsp.rm(tmp, { force: true })
+    throw err
+  }
+  await fsyncDir(dir)
+}
+
+export async function fsyncDir (dir: string): Promise<void> {
+  const dh = await fsp.open(dir, 'r')
+  try { await dh.sync() } finally { await dh.close() }
+}
+
+export class FileMetadataStore extends MetadataStore {
+  readonly kind = 'file'
+  readonly root: string
+  private watcher: FSWatcher | undefined
+  private readonly listeners = new Set<WatchListener>()
+
+  private constructor (root: string, defaultPort: number) {
+    super(defaultPort)
+    this.root = root
+  }
+
+  static async open (root: string, defaultPort: number): Promise<FileMetadataStore> {
+    await fsp.mkdir(root, { recursive: true })
+    for (const f of await fsp.readdir(root)) {
+      // Temp files of writers that died before their rename.
+      if (TEMP.test(f)) await fsp.rm(join(root, f), { force: true }).catch(() => {})
+    }
+    return new FileMetadataStore(root, defaultPort)
+  }
+
+  private file (name: string): string { return join(this.root, `${name}.json`) }
+
+  protected async _list (): Promise<string[]> {
+    const out: string[] = []
+    for (const f of await fsp.readdir(this.root)) {
+      const m = FILE.exec(f)
+      if (m !== null) out.push(m[1]!)
+    }
+    return out
+  }
+
+  protected async _get (name: string): Promise<ImageMeta | undefined> {
+    let text: string
+    try {
+      text = await fsp.readFile(this.file(name), 'utf8')
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return undefined
+      throw err
+    }
+    let doc: unknown
+    try {
+      doc = JSON.parse(text)
+    } catch (err) {
+      throw new UkaiError('UKAI_ERR_INVALID_METADATA', `metadata file ${this.file(name)} is not valid JSON: ${(err as Error).message}`)
+    }
+    const meta = decodeStored(doc, this.defaultPort)
+    if (meta.name !== name) {
+      throw new UkaiError('UKAI_ERR_INVALID_METADATA', `metadata file ${this.file(name)} names image '${meta.name}'`)
+    }
+    return meta
+  }
+
+  protected async _write (meta: ImageMeta, create: boolean): Promise<void> {
+    if (create) {
+      // Claim the name first: of two creators, exactly one wins the link.
+      const claim = join(this.root, `.${meta.name}.json.${process.pid}.${++tempCounter}.tmp`)
+      const fh = await fsp.open(claim, 'w', 0o644)
+      try {
+        await fh.writeFile(JSON.stringify(encodeStored(meta)) + '\n')
+        await fh.sync()
+      } finally { await fh.close() }
+      try {
+        await fsp.link(claim, this.file(meta.name))
+      } catch (err) {
+        if ((err as NodeJS.ErrnoException).code === 'EEXIST') {
+          throw new UkaiError('UKAI_ERR_EXISTS', `image '${meta.name}' already exists`, { image: meta.name })
+        }
+        throw err
+      } finally {
+        await fsp.rm(claim, { force: true })
+      }
+      await fsyncDir(this.root)
+      return
+    }
+    await atomicWriteFile(this.root, `${meta.name}.json`, JSON.stringify(encodeStored(meta)) + '\n')
+  }
+
+  protected async _delete (name: string): Promise<boolean> {
+    try {
+      await fsp.unlink(this.file(name))
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return false
+      throw err
+    }
+    await fsyncDir(this.root)
+    return true
+  }
+
+  protected _watch (listener: WatchListener): () => void {
+    this.listeners.add(listener)
+    if (this.watcher === undefined) {
+      // inotify on the directory: a rename or unlink of <name>.json by any
+      // process (another node sharing metadata_root, the offline CLI).
+      this.watcher = watch(this.root, { persistent: false }, (_event, filename) => {
+        const m = filename === null ? null : FILE.exec(String(filename))
+        if (m === null) return
+        for (const l of this.listeners) l(m[1]!)
+      })
+      this.watcher.on('error', () => {})
+    }
+    return () => {
+      this.listeners.delete(listener)
+      if (this.listeners.size === 0 && this.watcher !== undefined) {
+        this.watcher.close()
+        this.watcher = undefined
+      }
+    }
+  }
+
+  async close (): Promise<void> {
+    this.listeners.clear()
+    this.watcher?.close()
+    this.watcher = undefined
+  }
+}

@@ -1,0 +1,168 @@
+/**
+ * The image model. An image has a name, a size, a block size, a used size
+ * (the file length the hypervisor sees, <= size), the hypervisors allowed
+ * to run it, and for each location (node address) the blocks it holds and
+ * which of those are out of sync. Placement and sync state are range sets,
+ * so the model's size follows the number of placement decisions, not the
+ * number of blocks.
+ */
+import { UkaiError } from '../errors.js'
+import { validateImageName, validateLocation } from './names.js'
+import { RangeSet } from './range-set.js'
+
+export interface LocationState {
+  /** Blocks this location holds a replica of. */
+  blocks: RangeSet
+  /** Blocks (a subset of `blocks`) whose replica here is out of sync. */
+  outOfSync: RangeSet
+}
+
+export interface ReplicaState {
+  location: string
+  inSync: boolean
+}
+
+export class ImageMeta {
+  name: string
+  size: number
+  blockSize: number
+  usedSize: number
+  hypervisors: string[]
+  locations: Map<string, LocationState>
+  /** Incremented on every stored change; lets nodes drop stale copies. */
+  generation: number
+
+  constructor (init: {
+    name: string
+    size: number
+    blockSize: number
+    usedSize?: number
+    hypervisors?: string[]
+    locations?: Map<string, LocationState>
+    generation?: number
+  }) {
+    this.name = init.name
+    this.size = init.size
+    this.blockSize = init.blockSize
+    this.usedSize = init.usedSize ?? init.size
+    this.hypervisors = init.hypervisors ?? []
+    this.locations = init.locations ?? new Map()
+    this.generation = init.generation ?? 0
+  }
+
+  get blockCount (): number { return Math.ceil(this.size / this.blockSize) }
+
+  /** Length in bytes of block `index` (the last one may be shorter). */
+  blockLength (index: number): number {
+    return Math.min(this.blockSize, this.size - index * this.blockSize)
+  }
+
+  /** The replicas of one block, in the order the locations were added. */
+  replicasOf (block: number): ReplicaState[] {
+    const out: ReplicaState[] = []
+    for (const [location, st] of this.locations) {
+      if (st.blocks.has(block)) out.push({ location, inSync: !st.outOfSync.has(block) })
+    }
+    return out
+  }
+
+  clone (): ImageMeta {
+    const locations = new Map<string, LocationState>()
+    for (const [loc, st] of this.locations) {
+      locations.set(loc, { blocks: st.blocks.clone(), outOfSync: st.outOfSync.clone() })
+    }
+    return new ImageMeta({
+      name: this.name,
+      size: this.size,
+      blockSize: this.blockSize,
+      usedSize: this.usedSize,
+      hypervisors: this.hypervisors.slice(),
+      locations,
+      generation: this.generation
+    })
+  }
+
+  /** Adds `location` for blocks [start, end); new replicas start out of sync unless `inSync`. */
+  addLocation (location: string, start: number, end: number, inSync: boolean): void {
+    let st = this.locations.get(location)
+    if (st === undefined) {
+      st = { blocks: new RangeSet(), outOfSync: new RangeSet() }
+      this.locations.set(location, st)
+    }
+    // Blocks already held keep their state; only the new ones get `inSync`.
+    const fresh = RangeSet.of(start, end).removeSet(st.blocks)
+    st.blocks.add(start, end)
+    if (!inSync) st.outOfSync.addSet(fresh)
+  }
+
+  setSync (location: string, start: number, end: number, inSync: boolean): void {
+    const st = this.locations.get(location)
+    if (st === undefined) return
+    if (inSync) st.outOfSync.remove(start, end)
+    else {
+      for (const [s, e] of st.blocks.within(start, end)) st.outOfSync.add(s, e)
+    }
+  }
+}
+
+const invalid = (message: string, details?: Record<string, unknown>): UkaiError =>
+  new UkaiError('UKAI_ERR_INVALID_METADATA', message, details)
+
+function positiveInteger (v: unknown, key: string, name: string): number {
+  if (typeof v !== 'number' || !Number.isSafeInteger(v) || v <= 0) {
+    throw invalid(`image '${name}': '${key}' must be a positive integer, got ${JSON.stringify(v)}`, { key })
+  }
+  return v
+}
+
+/** Largest number of blocks an image may have: keeps seed exports and block names sane. */
+export const MAX_BLOCKS = 2 ** 32
+
+/**
+ * Checks every rule of the model; throws UKAI_ERR_INVALID_METADATA with the
+ * first broken rule. Called before anything is stored.
+ */
+export function validateImage (meta: ImageMeta, defaultPort: number): ImageMeta {
+  validateImageName(meta.name)
+  const name = meta.name
+  positiveInteger(meta.size, 'size', name)
+  positiveInteger(meta.blockSize, 'block_size', name)
+  if (typeof meta.usedSize !== 'number' || !Number.isSafeInteger(meta.usedSize) || meta.usedSize < 0) {
+    throw invalid(`image '${name}': 'used_size' must be a non-negative integer, got ${JSON.stringify(meta.usedSize)}`, { key: 'used_size' })
+  }
+  if (meta.usedSize > meta.size) {
+    throw invalid(`image '${name}': 'used_size' ${meta.usedSize} is larger than 'size' ${meta.size}`, { key: 'used_size' })
+  }
+  if (meta.blockSize > meta.size) {
+    throw invalid(`image '${name}': 'block_size' ${meta.blockSize} is larger than 'size' ${meta.size}`, { key: 'block_size' })
+  }
+  if (meta.blockCount > MAX_BLOCKS) {
+    throw invalid(`image '${name}': ${meta.blockCount} blocks is more than ${MAX_BLOCKS}; use a larger block_size`, { key: 'block_size' })
+  }
+  for (const h of meta.hypervisors) {
+    try { validateLocation(h, defaultPort) } catch (err) {
+      throw invalid(`image '${name}': hypervisor: ${(err as Error).message}`, { key: 'hypervisors' })
+    }
+  }
+  const count = meta.blockCount
+  const placed = new RangeSet()
+  for (const [loc, st] of meta.locations) {
+    try { validateLocation(loc, defaultPort) } catch (err) {
+      throw invalid(`image '${name}': ${(err as Error).message}`, { key: 'locations' })
+    }
+    if (st.blocks.end !== undefined && st.blocks.end > count) {
+      throw invalid(`image '${name}': location ${loc} holds block ${st.blocks.end - 1} but the image has ${count} blocks`, { key: 'locations' })
+    }
+    for (const [s, e] of st.outOfSync.ranges()) {
+      if (!st.blocks.covers(s, e)) {
+        throw invalid(`image '${name}': location ${loc} marks blocks [${s}, ${e}) out of sync but does not hold them all`, { key: 'locations' })
+      }
+    }
+    placed.addSet(st.blocks)
+  }
+  if (!placed.covers(0, count)) {
+    const missing = RangeSet.of(0, count).removeSet(placed).first
+    throw invalid(`image '${name}': block ${missing} has no location`, { key: 'blocks', block: missing })
+  }
+  return meta
+}

@@ -1,0 +1,96 @@
+/**
+ * MetadataStore: where image metadata lives. Backends implement the
+ * protected `_list/_get/_write/_delete/_watch` operations; the public
+ * methods validate names and metadata first and serialise updates of one
+ * image, so every backend behaves the same (checked by the conformance
+ * suite in store.conformance.ts that each backend runs).
+ */
+import { UkaiError, imageNotFound } from '../errors.js'
+import { ImageMeta, validateImage } from './image.js'
+import { validateImageName } from './names.js'
+
+export type WatchListener = (name: string) => void
+
+export abstract class MetadataStore {
+  abstract readonly kind: string
+  protected readonly defaultPort: number
+  private readonly queues = new Map<string, Promise<unknown>>()
+
+  constructor (defaultPort: number) {
+    this.defaultPort = defaultPort
+  }
+
+  protected abstract _list (): Promise<string[]>
+  protected abstract _get (name: string): Promise<ImageMeta | undefined>
+  /** Stores `meta` atomically; `create` fails with UKAI_ERR_EXISTS if the image exists. */
+  protected abstract _write (meta: ImageMeta, create: boolean): Promise<void>
+  protected abstract _delete (name: string): Promise<boolean>
+  protected abstract _watch (listener: WatchListener): () => void
+  abstract close (): Promise<void>
+
+  async list (): Promise<string[]> {
+    return (await this._list()).sort()
+  }
+
+  async get (name: string): Promise<ImageMeta | undefined> {
+    return await this._get(validateImageName(name))
+  }
+
+  async require (name: string): Promise<ImageMeta> {
+    const meta = await this.get(name)
+    if (meta === undefined) throw imageNotFound(name)
+    return meta
+  }
+
+  /** Stores a new image; fails with UKAI_ERR_EXISTS when the name is taken. */
+  async create (meta: ImageMeta): Promise<ImageMeta> {
+    validateImage(meta, this.defaultPort)
+    return await this.serial(meta.name, async () => {
+      const stored = meta.clone()
+      stored.generation = 1
+      await this._write(stored, true)
+      return stored
+    })
+  }
+
+  /**
+   * Read-modify-write of one image: `change` gets a private copy and
+   * returns it (or another ImageMeta) to store. Updates of one image in
+   * this process never interleave. The result is validated before it is
+   * written, so a bad change leaves the stored metadata as it was.
+   */
+  async update (name: string, change: (meta: ImageMeta) => ImageMeta | Promise<ImageMeta>): Promise<ImageMeta> {
+    validateImageName(name)
+    return await this.serial(name, async () => {
+      const current = await this._get(name)
+      if (current === undefined) throw imageNotFound(name)
+      const next = await change(current.clone())
+      if (next.name !== name) throw new UkaiError('UKAI_ERR_INVALID_ARGUMENT', 'an update may not rename an image')
+      validateImage(next, this.defaultPort)
+      next.generation = current.generation + 1
+      await this._write(next, false)
+      return next
+    })
+  }
+
+  async delete (name: string): Promise<void> {
+    validateImageName(name)
+    await this.serial(name, async () => {
+      if (!await this._delete(name)) throw imageNotFound(name)
+    })
+  }
+
+  /** Calls `listener(name)` after any image is created, changed or deleted, by any process. */
+  watch (listener: WatchListener): () => void {
+    return this._watch(listener)
+  }
+
+  private async serial<T> (name: string, fn: () => Promise<T>): Promise<T> {
+    const prev = this.queues.get(name) ?? Promise.resolve()
+    const run = prev.then(fn, fn)
+    const tail = run.catch(() => {})
+    this.queues.set(name, tail)
+    void tail.then(() => { if (this.queues.get(name) === tail) this.queues.delete(name) })
+    return await run
+  }
+}

@@ -1,0 +1,155 @@
+/**
+ * Image lifecycle: create, import, list, describe, destroy. Used by the
+ * running node (behind the control API) and by the CLI when no node is
+ * running, so both paths apply the same rules.
+ */
+import { UkaiError, invalidArgument } from '../errors.js'
+import type { BlockStore } from '../blockstore/block-store.js'
+import { isLocalLocation, type Config } from '../config/config.js'
+import { exportPerBlock, importAny, encodeStored, type ExportFormat } from '../metadata/codec.js'
+import { ImageMeta, validateImage } from '../metadata/image.js'
+import { validateImageName, validateLocation } from '../metadata/names.js'
+import type { MetadataStore } from '../metadata/store.js'
+
+export interface CreateImageRequest {
+  name: string
+  size: number
+  /** Bytes; the config's default_block_size (capped at size) when absent. */
+  block_size?: number
+  /** Where every block goes; this node when absent. */
+  locations?: string[]
+  hypervisors?: string[]
+}
+
+export interface ImageSummary {
+  name: string
+  size: number
+  block_size: number
+  used_size: number
+  blocks: number
+  locations: string[]
+  hypervisors: string[]
+  /** Block replicas out of sync, all locations together. */
+  out_of_sync: number
+}
+
+export function summarise (meta: ImageMeta): ImageSummary {
+  let outOfSync = 0
+  for (const st of meta.locations.values()) outOfSync += st.outOfSync.size
+  return {
+    name: meta.name,
+    size: meta.size,
+    block_size: meta.blockSize,
+    used_size: meta.usedSize,
+    blocks: meta.blockCount,
+    locations: [...meta.locations.keys()],
+    hypervisors: meta.hypervisors.slice(),
+    out_of_sync: outOfSync
+  }
+}
+
+export type InfoFormat = 'stored' | ExportFormat
+
+export function describe (meta: ImageMeta, format: InfoFormat): unknown {
+  return format === 'stored' ? encodeStored(meta) : exportPerBlock(meta, format)
+}
+
+export class ImageService {
+  readonly config: Config
+  readonly store: MetadataStore
+  readonly blocks: BlockStore
+
+  constructor (config: Config, store: MetadataStore, blocks: BlockStore) {
+    this.config = config
+    this.store = store
+    this.blocks = blocks
+  }
+
+  /** Validates a create request from any source (CLI, API body). */
+  buildImage (req: unknown): ImageMeta {
+    if (typeof req !== 'object' || req === null || Array.isArray(req)) throw invalidArgument('create request must be an object')
+    const r = req as Record<string, unknown>
+    for (const k of Object.keys(r)) {
+      if (!['name', 'size', 'block_size', 'locations', 'hypervisors'].includes(k)) throw invalidArgument(`unknown field '${k}'`, { key: k })
+    }
+    const name = validateImageName(r.name)
+    const size = r.size
+    if (typeof size !== 'number' || !Number.isSafeInteger(size) || size <= 0) {
+      throw invalidArgument(`size must be a positive integer number of bytes, got ${JSON.stringify(size)}`, { key: 'size' })
+    }
+    let blockSize = r.block_size
+    if (blockSize === undefined) blockSize = Math.min(this.config.default_block_size, size)
+    if (typeof blockSize !== 'number' || !Number.isSafeInteger(blockSize) || blockSize <= 0) {
+      throw invalidArgument(`block_size must be a positive integer number of bytes, got ${JSON.stringify(blockSize)}`, { key: 'block_size' })
+    }
+    if (blockSize > size) throw invalidArgument(`block_size ${blockSize} is larger than size ${size}`, { key: 'block_size' })
+    const list = (v: unknown, key: string, dflt: string[]): string[] => {
+      if (v === undefined) return dflt
+      if (!Array.isArray(v) || !v.every((x) => typeof x === 'string')) throw invalidArgument(`${key} must be a list of node addresses`, { key })
+      for (const x of v) validateLocation(x, this.config.proxy_port)
+      return [...new Set(v as string[])]
+    }
+    const locations = list(r.locations, 'locations', [this.config.id])
+    if (locations.length === 0) throw invalidArgument('an image needs at least one location', { key: 'locations' })
+    const meta = new ImageMeta({ name, size, blockSize, hypervisors: list(r.hypervisors, 'hypervisors', []) })
+    // A new image reads as zeros everywhere, so every replica starts in sync.
+    for (const loc of locations) meta.addLocation(loc, 0, meta.blockCount, true)
+    return validateImage(meta, this.config.proxy_port)
+  }
+
+  async create (req: unknown): Promise<ImageMeta> {
+    const meta = this.buildImage(req)
+    // The name is claimed in the store before any block directory is made,
+    // so a losing creator never touches the winner's data.
+    const stored = await this.store.create(meta)
+    try {
+      await this.allocateLocal(stored)
+    } catch (err) {
+      await this.store.delete(meta.name).catch(() => {})
+      throw err
+    }
+    return stored
+  }
+
+  /** The seed's way: metadata for block files that may already exist. */
+  async importMetadata (doc: unknown): Promise<ImageMeta> {
+    const meta = importAny(doc, this.config.proxy_port)
+    meta.generation = 0
+    const stored = await this.store.create(meta)
+    await this.allocateLocal(stored)
+    return stored
+  }
+
+  private async allocateLocal (meta: ImageMeta): Promise<void> {
+    for (const loc of meta.locations.keys()) {
+      if (isLocalLocation(this.config, loc)) await this.blocks.allocate(meta.name)
+    }
+  }
+
+  async list (): Promise<ImageSummary[]> {
+    const out: ImageSummary[] = []
+    for (const name of await this.store.list()) {
+      const meta = await this.store.get(name).catch(() => undefined)
+      if (meta !== undefined) out.push(summarise(meta))
+    }
+    return out
+  }
+
+  async info (name: string): Promise<ImageMeta> {
+    return await this.store.require(validateImageName(name))
+  }
+
+  /** Removes the metadata, then this node's block files. */
+  async destroy (name: string): Promise<void> {
+    const meta = await this.store.require(validateImageName(name))
+    await this.store.delete(name)
+    const local = [...meta.locations.keys()].some((l) => isLocalLocation(this.config, l))
+    if (local || await this.blocks.has(name)) await this.blocks.destroy(name)
+  }
+}
+
+export function parseInfoFormat (v: unknown): InfoFormat {
+  if (v === undefined) return 'stored'
+  if (v === 'stored' || v === 'seed' || v === 'ukai') return v
+  throw new UkaiError('UKAI_ERR_INVALID_ARGUMENT', `unknown format ${JSON.stringify(v)} (stored, seed or ukai)`)
+}

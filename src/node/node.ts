@@ -1,0 +1,173 @@
+/**
+ * UkaiNode: everything one `ukai server` process holds. The metadata
+ * store, this node's block store, the node error state, the open volumes
+ * (one per image, shared by the FUSE mount and the NBD export), and a
+ * cache of image metadata kept current by the store's watch.
+ */
+import { EventEmitter } from 'node:events'
+import { mkdir, statfs } from 'node:fs/promises'
+import { BlockStore } from '../blockstore/block-store.js'
+import { isLocalLocation, type Config } from '../config/config.js'
+import { UkaiError, imageNotFound } from '../errors.js'
+import { FileMetadataStore } from '../metadata/file-store.js'
+import type { ImageMeta } from '../metadata/image.js'
+import type { MetadataStore } from '../metadata/store.js'
+import { LocalReplica, type Replica, type ReplicaProvider } from '../replica/replica.js'
+import { NodeErrors } from '../volume/node-errors.js'
+import { Volume } from '../volume/volume.js'
+import { ImageService } from './images.js'
+
+export interface Capacity { total: number, free: number, available: number }
+
+export async function openStore (config: Config): Promise<MetadataStore> {
+  return await FileMetadataStore.open(config.metadata_root, config.proxy_port)
+}
+
+export class UkaiNode extends EventEmitter implements ReplicaProvider {
+  readonly config: Config
+  readonly store: MetadataStore
+  readonly blocks: BlockStore
+  readonly errors: NodeErrors
+  readonly images: ImageService
+  private readonly local: LocalReplica
+  private readonly known = new Map<string, { meta: ImageMeta, seen: Date }>()
+  private readonly volumes = new Map<string, { volume: Volume, refs: number }>()
+  private unwatch: (() => void) | undefined
+  private closed = false
+
+  private constructor (config: Config, store: MetadataStore) {
+    super()
+    this.config = config
+    this.store = store
+    this.blocks = new BlockStore(config.image_root, config.blockname_format)
+    this.errors = new NodeErrors(config.retry_after)
+    this.images = new ImageService(config, store, this.blocks)
+    this.local = new LocalReplica(config.id, this.blocks)
+  }
+
+  static async start (config: Config): Promise<UkaiNode> {
+    await mkdir(config.image_root, { recursive: true })
+    const store = await openStore(config)
+    const node = new UkaiNode(config, store)
+    node.unwatch = store.watch((name) => { void node.reload(name) })
+    for (const name of await store.list()) await node.reload(name)
+    return node
+  }
+
+  // ReplicaProvider: this node's own location is served from its block
+  // files. Other locations need the peer protocol; until a location can be
+  // reached it is treated as unreachable.
+  replicaFor (location: string): Replica | undefined {
+    return isLocalLocation(this.config, location) ? this.local : undefined
+  }
+
+  /** Names of the images this node knows, sorted. */
+  imageNames (): string[] {
+    return [...this.known.keys()].sort()
+  }
+
+  /** Current metadata of an image (the open volume's, when open). */
+  imageMeta (name: string): ImageMeta | undefined {
+    return this.volumes.get(name)?.volume.meta ?? this.known.get(name)?.meta
+  }
+
+  /** When this node first saw the image (a stable mtime for the mount). */
+  imageSeen (name: string): Date | undefined {
+    return this.known.get(name)?.seen
+  }
+
+  /** Re-reads one image's metadata from the store after a change. */
+  async reload (name: string): Promise<void> {
+    if (this.closed) return
+    let meta: ImageMeta | undefined
+    try {
+      meta = await this.store.get(name)
+    } catch (err) {
+      this.emit('warning', `metadata of image '${name}' could not be read: ${(err as Error).message}`)
+      return
+    }
+    const had = this.known.get(name)
+    if (meta === undefined) {
+      if (had !== undefined) {
+        this.known.delete(name)
+        this.emit('images')
+      }
+      return
+    }
+    if (had !== undefined && had.meta.generation > meta.generation) return
+    this.known.set(name, { meta, seen: had?.seen ?? new Date() })
+    this.volumes.get(name)?.volume.refresh(meta)
+    if (had === undefined) this.emit('images')
+  }
+
+  /** The shared volume of an image; each call must be paired with releaseVolume. */
+  async acquireVolume (name: string): Promise<Volume> {
+    const open = this.volumes.get(name)
+    if (open !== undefined) {
+      open.refs++
+      return open.volume
+    }
+    const meta = await this.store.get(name)
+    if (meta === undefined) throw imageNotFound(name)
+    const again = this.volumes.get(name)
+    if (again !== undefined) {
+      again.refs++
+      return again.volume
+    }
+    const volume = new Volume(meta, { store: this.store, replicas: this, errors: this.errors })
+    this.volumes.set(name, { volume, refs: 1 })
+    return volume
+  }
+
+  async releaseVolume (volume: Volume): Promise<void> {
+    const open = this.volumes.get(volume.name)
+    if (open === undefined || open.volume !== volume) return
+    if (--open.refs > 0) return
+    this.volumes.delete(volume.name)
+    await volume.flush().catch(() => {})
+    await this.blocks.closeImage(volume.name).catch(() => {})
+  }
+
+  isOpen (name: string): boolean {
+    return (this.volumes.get(name)?.volume.openCount ?? 0) > 0
+  }
+
+  openVolumes (): Volume[] {
+    return [...this.volumes.values()].map((v) => v.volume)
+  }
+
+  async createImage (req: unknown): Promise<ImageMeta> {
+    const meta = await this.images.create(req)
+    await this.reload(meta.name)
+    return meta
+  }
+
+  async importImage (doc: unknown): Promise<ImageMeta> {
+    const meta = await this.images.importMetadata(doc)
+    await this.reload(meta.name)
+    return meta
+  }
+
+  async destroyImage (name: string): Promise<void> {
+    if (this.isOpen(name)) {
+      throw new UkaiError('UKAI_ERR_BUSY', `image '${name}' is open; stop its users before destroying it`, { image: name })
+    }
+    await this.images.destroy(name)
+    await this.reload(name)
+  }
+
+  async capacity (): Promise<Capacity> {
+    const st = await statfs(this.config.image_root)
+    return { total: st.blocks * st.bsize, free: st.bfree * st.bsize, available: st.bavail * st.bsize }
+  }
+
+  async close (): Promise<void> {
+    if (this.closed) return
+    this.closed = true
+    this.unwatch?.()
+    for (const { volume } of this.volumes.values()) await volume.flush().catch(() => {})
+    this.volumes.clear()
+    await this.blocks.close()
+    await this.store.close()
+  }
+}

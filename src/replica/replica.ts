@@ -1,0 +1,58 @@
+/**
+ * A replica is one location's copy of an image's blocks. The volume talks
+ * to every location through this small operation set (nbdkit's model:
+ * pread, pwrite, zero/trim, flush, extents), whether the blocks are on
+ * this node (LocalReplica) or on a peer.
+ */
+import type { BlockStore, DiscardMode } from '../blockstore/block-store.js'
+
+export type { DiscardMode }
+
+export interface Replica {
+  /** The location (node address) as the image metadata names it. */
+  readonly location: string
+  readonly isLocal: boolean
+  read (image: string, block: number, offset: number, buf: Buffer): Promise<void>
+  write (image: string, block: number, offset: number, data: Buffer): Promise<void>
+  /** Trims or zeroes a range; see BlockStore.discard for the modes. */
+  discard (image: string, block: number, offset: number, length: number, mode: DiscardMode): Promise<void>
+  flush (image: string): Promise<void>
+  /** Bytes from the start of the block that may hold data (the rest reads as zeros). */
+  allocatedLength (image: string, block: number): Promise<number>
+}
+
+/** Finds the replica object for a location, or undefined when it cannot be reached at all. */
+export interface ReplicaProvider {
+  replicaFor (location: string): Replica | undefined
+}
+
+export class LocalReplica implements Replica {
+  readonly isLocal = true
+  readonly location: string
+  private readonly blocks: BlockStore
+
+  constructor (location: string, blocks: BlockStore) {
+    this.location = location
+    this.blocks = blocks
+  }
+
+  async read (image: string, block: number, offset: number, buf: Buffer): Promise<void> {
+    await this.blocks.read(image, block, offset, buf)
+  }
+
+  async write (image: string, block: number, offset: number, data: Buffer): Promise<void> {
+    await this.blocks.write(image, block, offset, data)
+  }
+
+  async discard (image: string, block: number, offset: number, length: number, mode: DiscardMode): Promise<void> {
+    await this.blocks.discard(image, block, offset, length, mode)
+  }
+
+  async flush (image: string): Promise<void> {
+    await this.blocks.flush(image)
+  }
+
+  async allocatedLength (image: string, block: number): Promise<number> {
+    return await this.blocks.allocatedLength(image, block)
+  }
+}
