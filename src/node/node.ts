@@ -14,7 +14,7 @@ import type { ImageMeta } from '../metadata/image.js'
 import type { MetadataStore } from '../metadata/store.js'
 import { LocalReplica, type Replica, type ReplicaProvider } from '../replica/replica.js'
 import { NodeErrors } from '../volume/node-errors.js'
-import { Volume } from '../volume/volume.js'
+import { Volume, newIoStats, type IoStats } from '../volume/volume.js'
 import { ImageService } from './images.js'
 
 export interface Capacity { total: number, free: number, available: number }
@@ -32,6 +32,7 @@ export class UkaiNode extends EventEmitter implements ReplicaProvider {
   private readonly local: LocalReplica
   private readonly known = new Map<string, { meta: ImageMeta, seen: Date }>()
   private readonly volumes = new Map<string, { volume: Volume, refs: number }>()
+  private readonly ioStats = new Map<string, IoStats>()
   private unwatch: (() => void) | undefined
   private closed = false
 
@@ -90,6 +91,7 @@ export class UkaiNode extends EventEmitter implements ReplicaProvider {
     if (meta === undefined) {
       if (had !== undefined) {
         this.known.delete(name)
+        this.ioStats.delete(name)
         this.emit('images')
       }
       return
@@ -114,7 +116,9 @@ export class UkaiNode extends EventEmitter implements ReplicaProvider {
       again.refs++
       return again.volume
     }
-    const volume = new Volume(meta, { store: this.store, replicas: this, errors: this.errors })
+    let stats = this.ioStats.get(name)
+    if (stats === undefined) { stats = newIoStats(); this.ioStats.set(name, stats) }
+    const volume = new Volume(meta, { store: this.store, replicas: this, errors: this.errors, stats })
     this.volumes.set(name, { volume, refs: 1 })
     return volume
   }
@@ -126,6 +130,11 @@ export class UkaiNode extends EventEmitter implements ReplicaProvider {
     this.volumes.delete(volume.name)
     await volume.flush().catch(() => {})
     await this.blocks.closeImage(volume.name).catch(() => {})
+  }
+
+  /** I/O counters of an image since this node started (zeros when never opened). */
+  stats (name: string): IoStats {
+    return this.ioStats.get(name) ?? newIoStats()
   }
 
   isOpen (name: string): boolean {

@@ -36,6 +36,8 @@ export interface VolumeContext {
   store: MetadataStore
   replicas: ReplicaProvider
   errors: NodeErrors
+  /** I/O counters of the image, kept by the node across opens. */
+  stats?: IoStats
 }
 
 export interface IoStats {
@@ -58,12 +60,13 @@ export class Volume {
   private readers = 0
   /** Blocks written per location since that location's last flush. */
   private readonly unflushed = new Map<string, RangeSet>()
-  readonly stats: IoStats = { reads: 0, writes: 0, bytesRead: 0, bytesWritten: 0, readsFrom: {} }
+  readonly stats: IoStats
 
   constructor (meta: ImageMeta, ctx: VolumeContext) {
     this.name = meta.name
     this.current = meta
     this.ctx = ctx
+    this.stats = ctx.stats ?? newIoStats()
   }
 
   get meta (): ImageMeta { return this.current }
@@ -328,6 +331,10 @@ export class Volume {
     }
     return out
   }
+}
+
+export function newIoStats (): IoStats {
+  return { reads: 0, writes: 0, bytesRead: 0, bytesWritten: 0, readsFrom: {} }
 }
 
 function checkOffset (offset: number, length: number): void {

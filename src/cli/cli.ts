@@ -1,0 +1,249 @@
+/**
+ * `ukai` subcommands. Image and node commands talk to the local node's
+ * control API; when no node is running they act on the metadata store and
+ * block files directly (the same ImageService), so an operator can prepare
+ * images before the first start.
+ */
+import { readFile } from 'node:fs/promises'
+import { parseArgs, type ParseArgsConfig } from 'node:util'
+import { loadConfig, type Config } from '../config/config.js'
+import { ControlClient, isNotRunning } from '../control/client.js'
+import { UkaiError, invalidArgument, toUkaiError } from '../errors.js'
+import { BlockStore } from '../blockstore/block-store.js'
+import { ImageService, describe, parseInfoFormat, summarise, type ImageSummary } from '../node/images.js'
+import { openStore } from '../node/node.js'
+import { formatSize, parseSize } from '../util/size.js'
+import { runServer } from './server.js'
+
+const USAGE = `usage: ukai [--config PATH] COMMAND ...
+
+  server [--mount DIR] [--nbd SOCKET|HOST:PORT]...   run this node
+  image create NAME -s SIZE [-b BLOCK_SIZE] [-l LOCATION]... [-h HYPERVISOR]...
+  image import-metadata FILE|-                       add an image from its metadata JSON
+  image list [--json]
+  image info NAME [--json | --format seed|ukai]
+  image destroy NAME
+  nodes errors [--json]                              locations in the error state
+  version
+
+Every command takes --config PATH (default: $UKAI_CONFIG, else /etc/ukai/config).
+Sizes take suffixes: K, M, G, T (powers of 1024), also KiB, MB, ...`
+
+export class Exit extends Error {
+  constructor (readonly code: number, message: string) { super(message) }
+}
+
+type Options = NonNullable<ParseArgsConfig['options']>
+
+function parse (args: string[], options: Options): { values: Record<string, unknown>, positionals: string[] } {
+  try {
+    const r = parseArgs({ args, options: { ...options, config: { type: 'string' }, help: { type: 'boolean' } }, allowPositionals: true, strict: true })
+    return { values: r.values as Record<string, unknown>, positionals: r.positionals }
+  } catch (err) {
+    throw invalidArgument(`${(err as Error).message.replace(/\. To specify.*$/s, '')}\n\n${USAGE}`)
+  }
+}
+
+function expect (positionals: string[], names: string[], command: string): string[] {
+  if (positionals.length !== names.length) {
+    throw invalidArgument(`'ukai ${command}' takes ${names.length === 0 ? 'no arguments' : names.join(' ')}, got ${positionals.length === 0 ? 'none' : positionals.map((p) => JSON.stringify(p)).join(' ')}`)
+  }
+  return positionals
+}
+
+/** Runs `fn` against the running node's API, or offline against the local stores. */
+async function withImages<T> (config: Config, online: (c: ControlClient) => Promise<T>, offline: (s: ImageService) => Promise<T>): Promise<T> {
+  const client = new ControlClient(config.control_address, config.control_port)
+  try {
+    return await online(client)
+  } catch (err) {
+    if (!isNotRunning(err)) throw err
+  }
+  const store = await openStore(config)
+  try {
+    return await offline(new ImageService(config, store, new BlockStore(config.image_root, config.blockname_format)))
+  } finally {
+    await store.close()
+  }
+}
+
+const print = (s: string): void => { process.stdout.write(s + '\n') }
+const printJson = (v: unknown): void => print(JSON.stringify(v, null, 2))
+
+function table (rows: string[][]): string {
+  const widths = rows[0]!.map((_, i) => Math.max(...rows.map((r) => r[i]!.length)))
+  return rows.map((r) => r.map((c, i) => c.padEnd(widths[i]!)).join('  ').trimEnd()).join('\n')
+}
+
+async function imageCommand (args: string[], configPath: string | undefined): Promise<void> {
+  const [sub, ...rest] = args
+  switch (sub) {
+    case 'create': {
+      const { values, positionals } = parse(rest, {
+        size: { type: 'string', short: 's' },
+        'block-size': { type: 'string', short: 'b' },
+        location: { type: 'string', short: 'l', multiple: true },
+        hypervisor: { type: 'string', short: 'h', multiple: true }
+      })
+      const [name] = expect(positionals, ['NAME'], 'image create')
+      if (values.size === undefined) throw invalidArgument("'ukai image create' needs -s|--size SIZE")
+      const config = loadConfig(configPath)
+      const req = {
+        name,
+        size: parseSize(values.size as string, 'size'),
+        ...(values['block-size'] !== undefined ? { block_size: parseSize(values['block-size'] as string, 'block size') } : {}),
+        ...(values.location !== undefined ? { locations: values.location as string[] } : {}),
+        ...(values.hypervisor !== undefined ? { hypervisors: values.hypervisor as string[] } : {})
+      }
+      const s = await withImages(config,
+        async (c) => await c.call<ImageSummary>('POST', '/v1/images', req),
+        async (svc) => summarise(await svc.create(req)))
+      print(`created image '${s.name}': ${formatSize(s.size)} in ${s.blocks} blocks of ${formatSize(s.block_size)} on ${s.locations.join(', ')}`)
+      return
+    }
+    case 'import-metadata': {
+      const { positionals } = parse(rest, {})
+      const [file] = expect(positionals, ['FILE'], 'image import-metadata')
+      const text = file === '-' ? await readStdin() : await readFile(file!, 'utf8').catch((err) => { throw invalidArgument(`cannot read ${file!}: ${(err as Error).message}`) })
+      let doc: unknown
+      try { doc = JSON.parse(text) } catch (err) {
+        throw new UkaiError('UKAI_ERR_INVALID_METADATA', `${file!} is not valid JSON: ${(err as Error).message}`)
+      }
+      const config = loadConfig(configPath)
+      const s = await withImages(config,
+        async (c) => await c.call<ImageSummary>('POST', '/v1/images/import', doc),
+        async (svc) => summarise(await svc.importMetadata(doc)))
+      print(`imported image '${s.name}': ${formatSize(s.size)} in ${s.blocks} blocks on ${s.locations.join(', ')}`)
+      return
+    }
+    case 'list': {
+      const { values, positionals } = parse(rest, { json: { type: 'boolean' } })
+      expect(positionals, [], 'image list')
+      const config = loadConfig(configPath)
+      const list = await withImages(config,
+        async (c) => await c.call<ImageSummary[]>('GET', '/v1/images'),
+        async (svc) => await svc.list())
+      if (values.json === true) return printJson(list)
+      if (list.length === 0) return print('no images')
+      print(table([['NAME', 'SIZE', 'USED', 'BLOCK', 'BLOCKS', 'OUT OF SYNC', 'LOCATIONS'],
+        ...list.map((s) => [s.name, formatSize(s.size), formatSize(s.used_size), formatSize(s.block_size), String(s.blocks), String(s.out_of_sync), s.locations.join(',')])]))
+      return
+    }
+    case 'info': {
+      const { values, positionals } = parse(rest, { json: { type: 'boolean' }, format: { type: 'string' } })
+      const [name] = expect(positionals, ['NAME'], 'image info')
+      if (values.json === true && values.format !== undefined) throw invalidArgument('give either --json or --format, not both')
+      const format = values.format === undefined ? undefined : parseInfoFormat(values.format)
+      const config = loadConfig(configPath)
+      const doc = await withImages(config,
+        async (c) => await c.call<Record<string, unknown>>('GET', `/v1/images/${encodeURIComponent(name!)}${format !== undefined ? `?format=${format}` : ''}`),
+        async (svc) => {
+          const meta = await svc.info(name!)
+          return (format !== undefined ? describe(meta, format) : { ...summarise(meta), ...describe(meta, 'stored') as object }) as Record<string, unknown>
+        })
+      if (values.json === true || format !== undefined) return printJson(doc)
+      const s = doc as unknown as ImageSummary & { locations_detail?: unknown, hypervisors: string[] }
+      const stored = doc as { locations?: Record<string, { blocks: Array<[number, number]>, out_of_sync: Array<[number, number]> }> }
+      print(`image:        ${s.name}`)
+      print(`size:         ${formatSize(s.size)} (${s.size} bytes)`)
+      print(`used size:    ${formatSize(s.used_size)} (${s.used_size} bytes)`)
+      print(`block size:   ${formatSize(s.block_size)} (${s.blocks} blocks)`)
+      print(`hypervisors:  ${s.hypervisors.length === 0 ? '-' : s.hypervisors.join(', ')}`)
+      print('locations:')
+      const ranges = (rs: Array<[number, number]>): string => rs.length === 0 ? '-' : rs.map(([a, b]) => b - a === 1 ? `${a}` : `${a}-${b - 1}`).join(',')
+      for (const [loc, st] of Object.entries(stored.locations ?? {})) {
+        print(`  ${loc}  blocks ${ranges(st.blocks)}  out of sync ${ranges(st.out_of_sync)}`)
+      }
+      return
+    }
+    case 'destroy': {
+      const { positionals } = parse(rest, {})
+      const [name] = expect(positionals, ['NAME'], 'image destroy')
+      const config = loadConfig(configPath)
+      await withImages(config,
+        async (c) => await c.call('DELETE', `/v1/images/${encodeURIComponent(name!)}`),
+        async (svc) => await svc.destroy(name!))
+      print(`destroyed image '${name!}'`)
+      return
+    }
+    default:
+      throw invalidArgument(`unknown image command ${JSON.stringify(sub ?? '')}\n\n${USAGE}`)
+  }
+}
+
+async function nodesCommand (args: string[], configPath: string | undefined): Promise<void> {
+  const [sub, ...rest] = args
+  if (sub !== 'errors') throw invalidArgument(`unknown nodes command ${JSON.stringify(sub ?? '')}\n\n${USAGE}`)
+  const { values, positionals } = parse(rest, { json: { type: 'boolean' } })
+  expect(positionals, [], 'nodes errors')
+  const config = loadConfig(configPath)
+  const client = new ControlClient(config.control_address, config.control_port)
+  let list: Array<{ location: string, reason: string, retry_after: string }>
+  try {
+    list = await client.call('GET', '/v1/nodes/errors')
+  } catch (err) {
+    if (isNotRunning(err)) throw new UkaiError('UKAI_ERR_CONNECT', `no node is running at ${config.control_address}:${config.control_port}; the error state lives in a running node`)
+    throw err
+  }
+  if (values.json === true) return printJson(list)
+  if (list.length === 0) return print('no node is in the error state')
+  print(table([['LOCATION', 'RETRY AFTER', 'REASON'], ...list.map((e) => [e.location, e.retry_after, e.reason])]))
+}
+
+async function readStdin (): Promise<string> {
+  const chunks: Buffer[] = []
+  for await (const c of process.stdin) chunks.push(c as Buffer)
+  return Buffer.concat(chunks).toString('utf8')
+}
+
+/** Pulls --config PATH (or --config=PATH) out of the arguments, wherever it stands. */
+function takeConfig (args: string[]): { configPath: string | undefined, rest: string[] } {
+  const rest: string[] = []
+  let configPath: string | undefined
+  for (let i = 0; i < args.length; i++) {
+    const a = args[i]!
+    if (a === '--config') {
+      if (i + 1 >= args.length) throw invalidArgument('--config needs a PATH')
+      configPath = args[++i]
+    } else if (a.startsWith('--config=')) {
+      configPath = a.slice('--config='.length)
+    } else rest.push(a)
+  }
+  return { configPath, rest }
+}
+
+export async function main (argv: string[]): Promise<number> {
+  try {
+    const { configPath, rest } = takeConfig(argv)
+    const [command, ...args] = rest
+    if (command === undefined || command === 'help' || command === '--help') {
+      print(USAGE)
+      return command === undefined ? 2 : 0
+    }
+    if (args.includes('--help')) { print(USAGE); return 0 }
+    switch (command) {
+      case 'server': {
+        const { values, positionals } = parse(args, {
+          mount: { type: 'string' },
+          nbd: { type: 'string', multiple: true },
+          debug: { type: 'boolean' }
+        })
+        expect(positionals, [], 'server')
+        return await runServer(loadConfig(configPath), {
+          mount: values.mount as string | undefined,
+          nbd: (values.nbd as string[] | undefined) ?? [],
+          debug: values.debug === true
+        })
+      }
+      case 'image': await imageCommand(args, configPath); return 0
+      case 'nodes': await nodesCommand(args, configPath); return 0
+      case 'version': print('ukai 0.1.0'); return 0
+      default:
+        throw invalidArgument(`unknown command ${JSON.stringify(command)}\n\n${USAGE}`)
+    }
+  } catch (err) {
+    const e = toUkaiError(err)
+    process.stderr.write(`ukai: ${e.message}\n`)
+    return e.mapping.exit
+  }
+}

@@ -1,0 +1,54 @@
+/**
+ * Client of the control API, used by the CLI. Errors from the node come
+ * back as UkaiError with the node's code and message.
+ */
+import { request } from 'node:http'
+import { CODES, UkaiError, type ErrorCode } from '../errors.js'
+
+export class ControlClient {
+  readonly host: string
+  readonly port: number
+
+  constructor (host: string, port: number) {
+    this.host = host
+    this.port = port
+  }
+
+  async call<T = unknown> (method: string, path: string, body?: unknown): Promise<T> {
+    const payload = body === undefined ? undefined : Buffer.from(JSON.stringify(body))
+    return await new Promise<T>((resolve, reject) => {
+      const req = request({
+        host: this.host,
+        port: this.port,
+        method,
+        path,
+        headers: payload === undefined ? {} : { 'content-type': 'application/json', 'content-length': payload.length }
+      }, (res) => {
+        const chunks: Buffer[] = []
+        res.on('data', (c: Buffer) => chunks.push(c))
+        res.on('error', reject)
+        res.on('end', () => {
+          const text = Buffer.concat(chunks).toString('utf8')
+          let doc: unknown
+          try { doc = JSON.parse(text) } catch {
+            return reject(new UkaiError('UKAI_ERR_INTERNAL', `control API answered ${res.statusCode ?? '?'} with a body that is not JSON`))
+          }
+          if ((res.statusCode ?? 500) >= 400) {
+            const e = (doc as { error?: { code?: string, message?: string, details?: Record<string, unknown> } }).error
+            const code = (e?.code !== undefined && e.code in CODES ? e.code : 'UKAI_ERR_INTERNAL') as ErrorCode
+            return reject(new UkaiError(code, e?.message ?? `control API error ${res.statusCode ?? '?'}`, e?.details))
+          }
+          resolve(doc as T)
+        })
+      })
+      req.on('error', (err) => reject(err))
+      req.end(payload)
+    })
+  }
+}
+
+/** True for the errors that mean "no node is listening there". */
+export function isNotRunning (err: unknown): boolean {
+  const code = (err as NodeJS.ErrnoException)?.code
+  return code === 'ECONNREFUSED' || code === 'ENOENT' || code === 'EADDRNOTAVAIL'
+}

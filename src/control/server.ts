@@ -1,0 +1,163 @@
+/**
+ * The control API: HTTP + JSON on control_address:control_port (loopback
+ * unless configured). The `ukai` CLI is a client of it. Every request body
+ * is validated before anything changes; errors come back as
+ * `{"error": {"code", "message", "details"}}` with the HTTP status of the
+ * error table in errors.ts.
+ */
+import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http'
+import { UkaiError, invalidArgument, toUkaiError } from '../errors.js'
+import { describe, parseInfoFormat, summarise } from '../node/images.js'
+import type { UkaiNode } from '../node/node.js'
+
+/** Largest request body: a per-block export of a large image is big. */
+export const MAX_BODY = 256 * 2 ** 20
+
+export const API_VERSION = 'v1'
+
+type Handler = (node: UkaiNode, params: string[], body: unknown, query: URLSearchParams) => Promise<unknown>
+
+interface Route { method: string, pattern: RegExp, handler: Handler, status?: number }
+
+const IMAGE = '([^/]+)'
+
+const routes: Route[] = [
+  {
+    method: 'GET',
+    pattern: /^\/v1\/node$/,
+    handler: async (node) => ({
+      id: node.config.id,
+      image_root: node.config.image_root,
+      metadata_backend: node.config.metadata_backend,
+      capacity: await node.capacity(),
+      open_images: node.openVolumes().map((v) => v.name)
+    })
+  },
+  {
+    method: 'GET',
+    pattern: /^\/v1\/nodes\/errors$/,
+    handler: async (node) => node.errors.list().map((e) => ({
+      location: e.location,
+      reason: e.reason,
+      since: new Date(e.since).toISOString(),
+      retry_after: new Date(e.retryAfter).toISOString()
+    }))
+  },
+  { method: 'GET', pattern: /^\/v1\/images$/, handler: async (node) => await node.images.list() },
+  {
+    method: 'POST',
+    pattern: /^\/v1\/images$/,
+    status: 201,
+    handler: async (node, _p, body) => summarise(await node.createImage(body))
+  },
+  {
+    method: 'POST',
+    pattern: /^\/v1\/images\/import$/,
+    status: 201,
+    handler: async (node, _p, body) => summarise(await node.importImage(body))
+  },
+  {
+    method: 'GET',
+    pattern: new RegExp(`^/v1/images/${IMAGE}$`),
+    handler: async (node, [name], _b, query) => {
+      const format = parseInfoFormat(query.get('format') ?? undefined)
+      const meta = await node.images.info(name!)
+      return query.has('format') ? describe(meta, format) : { ...summarise(meta), ...describe(meta, 'stored') as object }
+    }
+  },
+  {
+    method: 'GET',
+    pattern: new RegExp(`^/v1/images/${IMAGE}/stats$`),
+    handler: async (node, [name]) => {
+      await node.images.info(name!) // validates the name; 404 when unknown
+      return node.stats(name!)
+    }
+  },
+  {
+    method: 'DELETE',
+    pattern: new RegExp(`^/v1/images/${IMAGE}$`),
+    handler: async (node, [name]) => {
+      await node.destroyImage(name!)
+      return { destroyed: name }
+    }
+  }
+]
+
+async function readBody (req: IncomingMessage): Promise<unknown> {
+  const chunks: Buffer[] = []
+  let size = 0
+  for await (const chunk of req) {
+    size += (chunk as Buffer).length
+    if (size > MAX_BODY) throw new UkaiError('UKAI_ERR_TOO_BIG', `request body is larger than ${MAX_BODY} bytes`)
+    chunks.push(chunk as Buffer)
+  }
+  if (size === 0) return undefined
+  try {
+    return JSON.parse(Buffer.concat(chunks).toString('utf8'))
+  } catch (err) {
+    throw invalidArgument(`request body is not valid JSON: ${(err as Error).message}`)
+  }
+}
+
+function send (res: ServerResponse, status: number, value: unknown): void {
+  const body = JSON.stringify(value) + '\n'
+  res.writeHead(status, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(body) })
+  res.end(body)
+}
+
+export function sendError (res: ServerResponse, err: unknown): void {
+  const e = toUkaiError(err)
+  send(res, e.mapping.http, { error: { code: e.code, message: e.message, details: e.details ?? {} } })
+}
+
+export class ControlServer {
+  private readonly node: UkaiNode
+  private server: Server | undefined
+
+  constructor (node: UkaiNode) {
+    this.node = node
+  }
+
+  async listen (port: number, host: string): Promise<void> {
+    const server = createServer((req, res) => { void this.handle(req, res) })
+    await new Promise<void>((resolve, reject) => {
+      server.once('error', reject)
+      server.listen(port, host, () => { server.off('error', reject); resolve() })
+    })
+    this.server = server
+  }
+
+  get port (): number | undefined {
+    const a = this.server?.address()
+    return typeof a === 'object' && a !== null ? a.port : undefined
+  }
+
+  private async handle (req: IncomingMessage, res: ServerResponse): Promise<void> {
+    try {
+      const url = new URL(req.url ?? '/', 'http://control')
+      let path: string
+      try { path = decodeURIComponent(url.pathname) } catch { throw invalidArgument('malformed path') }
+      const matching = routes.filter((r) => r.pattern.test(path))
+      if (matching.length === 0) throw new UkaiError('UKAI_ERR_NOT_FOUND', `no such API path: ${path}`)
+      const route = matching.find((r) => r.method === req.method)
+      if (route === undefined) {
+        res.setHeader('allow', matching.map((r) => r.method).join(', '))
+        throw new UkaiError('UKAI_ERR_NOT_SUPPORTED', `${req.method ?? '?'} is not allowed on ${path}`)
+      }
+      const params = route.pattern.exec(path)!.slice(1)
+      const body = req.method === 'GET' || req.method === 'DELETE' ? undefined : await readBody(req)
+      const result = await route.handler(this.node, params, body, url.searchParams)
+      send(res, route.status ?? 200, result)
+    } catch (err) {
+      sendError(res, err)
+    }
+  }
+
+  async close (): Promise<void> {
+    const server = this.server
+    if (server === undefined) return
+    this.server = undefined
+    server.closeAllConnections()
+    await new Promise<void>((resolve) => server.close(() => resolve()))
+  }
+}

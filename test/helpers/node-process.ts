@@ -1,0 +1,159 @@
+/**
+ * Starts real `ukai server` processes for tests: each with its own temp
+ * directory, config, ports and (optionally) FUSE mount and NBD socket.
+ * Processes are ended by PID, mounts left by a killed node are unmounted,
+ * and the directory is removed.
+ */
+import { spawn, type ChildProcess } from 'node:child_process'
+import { once } from 'node:events'
+import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises'
+import { createServer } from 'node:net'
+import { tmpdir } from 'node:os'
+import { join, resolve } from 'node:path'
+
+export const CLI = resolve('dist/src/cli/main.js')
+
+export async function freePort (): Promise<number> {
+  const srv = createServer()
+  await new Promise<void>((r) => srv.listen(0, '127.0.0.1', () => r()))
+  const port = (srv.address() as { port: number }).port
+  await new Promise<void>((r) => srv.close(() => r()))
+  return port
+}
+
+export interface RunResult { code: number, stdout: string, stderr: string }
+
+/** Runs a command to completion without blocking the event loop. */
+export async function run (cmd: string, args: string[], opts: { input?: string | Buffer, env?: NodeJS.ProcessEnv } = {}): Promise<RunResult> {
+  const child = spawn(cmd, args, { stdio: ['pipe', 'pipe', 'pipe'], env: opts.env ?? process.env })
+  const out: Buffer[] = []
+  const err: Buffer[] = []
+  child.stdout.on('data', (c: Buffer) => out.push(c))
+  child.stderr.on('data', (c: Buffer) => err.push(c))
+  child.stdin.end(opts.input)
+  const [code, signal] = await once(child, 'close') as [number | null, string | null]
+  return { code: code ?? (signal !== null ? 128 : 1), stdout: Buffer.concat(out).toString(), stderr: Buffer.concat(err).toString() }
+}
+
+export interface TestNodeOptions {
+  mount?: boolean
+  nbd?: boolean
+  /** Extra config keys. */
+  config?: Record<string, unknown>
+  /** Reuse a directory (a restart of the same node). */
+  dir?: string
+}
+
+export class TestNode {
+  readonly dir: string
+  readonly configPath: string
+  readonly config: Record<string, unknown>
+  readonly mountpoint: string | undefined
+  readonly nbdSocket: string | undefined
+  proc: ChildProcess | undefined
+  output = ''
+
+  private constructor (dir: string, config: Record<string, unknown>, mount: boolean, nbd: boolean) {
+    this.dir = dir
+    this.configPath = join(dir, 'config.json')
+    this.config = config
+    this.mountpoint = mount ? join(dir, 'mnt') : undefined
+    this.nbdSocket = nbd ? join(dir, 'nbd.sock') : undefined
+  }
+
+  static async start (opts: TestNodeOptions = {}): Promise<TestNode> {
+    const dir = opts.dir ?? await mkdtemp(join(tmpdir(), 'ukai-test-'))
+    let config: Record<string, unknown>
+    try {
+      config = JSON.parse(await readFile(join(dir, 'config.json'), 'utf8'))
+    } catch {
+      const proxy = await freePort()
+      config = {
+        image_root: 'images',
+        metadata_root: 'metadata',
+        control_port: await freePort(),
+        proxy_port: proxy,
+        id: `127.0.0.1:${proxy}`,
+        ...opts.config
+      }
+      await writeFile(join(dir, 'config.json'), JSON.stringify(config, null, 2))
+    }
+    const node = new TestNode(dir, config, opts.mount ?? false, opts.nbd ?? false)
+    await node.launch()
+    return node
+  }
+
+  get id (): string { return this.config.id as string }
+  get controlPort (): number { return this.config.control_port as number }
+  get imageRoot (): string { return resolve(this.dir, this.config.image_root as string) }
+  get metadataRoot (): string { return resolve(this.dir, this.config.metadata_root as string) }
+  get pid (): number | undefined { return this.proc?.pid }
+
+  /** Starts (or restarts) the server process and waits for its ready line. */
+  async launch (): Promise<void> {
+    const args = [CLI, 'server', '--config', this.configPath]
+    if (this.mountpoint !== undefined) args.push('--mount', this.mountpoint)
+    if (this.nbdSocket !== undefined) args.push('--nbd', this.nbdSocket)
+    const proc = spawn(process.execPath, args, { stdio: ['ignore', 'pipe', 'pipe'] })
+    this.proc = proc
+    this.output = ''
+    proc.stdout.on('data', (c: Buffer) => { this.output += c.toString() })
+    proc.stderr.on('data', (c: Buffer) => { this.output += c.toString() })
+    await new Promise<void>((resolveReady, reject) => {
+      const timer = setTimeout(() => reject(new Error(`node did not become ready in 30 s:\n${this.output}`)), 30_000)
+      const onData = (): void => {
+        if (this.output.includes('ukai: ready')) {
+          clearTimeout(timer)
+          proc.stdout.off('data', onData)
+          resolveReady()
+        }
+      }
+      proc.stdout.on('data', onData)
+      proc.once('exit', (code) => {
+        clearTimeout(timer)
+        reject(new Error(`node exited (${code ?? 'signal'}) before it was ready:\n${this.output}`))
+      })
+    })
+  }
+
+  /** Runs the `ukai` CLI against this node's config. */
+  async cli (...args: string[]): Promise<RunResult> {
+    return await run(process.execPath, [CLI, '--config', this.configPath, ...args])
+  }
+
+  async api<T = unknown> (method: string, path: string, body?: unknown): Promise<{ status: number, body: T }> {
+    const res = await fetch(`http://127.0.0.1:${this.controlPort}${path}`, {
+      method,
+      headers: body === undefined ? {} : { 'content-type': 'application/json' },
+      body: body === undefined ? undefined : (typeof body === 'string' ? body : JSON.stringify(body))
+    })
+    return { status: res.status, body: await res.json() as T }
+  }
+
+  /** Ends the process with `signal` and waits for it; returns its exit code. */
+  async stop (signal: NodeJS.Signals = 'SIGTERM'): Promise<number | null> {
+    const proc = this.proc
+    if (proc === undefined || proc.exitCode !== null || proc.signalCode !== null) return proc?.exitCode ?? null
+    const exited = once(proc, 'exit')
+    proc.kill(signal)
+    const timer = setTimeout(() => proc.kill('SIGKILL'), 20_000)
+    const [code] = await exited as [number | null]
+    clearTimeout(timer)
+    this.proc = undefined
+    return code
+  }
+
+  /** True when the mount point is still in the kernel's mount table. */
+  async isMounted (): Promise<boolean> {
+    if (this.mountpoint === undefined) return false
+    const mounts = await readFile('/proc/self/mounts', 'utf8')
+    return mounts.split('\n').some((l) => l.split(' ')[1] === this.mountpoint)
+  }
+
+  /** Stops the node, clears a mount a killed node left, removes the directory. */
+  async destroy (): Promise<void> {
+    await this.stop('SIGTERM').catch(() => {})
+    if (await this.isMounted()) await run('fusermount', ['-uz', this.mountpoint!])
+    await rm(this.dir, { recursive: true, force: true })
+  }
+}
