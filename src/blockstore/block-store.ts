@@ -55,7 +55,6 @@ export class BlockStore {
   // Insertion order is recency order: a use re-inserts the entry.
   private readonly handles = new Map<string, Handle>()
   private readonly opening = new Map<string, Promise<Handle>>()
-  private readonly knownDirs = new Set<string>()
 
   constructor (root: string, blocknameFormat: string, options: BlockStoreOptions = {}) {
     this.root = root
@@ -74,7 +73,6 @@ export class BlockStore {
   /** Makes the image's directory (allocation). Existing block files are kept. */
   async allocate (image: string): Promise<void> {
     await fs.promises.mkdir(this.imageDir(image), { recursive: true })
-    this.knownDirs.add(image)
   }
 
   async has (image: string): Promise<boolean> {
@@ -86,7 +84,6 @@ export class BlockStore {
   /** Removes every block file of the image on this node. */
   async destroy (image: string): Promise<void> {
     await this.closeImage(image)
-    this.knownDirs.delete(image)
     await fs.promises.rm(this.imageDir(image), { recursive: true, force: true })
   }
 
@@ -195,6 +192,10 @@ export class BlockStore {
         void p.finally(() => this.opening.delete(key)).catch(() => {})
       }
       h = await p
+      // While this waited, another open's LRU trim may have closed the new
+      // handle; its fd must never be used (the number may already name
+      // another file). Open it again.
+      if (this.handles.get(key) !== h) return await this.acquire(image, block, create)
       if (create && h.fd < 0) return await this.acquire(image, block, create)
     } else {
       // Most recently used goes to the end of the map.
@@ -232,27 +233,26 @@ export class BlockStore {
     }
     const h: Handle = { key, image, fd, users: 0, dirty: false }
     this.handles.set(key, h)
-    await this.trim()
+    await this.trim(h)
     return h
   }
 
+  // Checked every time a block file is missing, not cached: a directory
+  // removed since (a lost replica) must fail, not read as zeros.
   private async dirExists (image: string): Promise<boolean> {
-    if (this.knownDirs.has(image)) return true
-    const ok = await this.has(image)
-    if (ok) this.knownDirs.add(image)
-    return ok
+    return await this.has(image)
   }
 
   private release (h: Handle): void {
     h.users--
   }
 
-  /** Closes least recently used idle handles beyond maxOpen. */
-  private async trim (): Promise<void> {
+  /** Closes least recently used idle handles beyond maxOpen, never `opened` (its opener has not taken it yet). */
+  private async trim (opened: Handle): Promise<void> {
     if (this.handles.size <= this.maxOpen) return
     for (const h of this.handles.values()) {
       if (this.handles.size <= this.maxOpen) break
-      if (h.users === 0) await this.evict(h)
+      if (h.users === 0 && h !== opened) await this.evict(h)
     }
   }
 

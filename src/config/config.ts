@@ -140,7 +140,11 @@ export function parseConfig (raw: unknown, base: string, source?: string): Confi
   const config = cfg as unknown as Config
   config.source = source
   if (!('id' in given)) {
-    config.id = `${config.proxy_address}:${config.proxy_port}`
+    // An IPv6 address needs brackets to be a location ("[::1]:22222").
+    const host = config.proxy_address.includes(':') && !config.proxy_address.startsWith('[')
+      ? `[${config.proxy_address}]`
+      : config.proxy_address
+    config.id = `${host}:${config.proxy_port}`
   } else {
     try {
       canonicalLocation(given.id as string, config.proxy_port)

@@ -113,6 +113,8 @@ export class RangeSet {
 
   /** The parts of [start, end) that are in the set. */
   * within (start: number, end: number): Generator<Range> {
+    // An empty query has no parts (without this, [x, x) or worse was yielded).
+    if (start >= end) return
     for (let i = this.firstEndAbove(start); i < this.r.length / 2 && this.r[i * 2]! < end; i++) {
       yield [Math.max(start, this.r[i * 2]!), Math.min(end, this.r[i * 2 + 1]!)]
     }

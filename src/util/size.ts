@@ -16,7 +16,8 @@ const UNITS: Record<string, number> = {
 }
 
 export function parseSize (text: string, what = 'size'): number {
-  const m = /^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(?:i?b)?\s*$/i.exec(text)
+  // The "iB" of KiB only after a unit letter: "1iB" is not a size.
+  const m = /^\s*(\d+(?:\.\d+)?)\s*(?:([kmgtp])(?:i?b)?|b)?\s*$/i.exec(text)
   if (m === null) {
     throw invalidArgument(`${what} '${text}' is not a size (examples: 8G, 50M, 4KiB, 1048576)`, { [what]: text })
   }
