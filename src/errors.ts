@@ -84,7 +84,7 @@ export function toUkaiError (err: unknown): UkaiError {
   switch (e?.code) {
     case 'ENOENT': return new UkaiError('UKAI_ERR_NOT_FOUND', message, undefined, { cause: err })
     case 'EEXIST': return new UkaiError('UKAI_ERR_EXISTS', message, undefined, { cause: err })
-    case 'ENOSPC': case 'EDQUOT': return new UkaiError('UKAI_ERR_NO_SPACE', message, undefined, { cause: err })
+    case 'ENOSPC': case 'EDQUOT': case 'EFBIG': return new UkaiError('UKAI_ERR_NO_SPACE', message, undefined, { cause: err })
     case 'EACCES': case 'EPERM': return new UkaiError('UKAI_ERR_PERMISSION', message, undefined, { cause: err })
     case 'EROFS': return new UkaiError('UKAI_ERR_READ_ONLY', message, undefined, { cause: err })
     case 'EBUSY': return new UkaiError('UKAI_ERR_BUSY', message, undefined, { cause: err })

@@ -1,0 +1,123 @@
+/**
+ * What an NBD server serves. The protocol code sees exports only through
+ * these interfaces, so the same handshake and transmission code can serve
+ * a node's images to a hypervisor (VolumeExports, below) and, later, a
+ * node's replicas to its peers (`replica/<image>` exports over the peer
+ * protocol).
+ */
+import { imageNotFound, toUkaiError } from '../../errors.js'
+import type { UkaiNode } from '../../node/node.js'
+import type { Extent } from '../../volume/volume.js'
+
+/**
+ * The operation set an export serves (nbdkit's model). Volume has exactly
+ * this shape; ranges are checked against the export size before a call.
+ */
+export interface NbdBackend {
+  /** Block size of the image: the unit of allocation queries. */
+  readonly blockSize: number
+  /** Reads into `buf`; returns the bytes read (the rest is left untouched). */
+  read: (offset: number, buf: Buffer) => Promise<number>
+  write: (offset: number, data: Buffer) => Promise<void>
+  /** Makes every write acknowledged so far durable. */
+  flush: () => Promise<void>
+  trim: (offset: number, length: number) => Promise<void>
+  /** Zeroes a range; `mayFree` allows holes (false: NBD_CMD_FLAG_NO_HOLE). */
+  zero: (offset: number, length: number, mayFree: boolean) => Promise<void>
+  extents: (offset: number, length: number) => Promise<Extent[]>
+  /** True when zero(offset, length, true) would write no data (NBD_CMD_FLAG_FAST_ZERO). */
+  zeroIsFast: (offset: number, length: number) => Promise<boolean>
+}
+
+export interface ExportInfo {
+  /** Export size in bytes, fixed for the connection once in transmission. */
+  size: number
+  readOnly: boolean
+}
+
+export interface OpenExport extends ExportInfo {
+  name: string
+  backend: NbdBackend
+  /** Ends this connection's use; called once, after its last request finished. */
+  close: () => Promise<void>
+}
+
+export interface ExportProvider {
+  /** Names for NBD_OPT_LIST. */
+  list: () => string[]
+  /** What NBD_OPT_INFO reports, without opening; undefined for no such export. */
+  describe: (name: string) => ExportInfo | undefined
+  /** Opens for the transmission phase; throws a UkaiError (UKAI_ERR_NOT_FOUND when absent). */
+  open: (name: string, who: string) => Promise<OpenExport>
+}
+
+/**
+ * The node's images as exports, named as the images are. Each connection
+ * opens the image's shared Volume (the one the FUSE mount uses), so every
+ * I/O takes the same path: replication, failover, dirty log, single writer.
+ *
+ * Single writer: a connection opens the volume for writing; when the image
+ * already has a writer on this node (the FUSE mount, another connection),
+ * the connection is served read-only (NBD_FLAG_READ_ONLY) instead of being
+ * refused, so a second client can still read.
+ */
+export class VolumeExports implements ExportProvider {
+  private readonly node: UkaiNode
+  private readonly readOnly: boolean
+
+  constructor (node: UkaiNode, readOnly: boolean) {
+    this.node = node
+    this.readOnly = readOnly
+  }
+
+  list (): string[] {
+    return this.node.imageNames()
+  }
+
+  describe (name: string): ExportInfo | undefined {
+    const meta = this.node.imageMeta(name)
+    if (meta === undefined) return undefined
+    return { size: meta.usedSize, readOnly: this.readOnly || this.hasWriter(name) }
+  }
+
+  async open (name: string, who: string): Promise<OpenExport> {
+    if (this.node.imageMeta(name) === undefined) throw imageNotFound(name)
+    const volume = await this.node.acquireVolume(name)
+    let readOnly = this.readOnly
+    let end: (() => void) | undefined
+    try {
+      if (!readOnly) {
+        try {
+          end = volume.open(true, who)
+        } catch (err) {
+          // Another writer holds the image on this node: serve it read-only.
+          if (toUkaiError(err).code !== 'UKAI_ERR_BUSY') throw err
+          readOnly = true
+        }
+      }
+      end ??= volume.open(false, who)
+    } catch (err) {
+      await this.node.releaseVolume(volume)
+      throw err
+    }
+    const endOpen = end
+    let closed = false
+    return {
+      name,
+      size: volume.usedSize,
+      readOnly,
+      backend: volume,
+      close: async () => {
+        if (closed) return
+        closed = true
+        endOpen()
+        await this.node.releaseVolume(volume)
+      }
+    }
+  }
+
+  private hasWriter (name: string): boolean {
+    return this.node.openVolumes().some((v) => v.name === name && v.hasWriter)
+  }
+}
+
