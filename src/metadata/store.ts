@@ -8,6 +8,7 @@
 import { UkaiError, imageNotFound } from '../errors.js'
 import { ImageMeta, validateImage } from './image.js'
 import { validateImageName } from './names.js'
+import type { RangeSet } from './range-set.js'
 
 export type WatchListener = (name: string) => void
 
@@ -26,7 +27,20 @@ export abstract class MetadataStore {
   protected abstract _write (meta: ImageMeta, create: boolean): Promise<void>
   protected abstract _delete (name: string): Promise<boolean>
   protected abstract _watch (listener: WatchListener): () => void
+  /** The image's dirty-block log (empty when none was stored). */
+  protected abstract _getDirty (name: string): Promise<RangeSet>
+  /** Replaces the dirty-block log durably; an empty set may remove it. */
+  protected abstract _putDirty (name: string, blocks: RangeSet): Promise<void>
   abstract close (): Promise<void>
+
+  /**
+   * Runs a read-modify-write of one image exclusively against other
+   * processes using the same store (another node sharing the directory,
+   * the offline CLI). Backends without such writers need not override it.
+   */
+  protected async _exclusive<T> (_name: string, fn: () => Promise<T>): Promise<T> {
+    return await fn()
+  }
 
   async list (): Promise<string[]> {
     return (await this._list()).sort()
@@ -61,7 +75,7 @@ export abstract class MetadataStore {
    */
   async update (name: string, change: (meta: ImageMeta) => ImageMeta | Promise<ImageMeta>): Promise<ImageMeta> {
     validateImageName(name)
-    return await this.serial(name, async () => {
+    return await this.serial(name, async () => await this._exclusive(name, async () => {
       const current = await this._get(name)
       if (current === undefined) throw imageNotFound(name)
       const next = await change(current.clone())
@@ -70,14 +84,28 @@ export abstract class MetadataStore {
       next.generation = current.generation + 1
       await this._write(next, false)
       return next
-    })
+    }))
   }
 
   async delete (name: string): Promise<void> {
     validateImageName(name)
-    await this.serial(name, async () => {
+    await this.serial(name, async () => await this._exclusive(name, async () => {
       if (!await this._delete(name)) throw imageNotFound(name)
-    })
+    }))
+  }
+
+  /**
+   * The dirty-block log of an image: blocks a writer may have left
+   * different on its in-sync replicas (a write in flight when it died).
+   * Durable before the writes it covers start; read when the image is
+   * next opened (DESIGN.md invariant 4).
+   */
+  async getDirty (name: string): Promise<RangeSet> {
+    return await this._getDirty(validateImageName(name))
+  }
+
+  async putDirty (name: string, blocks: RangeSet): Promise<void> {
+    await this._putDirty(validateImageName(name), blocks)
   }
 
   /** Calls `listener(name)` after any image is created, changed or deleted, by any process. */
