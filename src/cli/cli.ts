@@ -7,12 +7,13 @@
 import { readFile } from 'node:fs/promises'
 import { parseArgs, type ParseArgsConfig } from 'node:util'
 import { loadConfig, type Config } from '../config/config.js'
-import { ControlClient, isNotRunning } from '../control/client.js'
+import { ControlClient, callStream, isNotRunning } from '../control/client.js'
 import { UkaiError, invalidArgument, toUkaiError } from '../errors.js'
 import { BlockStore } from '../blockstore/block-store.js'
 import { ImageService, describe, parseInfoFormat, summarise, type ImageSummary } from '../node/images.js'
 import { openStore } from '../node/node.js'
 import { formatSize, parseSize } from '../util/size.js'
+import type { SyncProgress } from '../volume/volume.js'
 import { runServer } from './server.js'
 
 const USAGE = `usage: ukai [--config PATH] COMMAND ...
@@ -23,6 +24,11 @@ const USAGE = `usage: ukai [--config PATH] COMMAND ...
   image list [--json]
   image info NAME [--json | --format seed|ukai]
   image destroy NAME
+  image add-location NAME LOCATION [-s START] [-e END]      place blocks START..END there too (out of sync until synced)
+  image remove-location NAME LOCATION [-s START] [-e END]   refused if a block would lose its last in-sync copy
+  image add-hypervisor NAME HYPERVISOR
+  image remove-hypervisor NAME HYPERVISOR
+  sync IMAGE [-s START] [-e END]                      copy out-of-sync replicas of blocks START..END
   nodes errors [--json]                              locations in the error state
   version
 
@@ -166,6 +172,33 @@ async function imageCommand (args: string[], configPath: string | undefined): Pr
       print(`destroyed image '${name!}'`)
       return
     }
+    case 'add-location':
+    case 'remove-location': {
+      const { values, positionals } = parse(rest, { start: { type: 'string', short: 's' }, end: { type: 'string', short: 'e' } })
+      const [name, location] = expect(positionals, ['NAME', 'LOCATION'], `image ${sub}`)
+      const range = blockRangeArgs(values)
+      const config = loadConfig(configPath)
+      const add = sub === 'add-location'
+      const s = await withImages(config,
+        async (c) => await c.call<ImageSummary>(add ? 'POST' : 'DELETE', `/v1/images/${encodeURIComponent(name!)}/locations`, { location, ...range }),
+        async (svc) => summarise(add
+          ? await svc.addLocation(name!, location, range.start, range.end === undefined ? undefined : range.end + 1)
+          : await svc.removeLocation(name!, location, range.start, range.end === undefined ? undefined : range.end + 1)))
+      print(`image '${s.name}': ${add ? 'added' : 'removed'} ${location!}; locations now ${s.locations.join(', ')}${add ? ` (run 'ukai sync ${s.name}' to fill the new replicas)` : ''}`)
+      return
+    }
+    case 'add-hypervisor':
+    case 'remove-hypervisor': {
+      const { positionals } = parse(rest, {})
+      const [name, hv] = expect(positionals, ['NAME', 'HYPERVISOR'], `image ${sub}`)
+      const config = loadConfig(configPath)
+      const add = sub === 'add-hypervisor'
+      const s = await withImages(config,
+        async (c) => await c.call<ImageSummary>(add ? 'POST' : 'DELETE', `/v1/images/${encodeURIComponent(name!)}/hypervisors`, { hypervisor: hv }),
+        async (svc) => summarise(await svc.setHypervisor(name!, hv, add)))
+      print(`image '${s.name}': hypervisors now ${s.hypervisors.join(', ') || '-'}`)
+      return
+    }
     default:
       throw invalidArgument(`unknown image command ${JSON.stringify(sub ?? '')}\n\n${USAGE}`)
   }
@@ -188,6 +221,73 @@ async function nodesCommand (args: string[], configPath: string | undefined): Pr
   if (values.json === true) return printJson(list)
   if (list.length === 0) return print('no node is in the error state')
   print(table([['LOCATION', 'RETRY AFTER', 'REASON'], ...list.map((e) => [e.location, e.retry_after, e.reason])]))
+}
+
+/** -s START / -e END block numbers (END inclusive), as the API takes them. */
+function blockRangeArgs (values: Record<string, unknown>): { start?: number, end?: number } {
+  const block = (v: unknown, what: string): number | undefined => {
+    if (v === undefined) return undefined
+    if (!/^\d+$/.test(v as string)) throw invalidArgument(`${what} must be a block number, got ${JSON.stringify(v)}`)
+    return Number(v)
+  }
+  const start = block(values.start, '-s START')
+  const end = block(values.end, '-e END')
+  if (start !== undefined && end !== undefined && end < start) throw invalidArgument(`-e END (${end}) is before -s START (${start})`)
+  return { ...(start !== undefined ? { start } : {}), ...(end !== undefined ? { end } : {}) }
+}
+
+async function syncCommand (args: string[], configPath: string | undefined): Promise<void> {
+  const { values, positionals } = parse(args, { start: { type: 'string', short: 's' }, end: { type: 'string', short: 'e' } })
+  const [name] = expect(positionals, ['IMAGE'], 'sync')
+  const body = blockRangeArgs(values)
+  const config = loadConfig(configPath)
+  const client = new ControlClient(config.control_address, config.control_port)
+  const bar = new ProgressBar(`sync ${name!}`)
+  let result: SyncProgress
+  try {
+    result = await callStream<SyncProgress>(client, 'POST', `/v1/images/${encodeURIComponent(name!)}/sync`, body, (p) => bar.update(p as SyncProgress))
+  } catch (err) {
+    bar.end()
+    if (isNotRunning(err)) throw new UkaiError('UKAI_ERR_CONNECT', `no node is running at ${config.control_address}:${config.control_port}; sync runs in a node`)
+    throw err
+  }
+  bar.update(result)
+  bar.end()
+  for (const f of result.failed) process.stderr.write(`ukai: block ${f.block}${f.location !== undefined ? ` on ${f.location}` : ''}: ${f.reason}\n`)
+  print(`synced ${result.done - new Set(result.failed.map((f) => f.block)).size} of ${result.blocks} block(s), ${formatSize(result.bytes)} copied`)
+  if (result.failed.length > 0) throw new UkaiError('UKAI_ERR_UNAVAILABLE', `${result.failed.length} replica(s) could not be synced; run the sync again once their nodes are back`)
+}
+
+/** A progress bar on a terminal; a line every 10% otherwise. */
+class ProgressBar {
+  private readonly label: string
+  private readonly tty = process.stderr.isTTY === true
+  private lastTenth = -1
+  private drawn = false
+
+  constructor (label: string) { this.label = label }
+
+  update (p: SyncProgress): void {
+    const frac = p.blocks === 0 ? 1 : p.done / p.blocks
+    const text = `${this.label} ${p.done}/${p.blocks} blocks, ${formatSize(p.bytes)}`
+    if (this.tty) {
+      const width = 30
+      const full = Math.round(frac * width)
+      process.stderr.write(`\r[${'#'.repeat(full)}${'.'.repeat(width - full)}] ${text}`)
+      this.drawn = true
+      return
+    }
+    const tenth = Math.floor(frac * 10)
+    if (tenth !== this.lastTenth) {
+      this.lastTenth = tenth
+      process.stderr.write(`${text} (${tenth * 10}%)\n`)
+    }
+  }
+
+  end (): void {
+    if (this.drawn) process.stderr.write('\n')
+    this.drawn = false
+  }
 }
 
 async function readStdin (): Promise<string> {
@@ -237,6 +337,7 @@ export async function main (argv: string[]): Promise<number> {
       }
       case 'image': await imageCommand(args, configPath); return 0
       case 'nodes': await nodesCommand(args, configPath); return 0
+      case 'sync': await syncCommand(args, configPath); return 0
       case 'version': print('ukai 0.1.0'); return 0
       default:
         throw invalidArgument(`unknown command ${JSON.stringify(command)}\n\n${USAGE}`)

@@ -6,6 +6,8 @@
 import type { Config } from '../config/config.js'
 import { ControlServer } from '../control/server.js'
 import { FuseMount } from '../frontends/fuse/mount.js'
+import { NbdServer } from '../frontends/nbd/server.js'
+import { ReplicaExports } from '../peer/replica-exports.js'
 import { UkaiNode } from '../node/node.js'
 
 export interface ServerOptions {
@@ -52,21 +54,21 @@ export async function runServer (config: Config, options: ServerOptions): Promis
       fuse = new FuseMount(node, options.mount)
       await fuse.mount({ debug: options.debug })
     }
-    if (options.nbd.length > 0) {
-      // Loaded only when asked for.
-      const nbdModule = '../frontends/nbd/server.js'
-      const { NbdServer } = await import(nbdModule) as { NbdServer: new (n: UkaiNode) => Closable & { listen: (s: string) => Promise<void> } }
-      for (const spec of options.nbd) {
-        const s = new NbdServer(node)
-        await s.listen(spec)
-        nbdServers.push(s)
-      }
+    // The peer protocol: this node's replicas for the other nodes.
+    const peer = new NbdServer(node, { exports: new ReplicaExports(node) })
+    nbdServers.push(peer)
+    const proxyHost = config.proxy_address.includes(':') ? `[${config.proxy_address.replace(/^\[|\]$/g, '')}]` : config.proxy_address
+    await peer.listen(`${proxyHost}:${config.proxy_port}`)
+    for (const spec of options.nbd) {
+      const s = new NbdServer(node)
+      nbdServers.push(s)
+      await s.listen(spec)
     }
   } catch (err) {
     await stop().catch(() => {})
     throw err
   }
-  const parts = [`node ${config.id}`, `control ${config.control_address}:${config.control_port}`]
+  const parts = [`node ${config.id}`, `control ${config.control_address}:${config.control_port}`, `peers ${config.proxy_address}:${config.proxy_port}`]
   if (fuse !== undefined) parts.push(`mount ${fuse.mountpoint}`)
   for (const spec of options.nbd) parts.push(`nbd ${spec}`)
   parts.push(`${node.imageNames().length} image(s)`)

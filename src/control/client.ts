@@ -47,6 +47,56 @@ export class ControlClient {
   }
 }
 
+/**
+ * Calls a streamed endpoint: `onLine` gets each progress object; resolves
+ * with the final result, rejects with the node's error.
+ */
+export async function callStream<T> (client: ControlClient, method: string, path: string, body: unknown, onLine: (progress: unknown) => void): Promise<T> {
+  const payload = Buffer.from(JSON.stringify(body ?? {}))
+  return await new Promise<T>((resolve, reject) => {
+    const req = request({
+      host: client.host,
+      port: client.port,
+      method,
+      path,
+      headers: { 'content-type': 'application/json', 'content-length': payload.length }
+    }, (res) => {
+      let pending = ''
+      let settled = false
+      const handle = (text: string): void => {
+        if (text.trim() === '') return
+        let doc: { progress?: unknown, result?: T, error?: { code?: string, message?: string, details?: Record<string, unknown> } }
+        try { doc = JSON.parse(text) } catch { return }
+        if (doc.progress !== undefined) onLine(doc.progress)
+        else if (doc.error !== undefined) {
+          settled = true
+          const code = (doc.error.code !== undefined && doc.error.code in CODES ? doc.error.code : 'UKAI_ERR_INTERNAL') as ErrorCode
+          reject(new UkaiError(code, doc.error.message ?? 'error', doc.error.details))
+        } else if ('result' in doc) {
+          settled = true
+          resolve(doc.result as T)
+        }
+      }
+      res.setEncoding('utf8')
+      res.on('data', (chunk: string) => {
+        pending += chunk
+        let i: number
+        while ((i = pending.indexOf('\n')) >= 0) {
+          handle(pending.slice(0, i))
+          pending = pending.slice(i + 1)
+        }
+      })
+      res.on('end', () => {
+        handle(pending)
+        if (!settled) reject(new UkaiError('UKAI_ERR_CONNECT', 'the node closed the answer before the end'))
+      })
+      res.on('error', reject)
+    })
+    req.on('error', reject)
+    req.end(payload)
+  })
+}
+
 /** True for the errors that mean "no node is listening there". */
 export function isNotRunning (err: unknown): boolean {
   const code = (err as NodeJS.ErrnoException)?.code

@@ -15,9 +15,36 @@ export const MAX_BODY = 256 * 2 ** 20
 
 export const API_VERSION = 'v1'
 
-type Handler = (node: UkaiNode, params: string[], body: unknown, query: URLSearchParams) => Promise<unknown>
+/** `emit` sends one progress object as a line of the streamed answer. */
+type Handler = (node: UkaiNode, params: string[], body: unknown, query: URLSearchParams, emit: (v: unknown) => void) => Promise<unknown>
 
-interface Route { method: string, pattern: RegExp, handler: Handler, status?: number }
+interface Route {
+  method: string
+  pattern: RegExp
+  handler: Handler
+  status?: number
+  /** Answered as NDJSON: progress lines, then {"result": ...} or {"error": ...}. */
+  stream?: boolean
+}
+
+/** `{location|hypervisor, start?, end?}`; `end` is the last block, inclusive. */
+function placementBody (body: unknown, key: 'location' | 'hypervisor'): { location?: string, hypervisor?: string, start?: number, end?: number } {
+  if (typeof body !== 'object' || body === null || Array.isArray(body)) throw invalidArgument(`request body must be an object with '${key}'`)
+  const b = body as Record<string, unknown>
+  const allowed = key === 'location' ? ['location', 'start', 'end'] : ['hypervisor']
+  for (const k of Object.keys(b)) if (!allowed.includes(k)) throw invalidArgument(`unknown field '${k}'`, { key: k })
+  if (typeof b[key] !== 'string') throw invalidArgument(`'${key}' must be a node address`, { key })
+  const start = optionalBlock(b, 'start')
+  const last = optionalBlock(b, 'end')
+  return { [key]: b[key] as string, start, end: last === undefined ? undefined : last + 1 }
+}
+
+function optionalBlock (body: Record<string, unknown>, key: string): number | undefined {
+  const v = body[key]
+  if (v === undefined) return undefined
+  if (typeof v !== 'number' || !Number.isSafeInteger(v) || v < 0) throw invalidArgument(`'${key}' must be a block number (an integer >= 0), got ${JSON.stringify(v)}`, { key })
+  return v
+}
 
 const IMAGE = '([^/]+)'
 
@@ -72,6 +99,45 @@ const routes: Route[] = [
       await node.images.info(name!) // validates the name; 404 when unknown
       return node.stats(name!)
     }
+  },
+  {
+    method: 'POST',
+    pattern: new RegExp(`^/v1/images/${IMAGE}/sync$`),
+    stream: true,
+    handler: async (node, [name], body, _q, emit) => {
+      const b = (body ?? {}) as Record<string, unknown>
+      if (typeof b !== 'object' || Array.isArray(b)) throw invalidArgument('sync request must be an object')
+      for (const k of Object.keys(b)) if (k !== 'start' && k !== 'end') throw invalidArgument(`unknown field '${k}'`, { key: k })
+      const start = optionalBlock(b, 'start')
+      const last = optionalBlock(b, 'end')
+      return await node.syncImage(name!, start, last === undefined ? undefined : last + 1, emit)
+    }
+  },
+  {
+    method: 'POST',
+    pattern: new RegExp(`^/v1/images/${IMAGE}/locations$`),
+    handler: async (node, [name], body) => {
+      const b = placementBody(body, 'location')
+      return summarise(await node.images.addLocation(name!, b.location, b.start, b.end))
+    }
+  },
+  {
+    method: 'DELETE',
+    pattern: new RegExp(`^/v1/images/${IMAGE}/locations$`),
+    handler: async (node, [name], body) => {
+      const b = placementBody(body, 'location')
+      return summarise(await node.images.removeLocation(name!, b.location, b.start, b.end))
+    }
+  },
+  {
+    method: 'POST',
+    pattern: new RegExp(`^/v1/images/${IMAGE}/hypervisors$`),
+    handler: async (node, [name], body) => summarise(await node.images.setHypervisor(name!, placementBody(body, 'hypervisor').hypervisor, true))
+  },
+  {
+    method: 'DELETE',
+    pattern: new RegExp(`^/v1/images/${IMAGE}/hypervisors$`),
+    handler: async (node, [name], body) => summarise(await node.images.setHypervisor(name!, placementBody(body, 'hypervisor').hypervisor, false))
   },
   {
     method: 'DELETE',
@@ -145,12 +211,26 @@ export class ControlServer {
         throw new UkaiError('UKAI_ERR_NOT_SUPPORTED', `${req.method ?? '?'} is not allowed on ${path}`)
       }
       const params = route.pattern.exec(path)!.slice(1)
-      const body = req.method === 'GET' || req.method === 'DELETE' ? undefined : await readBody(req)
-      const result = await route.handler(this.node, params, body, url.searchParams)
+      const body = req.method === 'GET' ? undefined : await readBody(req)
+      if (route.stream === true) return await this.stream(res, route, params, body, url.searchParams)
+      const result = await route.handler(this.node, params, body, url.searchParams, () => {})
       send(res, route.status ?? 200, result)
     } catch (err) {
       sendError(res, err)
     }
+  }
+
+  private async stream (res: ServerResponse, route: Route, params: string[], body: unknown, query: URLSearchParams): Promise<void> {
+    res.writeHead(200, { 'content-type': 'application/x-ndjson' })
+    const line = (v: unknown): void => { res.write(JSON.stringify(v) + '\n') }
+    try {
+      const result = await route.handler(this.node, params, body, query, (v) => line({ progress: v }))
+      line({ result })
+    } catch (err) {
+      const e = toUkaiError(err)
+      line({ error: { code: e.code, message: e.message, details: e.details ?? {} } })
+    }
+    res.end()
   }
 
   async close (): Promise<void> {

@@ -126,6 +126,62 @@ export class ImageService {
     }
   }
 
+  /**
+   * Places blocks [start, end) of an image on another location too. The
+   * new replicas start out of sync; `ukai sync` fills them (while the image
+   * is in use), which is how an image's blocks move to the nodes near its VM.
+   */
+  async addLocation (name: string, location: unknown, start?: number, end?: number): Promise<ImageMeta> {
+    const loc = validateLocation(location, this.config.proxy_port)
+    const updated = await this.store.update(validateImageName(name), (meta) => {
+      const [s, e] = blockRange(meta, start, end)
+      meta.addLocation(loc, s, e, false)
+      return meta
+    })
+    if (isLocalLocation(this.config, loc)) await this.blocks.allocate(name)
+    return updated
+  }
+
+  /**
+   * Removes blocks [start, end) from a location. Refused, changing
+   * nothing, where a block would be left with no in-sync replica.
+   */
+  async removeLocation (name: string, location: unknown, start?: number, end?: number): Promise<ImageMeta> {
+    const loc = validateLocation(location, this.config.proxy_port)
+    return await this.store.update(validateImageName(name), (meta) => {
+      const [s, e] = blockRange(meta, start, end)
+      const st = meta.locations.get(loc)
+      if (st === undefined) throw invalidArgument(`image '${name}' has no location ${loc}`, { location: loc })
+      for (const [bs, be] of st.blocks.within(s, e)) {
+        for (let b = bs; b < be; b++) {
+          const others = meta.replicasOf(b).filter((r) => r.location !== loc && r.inSync)
+          if (others.length === 0) {
+            throw new UkaiError('UKAI_ERR_PERMISSION',
+              `removing ${loc} would leave block ${b} of image '${name}' without an in-sync replica; add and sync another location first`,
+              { block: b, location: loc })
+          }
+        }
+      }
+      st.blocks.remove(s, e)
+      st.outOfSync.remove(s, e)
+      if (st.blocks.isEmpty) meta.locations.delete(loc)
+      return meta
+    })
+  }
+
+  async setHypervisor (name: string, hypervisor: unknown, present: boolean): Promise<ImageMeta> {
+    const hv = validateLocation(hypervisor, this.config.proxy_port)
+    return await this.store.update(validateImageName(name), (meta) => {
+      const has = meta.hypervisors.includes(hv)
+      if (present && !has) meta.hypervisors.push(hv)
+      if (!present) {
+        if (!has) throw invalidArgument(`image '${name}' has no hypervisor ${hv}`)
+        meta.hypervisors = meta.hypervisors.filter((h) => h !== hv)
+      }
+      return meta
+    })
+  }
+
   async list (): Promise<ImageSummary[]> {
     const out: ImageSummary[] = []
     for (const name of await this.store.list()) {
@@ -146,6 +202,16 @@ export class ImageService {
     const local = [...meta.locations.keys()].some((l) => isLocalLocation(this.config, l))
     if (local || await this.blocks.has(name)) await this.blocks.destroy(name)
   }
+}
+
+/** Blocks [start, end) of an image; the whole image when both are absent. */
+function blockRange (meta: ImageMeta, start?: number, end?: number): [number, number] {
+  const s = start ?? 0
+  const e = end ?? meta.blockCount
+  if (!Number.isSafeInteger(s) || !Number.isSafeInteger(e) || s < 0 || e > meta.blockCount || s >= e) {
+    throw new UkaiError('UKAI_ERR_OUT_OF_RANGE', `block range ${s}..${e - 1} is not within image '${meta.name}' (blocks 0..${meta.blockCount - 1})`)
+  }
+  return [s, e]
 }
 
 export function parseInfoFormat (v: unknown): InfoFormat {

@@ -12,9 +12,11 @@ import { UkaiError, imageNotFound } from '../errors.js'
 import { FileMetadataStore } from '../metadata/file-store.js'
 import type { ImageMeta } from '../metadata/image.js'
 import type { MetadataStore } from '../metadata/store.js'
+import { parseLocation } from '../metadata/names.js'
+import { RemoteReplica } from '../peer/remote-replica.js'
 import { LocalReplica, type Replica, type ReplicaProvider } from '../replica/replica.js'
 import { NodeErrors } from '../volume/node-errors.js'
-import { Volume, newIoStats, type IoStats } from '../volume/volume.js'
+import { Volume, newIoStats, type IoStats, type SyncProgress } from '../volume/volume.js'
 import { ImageService } from './images.js'
 
 export interface Capacity { total: number, free: number, available: number }
@@ -31,8 +33,10 @@ export class UkaiNode extends EventEmitter implements ReplicaProvider {
   readonly images: ImageService
   private readonly local: LocalReplica
   private readonly known = new Map<string, { meta: ImageMeta, seen: Date }>()
-  private readonly volumes = new Map<string, { volume: Volume, refs: number }>()
+  private readonly volumes = new Map<string, { volume: Volume, refs: number, ready: Promise<number> }>()
   private readonly ioStats = new Map<string, IoStats>()
+  /** Replica per location, this node's own included. */
+  private readonly remotes = new Map<string, Replica>()
   private unwatch: (() => void) | undefined
   private closed = false
 
@@ -56,10 +60,26 @@ export class UkaiNode extends EventEmitter implements ReplicaProvider {
   }
 
   // ReplicaProvider: this node's own location is served from its block
-  // files. Other locations need the peer protocol; until a location can be
-  // reached it is treated as unreachable.
+  // files; every other location through the peer protocol (NBD to its
+  // proxy port), one RemoteReplica per node with pooled connections.
   replicaFor (location: string): Replica | undefined {
-    return isLocalLocation(this.config, location) ? this.local : undefined
+    // Called for every piece of every I/O: answered from a cache.
+    const r = this.remotes.get(location)
+    if (r !== undefined) return r
+    if (isLocalLocation(this.config, location)) {
+      this.remotes.set(location, this.local)
+      return this.local
+    }
+    let target
+    try {
+      target = parseLocation(location, this.config.proxy_port)
+    } catch { return undefined }
+    const remote = new RemoteReplica(location, { host: target.host.replace(/^\[(.*)\]$/, '$1'), port: target.port }, {
+      timeoutMs: this.config.io_timeout * 1000,
+      blockSizeOf: (image) => this.imageMeta(image)?.blockSize
+    })
+    this.remotes.set(location, remote)
+    return remote
   }
 
   /** Names of the images this node knows, sorted. */
@@ -93,6 +113,11 @@ export class UkaiNode extends EventEmitter implements ReplicaProvider {
         this.known.delete(name)
         this.ioStats.delete(name)
         this.emit('images')
+        // Destroyed by another node: this node's replica goes too.
+        if ([...had.meta.locations.keys()].some((l) => isLocalLocation(this.config, l)) && !this.isOpen(name)) {
+          await this.blocks.destroy(name).catch((err) => this.emit('warning', `removing the block files of destroyed image '${name}': ${(err as Error).message}`))
+        }
+        for (const r of this.remotes.values()) if (r instanceof RemoteReplica) await r.closeImage(name)
       }
       return
     }
@@ -107,6 +132,8 @@ export class UkaiNode extends EventEmitter implements ReplicaProvider {
     const open = this.volumes.get(name)
     if (open !== undefined) {
       open.refs++
+      // Another opener may still be reconciling the image.
+      await open.ready.catch(() => {})
       return open.volume
     }
     const meta = await this.store.get(name)
@@ -114,12 +141,21 @@ export class UkaiNode extends EventEmitter implements ReplicaProvider {
     const again = this.volumes.get(name)
     if (again !== undefined) {
       again.refs++
+      await again.ready.catch(() => {})
       return again.volume
     }
     let stats = this.ioStats.get(name)
     if (stats === undefined) { stats = newIoStats(); this.ioStats.set(name, stats) }
     const volume = new Volume(meta, { store: this.store, replicas: this, errors: this.errors, stats })
-    this.volumes.set(name, { volume, refs: 1 })
+    const entry = { volume, refs: 1, ready: volume.reconcile() }
+    this.volumes.set(name, entry)
+    try {
+      const n = await entry.ready
+      if (n > 0) this.emit('warning', `image '${name}': reconciled ${n} block(s) left dirty by a writer that stopped`)
+    } catch (err) {
+      this.volumes.delete(name)
+      throw err
+    }
     return volume
   }
 
@@ -129,6 +165,8 @@ export class UkaiNode extends EventEmitter implements ReplicaProvider {
     if (--open.refs > 0) return
     this.volumes.delete(volume.name)
     await volume.flush().catch(() => {})
+    // Everything is flushed and nothing is in flight: the log can go.
+    await volume.trimDirtyLog(0).catch(() => {})
     await this.blocks.closeImage(volume.name).catch(() => {})
   }
 
@@ -165,6 +203,19 @@ export class UkaiNode extends EventEmitter implements ReplicaProvider {
     await this.reload(name)
   }
 
+  /**
+   * Re-synchronises blocks [start, end) of an image (all when absent):
+   * every out-of-sync replica is copied from an in-sync one.
+   */
+  async syncImage (name: string, start?: number, end?: number, onProgress?: (p: SyncProgress) => void): Promise<SyncProgress> {
+    const volume = await this.acquireVolume(name)
+    try {
+      return await volume.sync(start ?? 0, end ?? volume.meta.blockCount, onProgress)
+    } finally {
+      await this.releaseVolume(volume)
+    }
+  }
+
   async capacity (): Promise<Capacity> {
     const st = await statfs(this.config.image_root)
     return { total: st.blocks * st.bsize, free: st.bfree * st.bsize, available: st.bavail * st.bsize }
@@ -174,8 +225,12 @@ export class UkaiNode extends EventEmitter implements ReplicaProvider {
     if (this.closed) return
     this.closed = true
     this.unwatch?.()
-    for (const { volume } of this.volumes.values()) await volume.flush().catch(() => {})
+    for (const { volume } of this.volumes.values()) {
+      await volume.flush().catch(() => {})
+      await volume.trimDirtyLog(0).catch(() => {})
+    }
     this.volumes.clear()
+    for (const r of this.remotes.values()) if (r instanceof RemoteReplica) await r.close()
     await this.blocks.close()
     await this.store.close()
   }

@@ -12,6 +12,8 @@ export interface Replica {
   /** The location (node address) as the image metadata names it. */
   readonly location: string
   readonly isLocal: boolean
+  /** Smoothed request latency in ms, for remote replicas once measured. */
+  readonly rtt?: number | undefined
   read (image: string, block: number, offset: number, buf: Buffer): Promise<void>
   write (image: string, block: number, offset: number, data: Buffer): Promise<void>
   /** Trims or zeroes a range; see BlockStore.discard for the modes. */

@@ -60,6 +60,18 @@ export class Volume {
   private readers = 0
   /** Blocks written per location since that location's last flush. */
   private readonly unflushed = new Map<string, RangeSet>()
+  /** Flushes in progress (see flush). */
+  private readonly flushing = new Set<Promise<void>>()
+  /** The dirty-block log as it is stored (durable). */
+  private dirty = new RangeSet()
+  /** Changes of the dirty-block log run one at a time, in order. */
+  private dirtyQueue: Promise<void> = Promise.resolve()
+  /** Writes in flight per block: those blocks stay in the dirty log. */
+  private readonly inflight = new Map<number, number>()
+  /** Flush epoch: grows when a flush starts. */
+  private epoch = 0
+  /** Epoch in which each logged block was last written. */
+  private readonly lastWrite = new Map<number, number>()
   readonly stats: IoStats
 
   constructor (meta: ImageMeta, ctx: VolumeContext) {
@@ -137,7 +149,11 @@ export class Volume {
     }
   }
 
-  /** An in-sync, reachable location of the block: the local one first. */
+  /**
+   * An in-sync location of the block that is not in the error state: this
+   * node's first, then the remote one with the lowest measured latency
+   * (one not measured yet counts as 0, so every node gets measured).
+   */
   private chooseReader (block: number, tried: Set<string>): Replica | undefined {
     let best: Replica | undefined
     for (const { location, inSync } of this.current.replicasOf(block)) {
@@ -145,7 +161,7 @@ export class Volume {
       const r = this.ctx.replicas.replicaFor(location)
       if (r === undefined) continue
       if (r.isLocal) return r
-      best ??= r
+      if (best === undefined || (r.rtt ?? 0) < (best.rtt ?? 0)) best = r
     }
     return best
   }
@@ -162,8 +178,8 @@ export class Volume {
     if (data.length === 0) return
     await this.lock.with(offset, offset + data.length, async () => {
       const pieces = splitRange(offset, data.length, this.blockSize, this.size)
-      await this.fanOut(pieces, async (r, p) =>
-        await r.write(this.name, p.block, p.offset, data.subarray(p.bufferOffset, p.bufferOffset + p.length)))
+      await this.tracked(pieces, async () => await this.fanOut(pieces, async (r, p) =>
+        await r.write(this.name, p.block, p.offset, data.subarray(p.bufferOffset, p.bufferOffset + p.length))))
       await this.growUsedSize(offset + data.length)
     })
     this.stats.writes++
@@ -191,7 +207,7 @@ export class Volume {
     if (length === 0) return
     await this.lock.with(offset, offset + length, async () => {
       const pieces = splitRange(offset, length, this.blockSize, this.size)
-      await this.fanOut(pieces, async (r, p) => await r.discard(this.name, p.block, p.offset, p.length, mode))
+      await this.tracked(pieces, async () => await this.fanOut(pieces, async (r, p) => await r.discard(this.name, p.block, p.offset, p.length, mode)))
     })
   }
 
@@ -239,11 +255,218 @@ export class Volume {
   /** Puts failed locations in the error state and durably marks their blocks out of sync. */
   private async recordFailures (failures: Failure[]): Promise<void> {
     if (failures.length === 0) return
-    for (const f of failures) this.ctx.errors.fail(f.location, f.reason)
+    // A location that failed may also have lost what it had not flushed
+    // yet (a node that died loses its page cache): those blocks go too.
+    const lost = new Map<string, RangeSet>()
+    for (const f of failures) {
+      this.ctx.errors.fail(f.location, f.reason)
+      let set = lost.get(f.location)
+      if (set === undefined) {
+        set = this.unflushed.get(f.location) ?? new RangeSet()
+        this.unflushed.delete(f.location)
+        lost.set(f.location, set)
+      }
+      set.add(f.block, f.block + 1)
+    }
     this.current = await this.ctx.store.update(this.name, (meta) => {
-      for (const f of failures) meta.setSync(f.location, f.block, f.block + 1, false)
+      for (const [location, blocks] of lost) {
+        for (const [s, e] of blocks.ranges()) meta.setSync(location, s, e, false)
+      }
       return meta
     })
+  }
+
+  /**
+   * Runs a write-like operation with its blocks in the dirty-block log.
+   * A block with two or more in-sync locations is logged (durably) before
+   * the first write reaches it, and stays logged while writes are in
+   * flight; a block with one in-sync location cannot diverge and is not.
+   */
+  private async tracked<T> (pieces: Piece[], fn: () => Promise<T>): Promise<T> {
+    const blocks = pieces.map((p) => p.block).filter((b) => this.inSyncCount(b) > 1)
+    for (const b of blocks) {
+      this.inflight.set(b, (this.inflight.get(b) ?? 0) + 1)
+      this.lastWrite.set(b, this.epoch)
+    }
+    try {
+      const missing = blocks.filter((b) => !this.dirty.has(b))
+      if (missing.length > 0) {
+        await this.changeDirty((d) => { for (const b of missing) d.add(b, b + 1); return d })
+      }
+      return await fn()
+    } finally {
+      for (const b of blocks) {
+        const n = this.inflight.get(b)! - 1
+        if (n === 0) this.inflight.delete(b)
+        else this.inflight.set(b, n)
+      }
+    }
+  }
+
+  private inSyncCount (block: number): number {
+    let n = 0
+    for (const r of this.current.replicasOf(block)) if (r.inSync) n++
+    return n
+  }
+
+  /** Applies `change` to the dirty-block log and stores it, one change at a time. */
+  private async changeDirty (change: (d: RangeSet) => RangeSet): Promise<void> {
+    const run = this.dirtyQueue.then(async () => {
+      const next = change(this.dirty.clone())
+      if (next.equals(this.dirty)) return
+      await this.ctx.store.putDirty(this.name, next)
+      this.dirty = next
+    })
+    this.dirtyQueue = run.catch(() => {})
+    await run
+  }
+
+  /**
+   * Drops from the dirty-block log the blocks a completed flush made
+   * durable on every replica: those last written before the flush began
+   * (epoch < `flushedBefore`) that had no write in flight when it began
+   * (`pinned`) and have none now. Called after a flush once the log holds
+   * more than `keep` blocks, and with keep 0 when the last writer closes.
+   */
+  async trimDirtyLog (keep = 0, flushedBefore = this.epoch + 1, pinned: ReadonlySet<number> = new Set()): Promise<void> {
+    if (this.dirty.size <= keep) return
+    await this.changeDirty((d) => {
+      const next = new RangeSet()
+      for (const b of d.values()) {
+        if (this.inflight.has(b) || pinned.has(b) || (this.lastWrite.get(b) ?? -1) >= flushedBefore) next.add(b, b + 1)
+        else this.lastWrite.delete(b)
+      }
+      return next
+    })
+  }
+
+  /**
+   * Reconciles the blocks a writer left in the dirty-block log: for each,
+   * one in-sync replica (this node's first) is copied to the other in-sync
+   * ones; a replica that cannot be written is marked out of sync instead.
+   * Afterwards no two in-sync replicas of those blocks differ.
+   */
+  async reconcile (): Promise<number> {
+    const logged = await this.ctx.store.getDirty(this.name)
+    if (logged.isEmpty) return 0
+    // What is stored is the log now; it is emptied below, once reconciled.
+    this.dirty = logged
+    let copied = 0
+    for (const block of logged.values()) {
+      if (block >= this.current.blockCount) continue
+      const start = block * this.blockSize
+      await this.lock.with(start, start + this.current.blockLength(block), async () => {
+        const inSync = this.current.replicasOf(block).filter((r) => r.inSync).map((r) => r.location)
+        if (inSync.length < 2) return
+        const source = this.pickSource(block)
+        if (source === undefined) return
+        const targets = inSync.filter((l) => l !== source.location)
+        const failed = await this.copyBlock(block, source, targets)
+        if (failed.length > 0) await this.recordFailures(failed)
+        copied++
+      })
+    }
+    await this.changeDirty(() => new RangeSet())
+    return copied
+  }
+
+  /** An in-sync, reachable source for copying a block: this node first. */
+  private pickSource (block: number): Replica | undefined {
+    return this.chooseReader(block, new Set())
+  }
+
+  /**
+   * Copies block `block` from `source` to `targets` so they end byte-for-
+   * byte equal (holes stay holes past the source's allocated length), and
+   * flushes the targets. Returns the targets that failed.
+   */
+  private async copyBlock (block: number, source: Replica, targets: string[], onBytes?: (n: number) => void): Promise<Failure[]> {
+    const failures: Failure[] = []
+    const live = new Map<string, Replica>()
+    for (const t of targets) {
+      const r = this.ctx.replicas.replicaFor(t)
+      if (r === undefined) failures.push({ block, location: t, reason: 'location unreachable' })
+      else live.set(t, r)
+    }
+    if (live.size === 0) return failures
+    const length = this.current.blockLength(block)
+    const allocated = Math.min(length, await source.allocatedLength(this.name, block))
+    const fail = (location: string, err: unknown): void => {
+      live.delete(location)
+      failures.push({ block, location, reason: toUkaiError(err).message })
+    }
+    // Read the next chunk while the previous one is being written.
+    let next: Promise<Buffer> | undefined
+    const readChunk = async (off: number): Promise<Buffer> => {
+      const buf = Buffer.allocUnsafe(Math.min(COPY_CHUNK, allocated - off))
+      await source.read(this.name, block, off, buf)
+      return buf
+    }
+    if (allocated > 0) next = readChunk(0)
+    for (let off = 0; off < allocated; off += COPY_CHUNK) {
+      const buf = await next!
+      next = off + COPY_CHUNK < allocated ? readChunk(off + COPY_CHUNK) : undefined
+      await Promise.all([...live].map(async ([loc, r]) => await r.write(this.name, block, off, buf).catch((err) => fail(loc, err))))
+      onBytes?.(buf.length)
+    }
+    await Promise.all([...live].map(async ([loc, r]) => {
+      try {
+        if (allocated < length) await r.discard(this.name, block, allocated, length - allocated, 'zero')
+        await r.flush(this.name)
+      } catch (err) { fail(loc, err) }
+    }))
+    return failures
+  }
+
+  /**
+   * Brings every out-of-sync replica of blocks [start, end) back in sync
+   * from an in-sync one, block by block, while the image stays in use: a
+   * block being copied holds the write lock of its whole byte range, so a
+   * write to it waits and then reaches the re-synced replica too. Each
+   * block's new state is stored as soon as it is copied, so an
+   * interrupted sync resumes where it stopped.
+   */
+  async sync (start: number, end: number, onProgress?: (p: SyncProgress) => void): Promise<SyncProgress> {
+    const count = this.current.blockCount
+    if (!Number.isSafeInteger(start) || !Number.isSafeInteger(end) || start < 0 || end > count || start > end) {
+      throw new UkaiError('UKAI_ERR_OUT_OF_RANGE', `block range [${start}, ${end}) is not within the image's ${count} blocks`)
+    }
+    const todo = new RangeSet()
+    for (const st of this.current.locations.values()) {
+      for (const [s, e] of st.outOfSync.within(start, end)) todo.add(s, e)
+    }
+    const blocks = [...todo.values()]
+    const progress: SyncProgress = { blocks: blocks.length, done: 0, bytes: 0, failed: [] }
+    onProgress?.({ ...progress })
+    for (const block of blocks) {
+      const bstart = block * this.blockSize
+      await this.lock.with(bstart, bstart + this.current.blockLength(block), async () => {
+        const reps = this.current.replicasOf(block)
+        const targets = reps.filter((r) => !r.inSync).map((r) => r.location)
+        if (targets.length === 0) return
+        const source = this.pickSource(block)
+        if (source === undefined) {
+          progress.failed.push({ block, reason: 'no in-sync location reachable' })
+          return
+        }
+        const failures = await this.copyBlock(block, source, targets, (n) => { progress.bytes += n })
+        const ok = targets.filter((t) => !failures.some((f) => f.location === t))
+        for (const f of failures) {
+          this.ctx.errors.fail(f.location, f.reason)
+          progress.failed.push({ block, location: f.location, reason: f.reason })
+        }
+        for (const loc of ok) this.ctx.errors.succeed(loc)
+        if (ok.length > 0) {
+          this.current = await this.ctx.store.update(this.name, (meta) => {
+            for (const loc of ok) meta.setSync(loc, block, block + 1, true)
+            return meta
+          })
+        }
+      })
+      progress.done++
+      onProgress?.({ ...progress, failed: progress.failed.slice() })
+    }
+    return progress
   }
 
   private async growUsedSize (end: number): Promise<void> {
@@ -259,6 +482,25 @@ export class Volume {
    * fails to flush is marked out of sync for the blocks it may have lost.
    */
   async flush (): Promise<void> {
+    // A flush covers every write acknowledged before it began, including
+    // writes whose sync an earlier flush has taken over (it cleared
+    // `unflushed` and the block files' dirty marks) and not finished yet:
+    // wait for those flushes too, or this one could answer first.
+    const earlier = [...this.flushing]
+    const own = this.flushOnce()
+    this.flushing.add(own)
+    try {
+      await Promise.all([own, ...earlier])
+    } finally {
+      this.flushing.delete(own)
+    }
+  }
+
+  private async flushOnce (): Promise<void> {
+    // Writes that start from here on, or were in flight now, may not be
+    // covered by this flush: their blocks stay in the dirty-block log.
+    const started = ++this.epoch
+    const pinned = new Set(this.inflight.keys())
     const pending = [...this.unflushed]
     this.unflushed.clear()
     const failures: Failure[] = []
@@ -276,6 +518,9 @@ export class Volume {
     const local = this.localReplica()
     if (local !== undefined && !pending.some(([l]) => l === local.location)) await local.flush(this.name)
     await this.recordFailures(failures)
+    // The dirty-block log is an activity log: hot blocks stay in it, so a
+    // steady writer does not pay a metadata write per flush.
+    await this.trimDirtyLog(DIRTY_KEEP, started, pinned)
   }
 
   private localReplica (): Replica | undefined {
@@ -305,6 +550,26 @@ export class Volume {
   }
 
   /**
+   * True when zero(offset, length, true) would write no data: a block
+   * store zeroes a range that reaches the end of a block file by cutting
+   * the file short (or does nothing past its end), and writes zeros only
+   * where data follows the range inside a block. Only the last block of
+   * the range can have data after it; that is checked on this node's
+   * replica. Without a local in-sync replica the answer is false (the
+   * cost cannot be known cheaply). Serves NBD_CMD_FLAG_FAST_ZERO.
+   */
+  async zeroIsFast (offset: number, length: number): Promise<boolean> {
+    checkOffset(offset, length)
+    if (length === 0) return true
+    const block = Math.floor((offset + length - 1) / this.blockSize)
+    const end = offset + length - block * this.blockSize
+    if (end >= this.current.blockLength(block)) return true
+    const local = this.localReplica()
+    if (local === undefined || !this.current.replicasOf(block).some((r) => r.location === local.location && r.inSync)) return false
+    return await local.allocatedLength(this.name, block) <= end
+  }
+
+  /**
    * Allocation of [offset, offset + length) as extents, from the local
    * replica's block files. Without a local in-sync replica everything is
    * reported as data (always safe).
@@ -331,6 +596,20 @@ export class Volume {
     }
     return out
   }
+}
+
+/** Blocks the dirty-block log may keep after a flush before it is trimmed. */
+const DIRTY_KEEP = 64
+
+/** Bytes read and written at a time when a block is copied. */
+const COPY_CHUNK = 4 * 2 ** 20
+
+export interface SyncProgress {
+  /** Blocks with an out-of-sync replica in the range when the sync began. */
+  blocks: number
+  done: number
+  bytes: number
+  failed: Array<{ block: number, location?: string, reason: string }>
 }
 
 export function newIoStats (): IoStats {

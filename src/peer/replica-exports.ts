@@ -1,0 +1,140 @@
+/**
+ * The peer side of the peer protocol: this node's replicas served as NBD
+ * exports named `replica/<image>` on the proxy port, so other nodes reach
+ * this node's block files with the same NBD server code that serves
+ * hypervisors. An export's byte offsets are the image's; every request is
+ * checked against the blocks this node holds in the image's metadata, so
+ * a peer with a stale view can never scatter data where it does not
+ * belong. The I/O goes straight to the block store, never through a
+ * Volume (a replica is not replicated again).
+ */
+import { UkaiError, imageNotFound } from '../errors.js'
+import type { BlockStore, DiscardMode } from '../blockstore/block-store.js'
+import { isLocalLocation } from '../config/config.js'
+import type { ExportInfo, ExportProvider, NbdBackend, OpenExport } from '../frontends/nbd/exports.js'
+import type { ImageMeta, LocationState } from '../metadata/image.js'
+import type { UkaiNode } from '../node/node.js'
+import { splitRange, type Piece } from '../volume/block-math.js'
+import type { Extent } from '../volume/volume.js'
+import { REPLICA_EXPORT_PREFIX } from './remote-replica.js'
+
+export class ReplicaExports implements ExportProvider {
+  private readonly node: UkaiNode
+
+  constructor (node: UkaiNode) {
+    this.node = node
+  }
+
+  /** Replica exports are not listed: peers know what they ask for. */
+  list (): string[] { return [] }
+
+  private held (name: string): { image: string, meta: ImageMeta, here: LocationState } | undefined {
+    if (!name.startsWith(REPLICA_EXPORT_PREFIX)) return undefined
+    const image = name.slice(REPLICA_EXPORT_PREFIX.length)
+    const meta = this.node.imageMeta(image)
+    if (meta === undefined) return undefined
+    for (const [loc, st] of meta.locations) {
+      if (isLocalLocation(this.node.config, loc)) return { image, meta, here: st }
+    }
+    return undefined
+  }
+
+  describe (name: string): ExportInfo | undefined {
+    const h = this.held(name)
+    return h === undefined ? undefined : { size: h.meta.size, readOnly: false }
+  }
+
+  async open (name: string): Promise<OpenExport> {
+    const h = this.held(name)
+    if (h === undefined) throw imageNotFound(name)
+    // A replica placed here by another node is allocated on first contact.
+    if (!await this.node.blocks.has(h.image)) await this.node.blocks.allocate(h.image)
+    return {
+      name,
+      size: h.meta.size,
+      readOnly: false,
+      backend: new ReplicaBackend(this.node, h.image),
+      close: async () => {}
+    }
+  }
+}
+
+class ReplicaBackend implements NbdBackend {
+  private readonly node: UkaiNode
+  private readonly blocks: BlockStore
+  private readonly image: string
+
+  constructor (node: UkaiNode, image: string) {
+    this.node = node
+    this.blocks = node.blocks
+    this.image = image
+  }
+
+  get blockSize (): number { return this.meta().blockSize }
+
+  /** The image's current metadata; it may change while a peer is connected. */
+  private meta (): ImageMeta {
+    const meta = this.node.imageMeta(this.image)
+    if (meta === undefined) throw imageNotFound(this.image)
+    return meta
+  }
+
+  /** Pieces of a request, each checked to be a block this node holds. */
+  private pieces (offset: number, length: number): Piece[] {
+    const meta = this.meta()
+    const pieces = splitRange(offset, length, meta.blockSize, meta.size)
+    let here: LocationState | undefined
+    for (const [loc, st] of meta.locations) if (isLocalLocation(this.node.config, loc)) here = st
+    for (const p of pieces) {
+      if (here === undefined || !here.blocks.has(p.block)) {
+        throw new UkaiError('UKAI_ERR_PERMISSION', `block ${p.block} of image '${this.image}' is not placed on this node`)
+      }
+    }
+    return pieces
+  }
+
+  async read (offset: number, buf: Buffer): Promise<number> {
+    const pieces = this.pieces(offset, buf.length)
+    await Promise.all(pieces.map(async (p) =>
+      await this.blocks.read(this.image, p.block, p.offset, buf.subarray(p.bufferOffset, p.bufferOffset + p.length))))
+    return pieces.reduce((n, p) => n + p.length, 0)
+  }
+
+  async write (offset: number, data: Buffer): Promise<void> {
+    await Promise.all(this.pieces(offset, data.length).map(async (p) =>
+      await this.blocks.write(this.image, p.block, p.offset, data.subarray(p.bufferOffset, p.bufferOffset + p.length))))
+  }
+
+  async flush (): Promise<void> {
+    await this.blocks.flush(this.image)
+  }
+
+  private async discard (offset: number, length: number, mode: DiscardMode): Promise<void> {
+    await Promise.all(this.pieces(offset, length).map(async (p) =>
+      await this.blocks.discard(this.image, p.block, p.offset, p.length, mode)))
+  }
+
+  async trim (offset: number, length: number): Promise<void> {
+    await this.discard(offset, length, 'trim')
+  }
+
+  async zero (offset: number, length: number, mayFree: boolean): Promise<void> {
+    await this.discard(offset, length, mayFree ? 'zero' : 'zero-allocated')
+  }
+
+  async extents (offset: number, length: number): Promise<Extent[]> {
+    const out: Extent[] = []
+    for (const p of this.pieces(offset, length)) {
+      const allocated = await this.blocks.allocatedLength(this.image, p.block)
+      const data = Math.max(0, Math.min(p.length, allocated - p.offset))
+      if (data > 0) out.push({ offset: offset + p.bufferOffset, length: data, hole: false, zero: false })
+      if (data < p.length) out.push({ offset: offset + p.bufferOffset + data, length: p.length - data, hole: true, zero: true })
+    }
+    return out
+  }
+
+  /** Zeroing is fast only where it cuts a file's tail; say no otherwise. */
+  async zeroIsFast (): Promise<boolean> {
+    return false
+  }
+}

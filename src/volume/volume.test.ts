@@ -1,0 +1,514 @@
+/**
+ * The volume engine in one process with real parts: two BlockStores in
+ * two directories play two nodes ('127.0.0.1:1' and '127.0.0.1:2'), each
+ * behind a LocalReplica, and the image's metadata is in a
+ * FileMetadataStore. Nothing is mocked; a replica is made "remote" only by
+ * an object whose isLocal is false.
+ */
+import { test, describe } from 'node:test'
+import assert from 'node:assert/strict'
+import { readdir, readFile, rm } from 'node:fs/promises'
+import { join } from 'node:path'
+import fc from 'fast-check'
+import { BlockStore } from '../blockstore/block-store.js'
+import { UkaiError, type ErrorCode } from '../errors.js'
+import { FileMetadataStore } from '../metadata/file-store.js'
+import { ImageMeta } from '../metadata/image.js'
+import { LocalReplica, type Replica } from '../replica/replica.js'
+import { makeTmpDir } from '../../test/helpers/tmp.js'
+import { NodeErrors } from './node-errors.js'
+import { Volume } from './volume.js'
+
+const A = '127.0.0.1:1'
+const B = '127.0.0.1:2'
+const IMG = 'vm1'
+
+interface RigOptions {
+  size: number
+  blockSize: number
+  usedSize?: number
+  /** Which locations count as this node (isLocal); both by default. */
+  local?: string[]
+}
+
+interface Rig {
+  root: string
+  vol: Volume
+  store: FileMetadataStore
+  blocks: Record<string, BlockStore>
+  /** The provider's table: delete an entry to make a location unreachable. */
+  replicas: Map<string, Replica>
+  errors: NodeErrors
+  cleanup: () => Promise<void>
+}
+
+/** The same replica, seen as a remote one. */
+function asRemote (r: Replica): Replica {
+  return Object.create(r, { isLocal: { value: false } }) as Replica
+}
+
+async function makeRig (opts: RigOptions): Promise<Rig> {
+  const dir = await makeTmpDir('ukai-volume-')
+  const store = await FileMetadataStore.open(join(dir.path, 'metadata'), 22222)
+  const blocks: Record<string, BlockStore> = {
+    [A]: new BlockStore(join(dir.path, 'node1'), '%016d', { maxOpen: 4 }),
+    [B]: new BlockStore(join(dir.path, 'node2'), '%016d', { maxOpen: 4 })
+  }
+  const local = opts.local ?? [A, B]
+  const replicas = new Map<string, Replica>()
+  for (const loc of [A, B]) {
+    await blocks[loc]!.allocate(IMG)
+    const r = new LocalReplica(loc, blocks[loc]!)
+    replicas.set(loc, local.includes(loc) ? r : asRemote(r))
+  }
+  const meta = new ImageMeta({ name: IMG, size: opts.size, blockSize: opts.blockSize, usedSize: opts.usedSize ?? 0 })
+  meta.addLocation(A, 0, meta.blockCount, true)
+  meta.addLocation(B, 0, meta.blockCount, true)
+  await store.create(meta)
+  const errors = new NodeErrors(60)
+  const vol = new Volume(await store.require(IMG), { store, replicas: { replicaFor: (l) => replicas.get(l) }, errors })
+  return {
+    root: dir.path,
+    vol,
+    store,
+    blocks,
+    replicas,
+    errors,
+    cleanup: async () => {
+      for (const b of Object.values(blocks)) await b.close()
+      await store.close()
+      await dir.cleanup()
+    }
+  }
+}
+
+async function withRig (opts: RigOptions, fn: (rig: Rig) => Promise<void>): Promise<void> {
+  const rig = await makeRig(opts)
+  try { await fn(rig) } finally { await rig.cleanup() }
+}
+
+async function rejectsWith (p: Promise<unknown>, code: ErrorCode, message?: RegExp): Promise<void> {
+  await assert.rejects(p, (err: unknown) => {
+    assert.ok(err instanceof UkaiError, `expected a UkaiError, got ${String(err)}`)
+    assert.equal(err.code, code, err.message)
+    if (message !== undefined) assert.match(err.message, message)
+    return true
+  })
+}
+
+/** Deterministic bytes from a seed. */
+function bytes (length: number, seed: number): Buffer {
+  const b = Buffer.alloc(length)
+  let x = (seed * 2654435761) >>> 0 || 1
+  for (let i = 0; i < length; i++) {
+    x ^= x << 13; x >>>= 0
+    x ^= x >>> 17
+    x ^= x << 5; x >>>= 0
+    b[i] = x & 0xff
+  }
+  return b
+}
+
+async function readAll (vol: Volume, offset: number, length: number): Promise<{ n: number, buf: Buffer }> {
+  const buf = Buffer.alloc(length, 0xee)
+  const n = await vol.read(offset, buf)
+  return { n, buf }
+}
+
+/** Every block file of the image on one node: name -> contents. */
+async function blockFiles (rig: Rig, location: string): Promise<Map<string, Buffer>> {
+  const dir = rig.blocks[location]!.imageDir(IMG)
+  const out = new Map<string, Buffer>()
+  for (const f of (await readdir(dir)).sort()) out.set(f, await readFile(join(dir, f)))
+  return out
+}
+
+/**
+ * Both nodes hold byte-identical block files, and they hold what `model`
+ * says wherever `known` (when given) is set.
+ */
+async function checkReplicas (rig: Rig, model?: Buffer, known?: Uint8Array): Promise<void> {
+  await rig.vol.flush()
+  const a = await blockFiles(rig, A)
+  const b = await blockFiles(rig, B)
+  assert.deepEqual([...a.keys()], [...b.keys()], 'the two nodes have different block files')
+  for (const [name, data] of a) assert.ok(data.equals(b.get(name)!), `block file ${name} differs between the nodes`)
+  if (model === undefined) return
+  const bs = rig.vol.blockSize
+  for (let block = 0; block < rig.vol.meta.blockCount; block++) {
+    const want = model.subarray(block * bs, Math.min(model.length, (block + 1) * bs))
+    const file = a.get(String(block).padStart(16, '0')) ?? Buffer.alloc(0)
+    assert.ok(file.length <= want.length, `block file ${block} is longer than its block`)
+    const have = Buffer.concat([file, Buffer.alloc(want.length - file.length)])
+    for (let i = 0; i < want.length; i++) {
+      if (known !== undefined && known[block * bs + i] === 0) continue
+      assert.equal(have[i], want[i], `block ${block} byte ${i} on disk differs from the model`)
+    }
+  }
+}
+
+type Op =
+  | { kind: 'write', offset: number, length: number, seed: number }
+  | { kind: 'read', offset: number, length: number }
+  | { kind: 'zero', offset: number, length: number, mayFree: boolean }
+  | { kind: 'trim', offset: number, length: number }
+
+describe('Volume data path', () => {
+  test('random writes, zeroes, trims and reads across block boundaries match an in-memory model', { timeout: 60_000 }, async () => {
+    const geometry = fc.record({
+      blockSize: fc.constantFrom(64, 100, 512),
+      blocks: fc.integer({ min: 2, max: 6 }),
+      tail: fc.nat({ max: 63 })
+    }).map(({ blockSize, blocks, tail }) => ({ blockSize, size: blocks * blockSize - tail }))
+    const scenario = geometry.chain(({ blockSize, size }) => fc.record({
+      blockSize: fc.constant(blockSize),
+      size: fc.constant(size),
+      ops: fc.array(fc.oneof(
+        fc.record({ kind: fc.constant('write' as const), offset: fc.nat({ max: size - 1 }), length: fc.integer({ min: 1, max: 2 * blockSize + 7 }), seed: fc.nat() })
+          .map((o) => ({ ...o, length: Math.min(o.length, size - o.offset) })),
+        fc.record({ kind: fc.constant('read' as const), offset: fc.nat({ max: size + 10 }), length: fc.nat({ max: 3 * blockSize }) }),
+        fc.record({ kind: fc.constant('zero' as const), offset: fc.nat({ max: size - 1 }), length: fc.integer({ min: 1, max: 2 * blockSize }), mayFree: fc.boolean() })
+          .map((o) => ({ ...o, length: Math.min(o.length, size - o.offset) })),
+        fc.record({ kind: fc.constant('trim' as const), offset: fc.nat({ max: size - 1 }), length: fc.integer({ min: 1, max: 2 * blockSize }) })
+          .map((o) => ({ ...o, length: Math.min(o.length, size - o.offset) }))
+      ), { minLength: 1, maxLength: 25 })
+    }))
+    await fc.assert(fc.asyncProperty(scenario, async ({ blockSize, size, ops }) => {
+      await withRig({ size, blockSize }, async (rig) => {
+        const model = Buffer.alloc(size)
+        // A trimmed byte's contents are unspecified until it is written or zeroed again.
+        const known = new Uint8Array(size).fill(1)
+        const same = (buf: Buffer, offset: number): boolean => buf.every((x, i) => known[offset + i] === 0 || x === model[offset + i])
+        let used = 0
+        for (const op of ops as Op[]) {
+          if (op.kind === 'write') {
+            const data = bytes(op.length, op.seed)
+            await rig.vol.write(op.offset, data)
+            data.copy(model, op.offset)
+            known.fill(1, op.offset, op.offset + op.length)
+            used = Math.max(used, op.offset + op.length)
+          } else if (op.kind === 'zero') {
+            await rig.vol.zero(op.offset, op.length, op.mayFree)
+            model.fill(0, op.offset, op.offset + op.length)
+            known.fill(1, op.offset, op.offset + op.length)
+          } else if (op.kind === 'trim') {
+            await rig.vol.trim(op.offset, op.length)
+            known.fill(0, op.offset, op.offset + op.length)
+          } else {
+            const { n, buf } = await readAll(rig.vol, op.offset, op.length)
+            const expected = Math.max(0, Math.min(op.offset + op.length, used) - op.offset)
+            assert.equal(n, expected, `read(${op.offset}, ${op.length}) with used_size ${used}`)
+            assert.ok(same(buf.subarray(0, n), op.offset), `read(${op.offset}, ${op.length}) data`)
+          }
+          assert.equal(rig.vol.usedSize, used)
+        }
+        const { n, buf } = await readAll(rig.vol, 0, size)
+        assert.equal(n, used)
+        assert.ok(same(buf.subarray(0, n), 0))
+        assert.equal((await rig.store.require(IMG)).usedSize, used)
+        await checkReplicas(rig, model, known)
+      })
+    }), { numRuns: 60 })
+  })
+
+  test('concurrent overlapping writes leave both replicas identical', async () => {
+    await withRig({ size: 4 * 1000, blockSize: 1000 }, async (rig) => {
+      const writes: Array<Promise<void>> = []
+      for (let i = 0; i < 60; i++) {
+        const offset = (i * 397) % 3500
+        writes.push(rig.vol.write(offset, bytes(100 + (i * 53) % 400, i)))
+        if (i % 7 === 0) writes.push(rig.vol.zero((i * 211) % 3000, 150, i % 2 === 0))
+      }
+      await Promise.all(writes)
+      await checkReplicas(rig)
+      // What the volume reads is what is on disk.
+      const { n, buf } = await readAll(rig.vol, 0, 4000)
+      assert.equal(n, rig.vol.usedSize)
+      const files = await blockFiles(rig, A)
+      const disk = Buffer.concat([0, 1, 2, 3].map((block) => {
+        const file = files.get(String(block).padStart(16, '0')) ?? Buffer.alloc(0)
+        return Buffer.concat([file, Buffer.alloc(1000 - file.length)])
+      }))
+      assert.ok(buf.subarray(0, n).equals(disk.subarray(0, n)))
+      assert.ok(disk.subarray(n).equals(Buffer.alloc(4000 - n)), 'data on disk past used_size')
+    })
+  })
+
+  test('reads at or past used_size are short', async () => {
+    await withRig({ size: 1000, blockSize: 300 }, async (rig) => {
+      assert.equal((await readAll(rig.vol, 0, 100)).n, 0)
+      await rig.vol.write(500, Buffer.from('abcdefghij'))
+      assert.equal(rig.vol.usedSize, 510)
+      let r = await readAll(rig.vol, 505, 100)
+      assert.equal(r.n, 5)
+      assert.equal(r.buf.subarray(0, 5).toString(), 'fghij')
+      assert.equal(r.buf[5], 0xee, 'bytes past the short read are left alone')
+      r = await readAll(rig.vol, 0, 1000)
+      assert.equal(r.n, 510)
+      assert.ok(r.buf.subarray(0, 500).equals(Buffer.alloc(500)))
+      assert.equal((await readAll(rig.vol, 510, 10)).n, 0)
+      assert.equal((await readAll(rig.vol, 5000, 10)).n, 0)
+      assert.equal((await readAll(rig.vol, 0, 0)).n, 0)
+      await rejectsWith(rig.vol.read(-1, Buffer.alloc(1)), 'UKAI_ERR_OUT_OF_RANGE')
+      await rejectsWith(rig.vol.read(0.5, Buffer.alloc(1)), 'UKAI_ERR_OUT_OF_RANGE')
+    })
+  })
+
+  test('a write past size is UKAI_ERR_NO_SPACE and changes nothing', async () => {
+    await withRig({ size: 1000, blockSize: 300 }, async (rig) => {
+      await rig.vol.write(0, Buffer.from('x'))
+      const before = await rig.store.require(IMG)
+      await rejectsWith(rig.vol.write(995, Buffer.alloc(6, 1)), 'UKAI_ERR_NO_SPACE', /passes the end of image 'vm1' \(1000 bytes\)/)
+      await rejectsWith(rig.vol.write(1000, Buffer.alloc(1, 1)), 'UKAI_ERR_NO_SPACE')
+      await rejectsWith(rig.vol.write(2 ** 40, Buffer.alloc(1, 1)), 'UKAI_ERR_NO_SPACE')
+      await rejectsWith(rig.vol.zero(900, 101), 'UKAI_ERR_NO_SPACE')
+      await rejectsWith(rig.vol.trim(0, 1001), 'UKAI_ERR_NO_SPACE')
+      await rejectsWith(rig.vol.write(-1, Buffer.alloc(1)), 'UKAI_ERR_OUT_OF_RANGE')
+      assert.equal(rig.vol.usedSize, 1)
+      const after = await rig.store.require(IMG)
+      assert.equal(after.usedSize, 1)
+      assert.equal(after.generation, before.generation)
+      assert.deepEqual([...(await blockFiles(rig, A)).keys()], ['0000000000000000'])
+      // Up to exactly size is fine, including the last partial block.
+      await rig.vol.write(994, Buffer.from('ending'))
+      assert.equal(rig.vol.usedSize, 1000)
+      assert.equal((await readAll(rig.vol, 990, 20)).buf.subarray(4, 10).toString(), 'ending')
+      assert.equal((await readFile(rig.blocks[B]!.blockPath(IMG, 3))).length, 100)
+    })
+  })
+
+  test('writes past used_size grow it durably; writes inside do not touch the metadata', async () => {
+    await withRig({ size: 10_000, blockSize: 1000, usedSize: 100 }, async (rig) => {
+      await rig.vol.write(2500, Buffer.alloc(500, 7))
+      assert.equal(rig.vol.usedSize, 3000)
+      let stored = await rig.store.require(IMG)
+      assert.equal(stored.usedSize, 3000)
+      const generation = stored.generation
+      await rig.vol.write(0, Buffer.alloc(3000, 8))
+      await rig.vol.write(1500, Buffer.alloc(10, 9))
+      stored = await rig.store.require(IMG)
+      assert.equal(stored.usedSize, 3000)
+      assert.equal(stored.generation, generation, 'a write below used_size wrote the metadata')
+      await rig.vol.write(9999, Buffer.from('z'))
+      assert.equal((await rig.store.require(IMG)).usedSize, 10_000)
+      // A volume opened afresh from the store sees the grown image.
+      const again = new Volume(await rig.store.require(IMG), { store: rig.store, replicas: { replicaFor: (l) => rig.replicas.get(l) }, errors: rig.errors })
+      const { n, buf } = await readAll(again, 9990, 100)
+      assert.equal(n, 10)
+      assert.equal(buf.subarray(9, 10).toString(), 'z')
+    })
+  })
+
+  test('truncate shrinks used_size and zeroes the tail; growth is refused', async () => {
+    await withRig({ size: 5000, blockSize: 1000 }, async (rig) => {
+      const data = bytes(4500, 1)
+      await rig.vol.write(0, data)
+      await rig.vol.truncate(1500)
+      assert.equal(rig.vol.usedSize, 1500)
+      assert.equal((await rig.store.require(IMG)).usedSize, 1500)
+      const r = await readAll(rig.vol, 1000, 1000)
+      assert.equal(r.n, 500)
+      assert.ok(r.buf.subarray(0, 500).equals(data.subarray(1000, 1500)))
+      await rejectsWith(rig.vol.truncate(1501), 'UKAI_ERR_PERMISSION', /may only shrink used_size \(1500\), not grow it to 1501/)
+      await rejectsWith(rig.vol.truncate(-1), 'UKAI_ERR_OUT_OF_RANGE')
+      await rig.vol.truncate(1500)
+      assert.equal(rig.vol.usedSize, 1500)
+      // Growing again by a write: the truncated bytes read as zeros, on every replica.
+      await rig.vol.write(4499, Buffer.from('!'))
+      const all = await readAll(rig.vol, 0, 5000)
+      assert.equal(all.n, 4500)
+      assert.ok(all.buf.subarray(0, 1500).equals(data.subarray(0, 1500)))
+      assert.ok(all.buf.subarray(1500, 4499).equals(Buffer.alloc(2999)), 'truncated bytes came back')
+      const model = Buffer.alloc(5000)
+      data.copy(model, 0, 0, 1500)
+      model[4499] = '!'.charCodeAt(0)
+      await checkReplicas(rig, model)
+      await rig.vol.truncate(0)
+      assert.equal((await rig.store.require(IMG)).usedSize, 0)
+      assert.equal((await readAll(rig.vol, 0, 10)).n, 0)
+    })
+  })
+
+  test('one writer, many readers', async () => {
+    await withRig({ size: 1000, blockSize: 500 }, async (rig) => {
+      const closeWriter = rig.vol.open(true, 'nbd client 1')
+      assert.equal(rig.vol.hasWriter, true)
+      assert.throws(() => rig.vol.open(true, 'fuse'), (err: unknown) => {
+        assert.ok(err instanceof UkaiError)
+        assert.equal(err.code, 'UKAI_ERR_BUSY')
+        assert.match(err.message, /image 'vm1' is already open for writing by nbd client 1/)
+        return true
+      })
+      const readers = Array.from({ length: 10 }, (_, i) => rig.vol.open(false, `reader ${i}`))
+      assert.equal(rig.vol.openCount, 11)
+      closeWriter()
+      closeWriter() // closing twice is harmless
+      assert.equal(rig.vol.hasWriter, false)
+      assert.equal(rig.vol.openCount, 10)
+      const closeSecond = rig.vol.open(true, 'fuse')
+      assert.throws(() => rig.vol.open(true, 'nbd client 1'), (err: unknown) => err instanceof UkaiError && err.code === 'UKAI_ERR_BUSY')
+      closeSecond()
+      for (const close of readers) { close(); close() }
+      assert.equal(rig.vol.openCount, 0)
+    })
+  })
+})
+
+describe('Volume replicas', () => {
+  test('reads prefer the local replica', async () => {
+    for (const [local, remote] of [[A, B], [B, A]] as const) {
+      await withRig({ size: 4000, blockSize: 1000, local: [local] }, async (rig) => {
+        await rig.vol.write(0, bytes(4000, 3))
+        for (let i = 0; i < 10; i++) assert.ok((await readAll(rig.vol, i * 300, 700)).buf.subarray(0, 700).equals(bytes(4000, 3).subarray(i * 300, i * 300 + 700)))
+        assert.ok((rig.vol.stats.readsFrom[local] ?? 0) >= 10)
+        assert.equal(rig.vol.stats.readsFrom[remote], undefined)
+      })
+    }
+  })
+
+  test('with no local replica, a remote in-sync one serves the reads', async () => {
+    await withRig({ size: 2000, blockSize: 1000, local: [] }, async (rig) => {
+      await rig.vol.write(0, Buffer.from('remote data'))
+      assert.equal((await readAll(rig.vol, 0, 11)).buf.subarray(0, 11).toString(), 'remote data')
+      const served = Object.values(rig.vol.stats.readsFrom).reduce((a, b) => a + b, 0)
+      assert.equal(served, 1)
+    })
+  })
+
+  test('a replica whose image directory is gone: reads fall over, and it is durably marked out of sync', async () => {
+    // B is this node's replica (preferred for reads); A is "remote".
+    await withRig({ size: 4000, blockSize: 1000, local: [B] }, async (rig) => {
+      const data = bytes(4000, 5)
+      await rig.vol.write(0, data)
+      await rig.blocks[B]!.closeImage(IMG)
+      await rm(rig.blocks[B]!.imageDir(IMG), { recursive: true })
+
+      // Block 1 is read from B first, fails, and is served by A.
+      const r = await readAll(rig.vol, 1000, 1000)
+      assert.equal(r.n, 1000)
+      assert.ok(r.buf.equals(data.subarray(1000, 2000)))
+      assert.equal(rig.vol.stats.readsFrom[A], 1)
+      assert.equal(rig.vol.stats.readsFrom[B], undefined)
+      assert.deepEqual(rig.errors.list().map((e) => e.location), [B])
+      let stored = await rig.store.require(IMG)
+      assert.deepEqual(stored.replicasOf(1), [{ location: A, inSync: true }, { location: B, inSync: false }])
+
+      // A write to block 3: A takes it, B is durably marked out of sync for it.
+      await rig.vol.write(3100, Buffer.from('new'))
+      stored = await rig.store.require(IMG)
+      assert.deepEqual(stored.replicasOf(3), [{ location: A, inSync: true }, { location: B, inSync: false }])
+      assert.deepEqual(rig.vol.meta.replicasOf(3), stored.replicasOf(3))
+      assert.equal((await readAll(rig.vol, 3100, 3)).buf.subarray(0, 3).toString(), 'new')
+      assert.deepEqual(rig.errors.list().map((e) => e.location), [B])
+      assert.equal(rig.errors.isFailed(B), true)
+    })
+  })
+
+  test('a write that fails on one replica is acknowledged only after that replica is marked out of sync', async () => {
+    await withRig({ size: 4000, blockSize: 1000 }, async (rig) => {
+      await rig.vol.write(0, Buffer.alloc(4000, 1))
+      // Flushed, so that only the block the failed write touches may have lost data on B.
+      await rig.vol.flush()
+      await rig.blocks[B]!.closeImage(IMG)
+      await rm(rig.blocks[B]!.imageDir(IMG), { recursive: true })
+      assert.deepEqual(rig.errors.list(), [])
+
+      await rig.vol.write(1500, Buffer.from('only on A'))
+      const stored = await rig.store.require(IMG)
+      assert.deepEqual(stored.replicasOf(1), [{ location: A, inSync: true }, { location: B, inSync: false }])
+      for (const b of [0, 2, 3]) assert.deepEqual(stored.replicasOf(b).map((x) => x.inSync), [true, true], `block ${b}`)
+      const failed = rig.errors.list()
+      assert.deepEqual(failed.map((e) => e.location), [B])
+      assert.match(failed[0]!.reason, /no data for image 'vm1'/)
+      assert.equal((await readAll(rig.vol, 1500, 9)).buf.subarray(0, 9).toString(), 'only on A')
+
+      // B comes back (empty); the out-of-sync block is not written there, the in-sync ones are.
+      await rig.blocks[B]!.allocate(IMG)
+      rig.errors.succeed(B)
+      await rig.vol.write(1000, Buffer.alloc(2000, 2))
+      assert.deepEqual([...(await blockFiles(rig, B)).keys()], ['0000000000000002'])
+      assert.deepEqual((await rig.store.require(IMG)).replicasOf(1).map((x) => x.inSync), [true, false])
+    })
+  })
+
+  test('an unreachable location is marked out of sync on write', async () => {
+    await withRig({ size: 2000, blockSize: 1000 }, async (rig) => {
+      rig.replicas.delete(A)
+      await rig.vol.write(0, Buffer.from('b only'))
+      const stored = await rig.store.require(IMG)
+      assert.deepEqual(stored.replicasOf(0), [{ location: A, inSync: false }, { location: B, inSync: true }])
+      assert.deepEqual(stored.replicasOf(1).map((x) => x.inSync), [true, true])
+      assert.equal((await readAll(rig.vol, 0, 6)).buf.subarray(0, 6).toString(), 'b only')
+      assert.equal(rig.vol.stats.readsFrom[B], 1)
+    })
+  })
+
+  test('when no replica can serve a block, reads and writes are UKAI_ERR_UNAVAILABLE', async () => {
+    await withRig({ size: 2000, blockSize: 1000 }, async (rig) => {
+      await rig.vol.write(0, Buffer.alloc(2000, 3))
+      for (const loc of [A, B]) {
+        await rig.blocks[loc]!.closeImage(IMG)
+        await rm(rig.blocks[loc]!.imageDir(IMG), { recursive: true })
+      }
+      await rejectsWith(rig.vol.read(0, Buffer.alloc(10)), 'UKAI_ERR_UNAVAILABLE', /image 'vm1' block 0: no in-sync location could be read/)
+      await rejectsWith(rig.vol.read(1500, Buffer.alloc(10)), 'UKAI_ERR_UNAVAILABLE', /block 1/)
+      await rejectsWith(rig.vol.write(0, Buffer.alloc(10)), 'UKAI_ERR_UNAVAILABLE')
+    })
+    await withRig({ size: 2000, blockSize: 1000 }, async (rig) => {
+      await rig.vol.write(0, Buffer.alloc(2000, 3))
+      rig.replicas.clear()
+      await rejectsWith(rig.vol.read(0, Buffer.alloc(10)), 'UKAI_ERR_UNAVAILABLE', /none reachable/)
+    })
+  })
+
+  test('flush reaches every replica that was written', async () => {
+    await withRig({ size: 2000, blockSize: 1000, local: [A] }, async (rig) => {
+      const flushed: string[] = []
+      for (const [loc, r] of [...rig.replicas]) {
+        rig.replicas.set(loc, Object.create(r, {
+          flush: { value: async (image: string) => { flushed.push(loc); await r.flush(image) } }
+        }) as Replica)
+      }
+      await rig.vol.write(0, Buffer.from('x'))
+      await rig.vol.flush()
+      assert.deepEqual(flushed.sort(), [A, B])
+      flushed.length = 0
+      await rig.vol.flush()
+      // Nothing new was written: only this node's files are synced (for writers before this volume).
+      assert.deepEqual(flushed, [A])
+    })
+  })
+
+  test('extents: unwritten blocks are holes, written ranges are data', async () => {
+    await withRig({ size: 5000, blockSize: 1000, usedSize: 5000 }, async (rig) => {
+      await rig.vol.write(10, Buffer.alloc(10, 1))
+      await rig.vol.write(3000, Buffer.alloc(1000, 2))
+      const ext = await rig.vol.extents(0, 5000)
+      // The extents tile the range in order.
+      let pos = 0
+      for (const e of ext) {
+        assert.equal(e.offset, pos)
+        assert.ok(e.length > 0)
+        assert.equal(e.zero, e.hole)
+        pos += e.length
+      }
+      assert.equal(pos, 5000)
+      const at = (x: number): boolean => ext.find((e) => e.offset <= x && x < e.offset + e.length)!.hole
+      for (const x of [10, 19, 3000, 3999]) assert.equal(at(x), false, `byte ${x} is data`)
+      for (const x of [20, 999, 1000, 2999, 4000, 4999]) assert.equal(at(x), true, `byte ${x} is a hole`)
+      // Holes read as zeros.
+      const { buf } = await readAll(rig.vol, 0, 5000)
+      for (const e of ext.filter((x) => x.hole)) assert.ok(buf.subarray(e.offset, e.offset + e.length).equals(Buffer.alloc(e.length)))
+      // Clipped at used_size.
+      await rig.vol.truncate(3500)
+      const clipped = await rig.vol.extents(0, 5000)
+      assert.equal(clipped.reduce((n, e) => n + e.length, 0), 3500)
+    })
+  })
+
+  test('extents without a local replica report everything as data', async () => {
+    await withRig({ size: 3000, blockSize: 1000, usedSize: 3000, local: [] }, async (rig) => {
+      assert.deepEqual(await rig.vol.extents(0, 3000), [{ offset: 0, length: 3000, hole: false, zero: false }])
+    })
+  })
+})

@@ -1,0 +1,220 @@
+/**
+ * Distributed blocks on a real three-node cluster on 127.0.0.1: replicated
+ * writes, failover reads, node failures (kill -9, SIGSTOP), the dirty-block
+ * log and resynchronisation. Node A mounts the image and serves NBD; B and
+ * C hold replicas. Each check follows an invariant of DESIGN.md.
+ */
+import { after, before, describe, test } from 'node:test'
+import assert from 'node:assert/strict'
+import { randomBytes } from 'node:crypto'
+import { spawn } from 'node:child_process'
+import { once } from 'node:events'
+import { open, readFile, writeFile } from 'node:fs/promises'
+import { join, resolve } from 'node:path'
+import { Cluster } from './helpers/cluster.js'
+import { run, type TestNode } from './helpers/node-process.js'
+import { NbdClient } from '../src/peer/nbd-client.js'
+
+const MB = 1_000_000
+const BLOCK = MB
+const SIZE = 12 * MB
+
+/** A deterministic random source, so a failure can be replayed. */
+function prng (seed: number): () => number {
+  let s = seed >>> 0
+  return () => {
+    s = (s + 0x6D2B79F5) >>> 0
+    let t = s
+    t = Math.imul(t ^ (t >>> 15), t | 1)
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61)
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296
+  }
+}
+
+/** Reads [offset, offset + length) of an export through NBD (no page cache in the way). */
+async function nbdRead (node: TestNode, image: string, offset: number, length: number): Promise<Buffer> {
+  const c = await NbdClient.connect({ path: node.nbdSocket! }, image, { timeoutMs: 30_000 })
+  try {
+    const buf = Buffer.alloc(length)
+    await c.read(offset, buf)
+    return buf
+  } finally { await c.close() }
+}
+
+describe('three-node cluster', { timeout: 300_000 }, () => {
+  let cluster: Cluster
+  let A: TestNode, B: TestNode, C: TestNode
+  const model = Buffer.alloc(SIZE)
+  const rnd = prng(3)
+
+  /** Random writes through A's mount, avoiding the blocks in `avoid`, recorded in the model. */
+  async function randomWrites (count: number, avoid: Array<[number, number]> = []): Promise<void> {
+    const fh = await open(join(A.mountpoint!, 'mix'), 'r+')
+    try {
+      for (let i = 0; i < count;) {
+        const len = 1 + Math.floor(rnd() * 1.5 * BLOCK)
+        const off = Math.floor(rnd() * (SIZE - len))
+        if (avoid.some(([s, e]) => off < e * BLOCK && off + len > s * BLOCK)) continue
+        const data = randomBytes(len)
+        const { bytesWritten } = await fh.write(data, 0, len, off)
+        assert.equal(bytesWritten, len)
+        data.copy(model, off)
+        i++
+      }
+      await fh.sync()
+    } finally { await fh.close() }
+  }
+
+  before(async () => {
+    cluster = await Cluster.start({ nodes: 3, mount: [0], nbd: [0], config: { io_timeout: 2, retry_after: 30 } })
+    ;[A, B, C] = cluster.nodes as [TestNode, TestNode, TestNode]
+    // Blocks 0-3 on A and B, 4-7 on all three, 8-9 only on C (remote to A),
+    // 10-11 on B and C (both remote to A).
+    const doc = {
+      format: 1,
+      name: 'mix',
+      size: SIZE,
+      block_size: BLOCK,
+      used_size: SIZE,
+      hypervisors: [A.id],
+      generation: 0,
+      locations: {
+        [A.id]: { blocks: [[0, 8]], out_of_sync: [] },
+        [B.id]: { blocks: [[0, 8], [10, 12]], out_of_sync: [] },
+        [C.id]: { blocks: [[4, 12]], out_of_sync: [] }
+      }
+    }
+    const r = await A.api('POST', '/v1/images/import', doc)
+    assert.equal(r.status, 201, JSON.stringify(r.body))
+    const other = await A.cli('image', 'create', 'other', '-s', '4M', '-b', '1M')
+    assert.equal(other.code, 0, other.stderr)
+  })
+  after(async () => { await cluster?.destroy() })
+
+  test('writes reach every replica; reads come from the local replica first', async () => {
+    await randomWrites(40)
+    assert.deepEqual(await cluster.checkReplicas('mix', model), [])
+    const before = (await A.api<{ readsFrom: Record<string, number> }>('GET', '/v1/images/mix/stats')).body.readsFrom
+    const got = await nbdRead(A, 'mix', 0, 8 * MB)
+    assert.ok(got.equals(model.subarray(0, 8 * MB)))
+    const afterReads = (await A.api<{ readsFrom: Record<string, number> }>('GET', '/v1/images/mix/stats')).body.readsFrom
+    const delta = (id: string): number => (afterReads[id] ?? 0) - (before[id] ?? 0)
+    assert.ok(delta(A.id) >= 8, `reads from A: ${delta(A.id)}`)
+    assert.equal(delta(B.id), 0, 'blocks held locally must not be read from B')
+    assert.equal(delta(C.id), 0, 'blocks held locally must not be read from C')
+    // Blocks 8-11 are not on A: read remotely, still equal.
+    assert.ok((await nbdRead(A, 'mix', 8 * MB, 4 * MB)).equals(model.subarray(8 * MB)))
+  })
+
+  test('kill -9 of a replica node: I/O goes on, its blocks go out of sync, reads of blocks only it held fail with EIO; restart and sync restore identical replicas', async () => {
+    await C.stop('SIGKILL')
+    await randomWrites(40, [[8, 10]])
+    const oos = await cluster.outOfSync('mix')
+    assert.ok(oos[C.id]! > 0, 'the dead node must be marked out of sync')
+    assert.equal(oos[A.id], 0)
+    assert.equal(oos[B.id], 0)
+    assert.deepEqual(await cluster.checkReplicas('mix', model), [], 'in-sync replicas must equal the model')
+    // Everything but C's own blocks reads back equal, through NBD.
+    assert.ok((await nbdRead(A, 'mix', 0, 8 * MB)).equals(model.subarray(0, 8 * MB)))
+    assert.ok((await nbdRead(A, 'mix', 10 * MB, 2 * MB)).equals(model.subarray(10 * MB)))
+    // Block 8 is only on C: EIO to the reader, and the node serves on.
+    const io = await run('qemu-io', ['-f', 'raw', '-c', `read ${8 * MB} 4096`, `nbd+unix:///mix?socket=${A.nbdSocket!}`])
+    assert.match(io.stdout + io.stderr, /Input\/output error/)
+    assert.equal((await run('qemu-io', ['-f', 'raw', '-c', 'write -P 0x11 0 64k', '-c', 'read -P 0x11 0 64k', `nbd+unix:///other?socket=${A.nbdSocket!}`])).code, 0)
+    const errors = await A.cli('nodes', 'errors', '--json')
+    assert.ok(JSON.parse(errors.stdout).some((e: { location: string }) => e.location === C.id), errors.stdout)
+
+    await C.launch()
+    const sync = await A.cli('sync', 'mix')
+    assert.equal(sync.code, 0, sync.stderr)
+    assert.match(sync.stdout, /synced \d+ of \d+ block/)
+    assert.deepEqual(Object.values(await cluster.outOfSync('mix')), [0, 0, 0])
+    assert.deepEqual(await cluster.checkReplicas('mix', model, { includeOutOfSync: true }), [])
+  })
+
+  test('a peer stopped with SIGSTOP: writes resume after the timeout; SIGCONT and sync restore identical replicas', async () => {
+    process.kill(B.pid!, 'SIGSTOP')
+    try {
+      await randomWrites(10, [[8, 12]])
+      assert.ok((await cluster.outOfSync('mix'))[B.id]! > 0)
+    } finally {
+      process.kill(B.pid!, 'SIGCONT')
+    }
+    const sync = await A.cli('sync', 'mix')
+    assert.equal(sync.code, 0, sync.stderr)
+    assert.deepEqual(await cluster.checkReplicas('mix', model, { includeOutOfSync: true }), [])
+  })
+
+  test('sync of a block range copies only that range', async () => {
+    // Place blocks 0-1 on C too: new replicas start out of sync.
+    const add = await A.cli('image', 'add-location', 'mix', C.id, '-s', '0', '-e', '1')
+    assert.equal(add.code, 0, add.stderr)
+    assert.equal((await cluster.outOfSync('mix'))[C.id], 2)
+    const sync = await A.cli('sync', 'mix', '-s', '1', '-e', '1')
+    assert.equal(sync.code, 0, sync.stderr)
+    assert.equal((await cluster.outOfSync('mix'))[C.id], 1)
+    assert.equal((await A.cli('sync', 'mix')).code, 0)
+    assert.deepEqual(await cluster.checkReplicas('mix', model, { includeOutOfSync: true }), [])
+    // Removing the only in-sync copy of a block is refused.
+    const rm = await A.cli('image', 'remove-location', 'mix', C.id, '-s', '8', '-e', '8')
+    assert.equal(rm.code, 6, rm.stderr)
+    assert.match(rm.stderr, /without an in-sync replica/)
+    assert.equal((await A.cli('image', 'remove-location', 'mix', C.id, '-s', '0', '-e', '1')).code, 0)
+  })
+
+  test('kill -9 of the writing node, repeated: in-sync replicas never differ after restart (dirty-block log)', async () => {
+    // Two writers: through the FUSE mount (one write at a time, as the
+    // kernel sends them) and through NBD with 32 writes in flight, so the
+    // kill lands between replicas of some write.
+    const fuseWriter = join(cluster.dir, 'fuse-writer.mjs')
+    await writeFile(fuseWriter, `
+      import { openSync, writeSync } from 'node:fs'
+      import { randomBytes } from 'node:crypto'
+      const fd = openSync(process.argv[2], 'r+')
+      process.stdout.write('writing\\n')
+      for (;;) {
+        const len = 4096 + Math.floor(Math.random() * 600000)
+        const off = Math.floor(Math.random() * (8000000 - len))
+        try { writeSync(fd, randomBytes(len), 0, len, off) } catch { process.exit(0) }
+      }
+    `)
+    const nbdWriter = join(cluster.dir, 'nbd-writer.mjs')
+    await writeFile(nbdWriter, `
+      import { randomBytes } from 'node:crypto'
+      const { NbdClient } = await import(${JSON.stringify(resolve('dist/src/peer/nbd-client.js'))})
+      const c = await NbdClient.connect({ path: process.argv[2] }, 'mix', { timeoutMs: 30000 })
+      process.stdout.write('writing\\n')
+      const one = async () => {
+        for (;;) {
+          const len = 4096 + Math.floor(Math.random() * 300000)
+          const off = Math.floor(Math.random() * (8000000 - len))
+          await c.write(off, randomBytes(len))
+        }
+      }
+      await Promise.all(Array.from({ length: 32 }, one)).catch(() => process.exit(0))
+    `)
+    const dirtyLog = join(cluster.metadataRoot, 'dirty', 'mix.json')
+    for (let round = 0; round < 4; round++) {
+      const child = round % 2 === 0
+        ? spawn(process.execPath, [nbdWriter, A.nbdSocket!], { stdio: ['ignore', 'pipe', 'inherit'] })
+        : spawn(process.execPath, [fuseWriter, join(A.mountpoint!, 'mix')], { stdio: ['ignore', 'pipe', 'inherit'] })
+      // Listen now: the writer may end on its own once A is gone.
+      const closed = once(child, 'close')
+      await once(child.stdout!, 'data')
+      await new Promise((resolve) => setTimeout(resolve, 300 + Math.floor(rnd() * 500)))
+      await A.stop('SIGKILL')
+      child.kill('SIGKILL')
+      await closed
+      // The log names the blocks being written when the writer died.
+      const logged = JSON.parse(await readFile(dirtyLog, 'utf8')).dirty as Array<[number, number]>
+      assert.ok(logged.length > 0, `round ${round}: the dirty-block log is empty after a crash during writes`)
+      await run('fusermount', ['-uz', A.mountpoint!])
+      await A.launch()
+      // Opening the image reconciles the blocks in the dirty-block log.
+      const info = await run('qemu-img', ['info', `nbd+unix:///mix?socket=${A.nbdSocket!}`])
+      assert.equal(info.code, 0, info.stderr)
+      assert.deepEqual(await cluster.checkReplicas('mix'), [], `round ${round}: in-sync replicas differ`)
+      assert.deepEqual(JSON.parse(await readFile(dirtyLog, 'utf8')).dirty, [], 'the log is empty once reconciled')
+    }
+  })
+})
