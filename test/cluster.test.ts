@@ -6,7 +6,7 @@
  */
 import { after, before, describe, test } from 'node:test'
 import assert from 'node:assert/strict'
-import { randomBytes } from 'node:crypto'
+import { createHash, randomBytes } from 'node:crypto'
 import { spawn } from 'node:child_process'
 import { once } from 'node:events'
 import { open, readFile, writeFile } from 'node:fs/promises'
@@ -125,11 +125,19 @@ describe('three-node cluster', { timeout: 300_000 }, () => {
     assert.ok(JSON.parse(errors.stdout).some((e: { location: string }) => e.location === C.id), errors.stdout)
 
     await C.launch()
+    // Writing to a block whose replica on C is out of sync does not bring
+    // that replica back: it stays out of sync until `ukai sync`.
+    const oosBefore = (await cluster.outOfSync('mix'))[C.id]!
+    await randomWrites(5, [[0, 4], [8, 10]])
+    assert.ok((await cluster.outOfSync('mix'))[C.id]! >= oosBefore)
     const sync = await A.cli('sync', 'mix')
     assert.equal(sync.code, 0, sync.stderr)
     assert.match(sync.stdout, /synced \d+ of \d+ block/)
     assert.deepEqual(Object.values(await cluster.outOfSync('mix')), [0, 0, 0])
     assert.deepEqual(await cluster.checkReplicas('mix', model, { includeOutOfSync: true }), [])
+    // The whole image, read through NBD, has the model's SHA-256.
+    const all = await nbdRead(A, 'mix', 0, SIZE)
+    assert.equal(createHash('sha256').update(all).digest('hex'), createHash('sha256').update(model).digest('hex'))
   })
 
   test('a peer stopped with SIGSTOP: writes resume after the timeout; SIGCONT and sync restore identical replicas', async () => {
