@@ -14,22 +14,12 @@ import { join, resolve } from 'node:path'
 import { Cluster } from './helpers/cluster.js'
 import { run, type TestNode } from './helpers/node-process.js'
 import { NbdClient } from '../src/peer/nbd-client.js'
+import { prng } from './helpers/assertions.js'
 
 const MB = 1_000_000
 const BLOCK = MB
 const SIZE = 12 * MB
 
-/** A deterministic random source, so a failure can be replayed. */
-function prng (seed: number): () => number {
-  let s = seed >>> 0
-  return () => {
-    s = (s + 0x6D2B79F5) >>> 0
-    let t = s
-    t = Math.imul(t ^ (t >>> 15), t | 1)
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61)
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296
-  }
-}
 
 /** Reads [offset, offset + length) of an export through NBD (no page cache in the way). */
 async function nbdRead (node: TestNode, image: string, offset: number, length: number): Promise<Buffer> {

@@ -8,20 +8,10 @@ import { createHash, randomBytes } from 'node:crypto'
 import { open, readdir, readFile, stat, statfs, mkdir, rename, symlink, unlink, truncate, writeFile, link } from 'node:fs/promises'
 import { join } from 'node:path'
 import { TestNode, run } from './helpers/node-process.js'
+import { prng } from './helpers/assertions.js'
 
 const sha = (b: Buffer): string => createHash('sha256').update(b).digest('hex')
 
-/** A deterministic random source, so a failure can be replayed. */
-function prng (seed: number): () => number {
-  let s = seed >>> 0
-  return () => {
-    s = (s + 0x6D2B79F5) >>> 0
-    let t = s
-    t = Math.imul(t ^ (t >>> 15), t | 1)
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61)
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296
-  }
-}
 
 describe('FUSE mount', () => {
   let node: TestNode

@@ -15,6 +15,7 @@ import { fileURLToPath, pathToFileURL } from 'node:url'
 import { FileMetadataStore } from '../src/metadata/file-store.js'
 import { ImageMeta } from '../src/metadata/image.js'
 import { tmpDir } from './helpers/tmp.js'
+import { prng } from './helpers/assertions.js'
 
 const PORT = 22222
 const ROUNDS = 20
@@ -43,17 +44,6 @@ for (let i = 0; ; i++) {
 }
 `
 
-/** mulberry32: a small seeded PRNG, so a failing run can be repeated with UKAI_TEST_SEED. */
-function prng (seed: number): () => number {
-  let a = seed >>> 0
-  return () => {
-    a = (a + 0x6D2B79F5) >>> 0
-    let t = a
-    t = Math.imul(t ^ (t >>> 15), t | 1)
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61)
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296
-  }
-}
 
 interface Run { acked: number, signal: NodeJS.Signals | null, code: number | null, stderr: string }
 

@@ -13,6 +13,7 @@ import { encodeStored } from './codec.js'
 import { ImageMeta } from './image.js'
 import { RangeSet } from './range-set.js'
 import type { MetadataStore } from './store.js'
+import { rejectsWith } from '../../test/helpers/assertions.js'
 
 export interface OpenedStore {
   store: MetadataStore
@@ -37,14 +38,6 @@ const content = (meta: ImageMeta | undefined): unknown => {
   return rest
 }
 
-async function rejectsWith (p: Promise<unknown>, code: ErrorCode, message?: RegExp): Promise<void> {
-  await assert.rejects(p, (err: unknown) => {
-    assert.ok(err instanceof UkaiError, `expected a UkaiError, got ${String(err)}`)
-    assert.equal(err.code, code, err.message)
-    if (message !== undefined) assert.match(err.message, message)
-    return true
-  })
-}
 
 /** Resolves when `store.watch` reports `name` (the test's timeout guards a store that never does). */
 function nextChange (store: MetadataStore, name: string): { seen: Promise<void>, stop: () => void } {

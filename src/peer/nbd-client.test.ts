@@ -26,6 +26,7 @@ import {
 } from '../frontends/nbd/protocol.js'
 import { NbdClient, type NbdTarget } from './nbd-client.js'
 import { ReplyParser } from './nbd-reply-parser.js'
+import { prng } from '../../test/helpers/assertions.js'
 
 const MiB = 2 ** 20
 const SIZE = 64 * MiB
@@ -41,17 +42,6 @@ const HAVE_NBDKIT = has('nbdkit')
 // ---------------------------------------------------------------------------
 // Helpers
 
-/** A small seeded PRNG (mulberry32), so a failing run can be repeated from its seed. */
-function prng (seed: number): () => number {
-  let a = seed >>> 0
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0
-    let t = a
-    t = Math.imul(t ^ (t >>> 15), t | 1)
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61)
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296
-  }
-}
 
 const settle = async <T>(p: Promise<T>): Promise<{ ok: true, value: T } | { ok: false, error: unknown }> =>
   await p.then((value) => ({ ok: true as const, value }), (error: unknown) => ({ ok: false as const, error }))

@@ -11,13 +11,14 @@ import { readdir, readFile, rm } from 'node:fs/promises'
 import { join } from 'node:path'
 import fc from 'fast-check'
 import { BlockStore } from '../blockstore/block-store.js'
-import { UkaiError, type ErrorCode } from '../errors.js'
+import { UkaiError } from '../errors.js'
 import { FileMetadataStore } from '../metadata/file-store.js'
 import { ImageMeta } from '../metadata/image.js'
 import { LocalReplica, type Replica } from '../replica/replica.js'
 import { makeTmpDir } from '../../test/helpers/tmp.js'
 import { NodeErrors } from './node-errors.js'
 import { Volume } from './volume.js'
+import { rejectsWith } from '../../test/helpers/assertions.js'
 
 const A = '127.0.0.1:1'
 const B = '127.0.0.1:2'
@@ -87,14 +88,6 @@ async function withRig (opts: RigOptions, fn: (rig: Rig) => Promise<void>): Prom
   try { await fn(rig) } finally { await rig.cleanup() }
 }
 
-async function rejectsWith (p: Promise<unknown>, code: ErrorCode, message?: RegExp): Promise<void> {
-  await assert.rejects(p, (err: unknown) => {
-    assert.ok(err instanceof UkaiError, `expected a UkaiError, got ${String(err)}`)
-    assert.equal(err.code, code, err.message)
-    if (message !== undefined) assert.match(err.message, message)
-    return true
-  })
-}
 
 /** Deterministic bytes from a seed. */
 function bytes (length: number, seed: number): Buffer {
