@@ -9,7 +9,7 @@ import assert from 'node:assert/strict'
 import { createHash, randomBytes } from 'node:crypto'
 import { spawn } from 'node:child_process'
 import { once } from 'node:events'
-import { open, readFile, writeFile } from 'node:fs/promises'
+import { open, readFile, stat, writeFile } from 'node:fs/promises'
 import { join, resolve } from 'node:path'
 import { Cluster } from './helpers/cluster.js'
 import { run, type TestNode } from './helpers/node-process.js'
@@ -94,6 +94,31 @@ describe('three-node cluster', { timeout: 300_000 }, () => {
     assert.equal(delta(C.id), 0, 'blocks held locally must not be read from C')
     // Blocks 8-11 are not on A: read remotely, still equal.
     assert.ok((await nbdRead(A, 'mix', 8 * MB, 4 * MB)).equals(model.subarray(8 * MB)))
+  })
+
+  test('nodes register; create allocates replicas on other nodes and destroy removes them', async () => {
+    const list = await A.cli('nodes', 'list', '--json')
+    assert.equal(list.code, 0, list.stderr)
+    const nodes = JSON.parse(list.stdout) as Array<{ id: string, reachable: boolean, rtt_ms: number, capacity: { available: number } }>
+    assert.deepEqual(nodes.map((n) => n.id).sort(), [A.id, B.id, C.id].sort())
+    assert.ok(nodes.every((n) => n.reachable && n.rtt_ms >= 0 && n.capacity.available > 0), list.stdout)
+    const best = await A.cli('nodes', 'best')
+    assert.ok([A.id, B.id, C.id].includes(best.stdout.trim()), best.stdout)
+
+    const r = await A.cli('image', 'create', 'far', '-s', '4M', '-b', '1M', '-l', B.id, '-l', C.id)
+    assert.equal(r.code, 0, r.stderr)
+    assert.doesNotMatch(r.stderr, /warning/)
+    const exists = async (n: TestNode): Promise<boolean> => await stat(join(n.imageRoot, 'far')).then(() => true, () => false)
+    assert.equal(await exists(A), false)
+    assert.equal(await exists(B), true)
+    assert.equal(await exists(C), true)
+    const w = await run('qemu-io', ['-f', 'raw', '-c', 'write -P 0x33 1000000 100000', '-c', 'read -P 0x33 1000000 100000', `nbd+unix:///far?socket=${A.nbdSocket!}`])
+    assert.equal(w.code, 0, w.stderr)
+    assert.deepEqual(await cluster.checkReplicas('far'), [])
+    const d = await A.cli('image', 'destroy', 'far')
+    assert.equal(d.code, 0, d.stderr)
+    assert.equal(await exists(B), false)
+    assert.equal(await exists(C), false)
   })
 
   test('kill -9 of a replica node: I/O goes on, its blocks go out of sync, reads of blocks only it held fail with EIO; restart and sync restore identical replicas', async () => {

@@ -12,6 +12,7 @@ import { UkaiError, invalidArgument, toUkaiError } from '../errors.js'
 import { BlockStore } from '../blockstore/block-store.js'
 import { ImageService, describe, parseInfoFormat, summarise, type ImageSummary } from '../node/images.js'
 import { openStore } from '../node/node.js'
+import type { NodeStatus } from '../node/directory.js'
 import { formatSize, parseSize } from '../util/size.js'
 import type { SyncProgress } from '../volume/volume.js'
 import { runServer } from './server.js'
@@ -29,6 +30,8 @@ const USAGE = `usage: ukai [--config PATH] COMMAND ...
   image add-hypervisor NAME HYPERVISOR
   image remove-hypervisor NAME HYPERVISOR
   sync IMAGE [-s START] [-e END]                      copy out-of-sync replicas of blocks START..END
+  nodes list [--json]                                registered nodes: reachable, RTT, free space
+  nodes best                                         the node with the most free space
   nodes errors [--json]                              locations in the error state
   version
 
@@ -67,7 +70,8 @@ async function withImages<T> (config: Config, online: (c: ControlClient) => Prom
   }
   const store = await openStore(config)
   try {
-    return await offline(new ImageService(config, store, new BlockStore(config.image_root, config.blockname_format)))
+    const warn = (m: string): void => { process.stderr.write(`ukai: warning: ${m}\n`) }
+    return await offline(new ImageService(config, store, new BlockStore(config.image_root, config.blockname_format), warn))
   } finally {
     await store.close()
   }
@@ -206,6 +210,29 @@ async function imageCommand (args: string[], configPath: string | undefined): Pr
 
 async function nodesCommand (args: string[], configPath: string | undefined): Promise<void> {
   const [sub, ...rest] = args
+  if (sub === 'list' || sub === 'best') {
+    const { values, positionals } = parse(rest, { json: { type: 'boolean' } })
+    expect(positionals, [], `nodes ${sub}`)
+    const config = loadConfig(configPath)
+    const nodes = await withImages(config,
+      async (c) => await c.call<NodeStatus[]>('GET', '/v1/nodes'),
+      async (svc) => await svc.directory.status())
+    if (sub === 'best') {
+      // The original's "best node for a new image": the most free space.
+      const best = nodes.filter((n) => n.reachable && n.capacity !== undefined)
+        .sort((a, b) => b.capacity!.available - a.capacity!.available)[0]
+      if (best === undefined) throw new UkaiError('UKAI_ERR_UNAVAILABLE', 'no registered node answers')
+      if (values.json === true) return printJson(best)
+      return print(best.id)
+    }
+    if (values.json === true) return printJson(nodes)
+    if (nodes.length === 0) return print('no node has registered')
+    print(table([['NODE', 'CONTROL', 'UP', 'RTT', 'AVAILABLE', 'TOTAL', 'OPEN IMAGES'],
+      ...nodes.map((n) => [n.id, n.control, n.reachable ? 'yes' : 'no', n.rtt_ms !== undefined ? `${n.rtt_ms.toFixed(2)} ms` : '-',
+        n.capacity !== undefined ? formatSize(n.capacity.available) : '-', n.capacity !== undefined ? formatSize(n.capacity.total) : '-',
+        (n.open_images ?? []).join(',') || '-'])]))
+    return
+  }
   if (sub !== 'errors') throw invalidArgument(`unknown nodes command ${JSON.stringify(sub ?? '')}\n\n${USAGE}`)
   const { values, positionals } = parse(rest, { json: { type: 'boolean' } })
   expect(positionals, [], 'nodes errors')

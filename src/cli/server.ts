@@ -50,6 +50,8 @@ export async function runServer (config: Config, options: ServerOptions): Promis
 
   try {
     await control.listen(config.control_port, config.control_address)
+    // Other nodes find this node's control API through its registration.
+    await node.images.directory.register()
     if (options.mount !== undefined) {
       fuse = new FuseMount(node, options.mount)
       await fuse.mount({ debug: options.debug })

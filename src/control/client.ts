@@ -8,10 +8,13 @@ import { CODES, UkaiError, type ErrorCode } from '../errors.js'
 export class ControlClient {
   readonly host: string
   readonly port: number
+  /** Milliseconds a call may take (0: no limit). */
+  readonly timeoutMs: number
 
-  constructor (host: string, port: number) {
+  constructor (host: string, port: number, timeoutMs = 0) {
     this.host = host
     this.port = port
+    this.timeoutMs = timeoutMs
   }
 
   async call<T = unknown> (method: string, path: string, body?: unknown): Promise<T> {
@@ -42,6 +45,9 @@ export class ControlClient {
         })
       })
       req.on('error', (err) => reject(err))
+      if (this.timeoutMs > 0) {
+        req.setTimeout(this.timeoutMs, () => req.destroy(new UkaiError('UKAI_ERR_TIMEOUT', `control API at ${this.host}:${this.port} did not answer in ${this.timeoutMs} ms`)))
+      }
       req.end(payload)
     })
   }

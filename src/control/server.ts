@@ -60,6 +60,26 @@ const routes: Route[] = [
       open_images: node.openVolumes().map((v) => v.name)
     })
   },
+  { method: 'GET', pattern: /^\/v1\/ping$/, handler: async (node) => ({ id: node.config.id, time: Date.now() }) },
+  { method: 'GET', pattern: /^\/v1\/nodes$/, handler: async (node) => await node.images.directory.status() },
+  {
+    method: 'POST',
+    pattern: new RegExp(`^/v1/replicas/${IMAGE}$`),
+    status: 201,
+    handler: async (node, [name]) => {
+      await node.images.allocateReplica(name!)
+      return { allocated: name }
+    }
+  },
+  {
+    method: 'DELETE',
+    pattern: new RegExp(`^/v1/replicas/${IMAGE}$`),
+    handler: async (node, [name]) => {
+      if (node.isOpen(name!)) throw new UkaiError('UKAI_ERR_BUSY', `image '${name!}' is open on this node`)
+      await node.images.destroyReplica(name!)
+      return { destroyed: name }
+    }
+  },
   {
     method: 'GET',
     pattern: /^\/v1\/nodes\/errors$/,

@@ -11,7 +11,7 @@ import { UkaiError } from '../errors.js'
 import { decodeStored, encodeStored } from './codec.js'
 import type { ImageMeta } from './image.js'
 import { RangeSet } from './range-set.js'
-import { MetadataStore, type WatchListener } from './store.js'
+import { MetadataStore, type NodeRecord, type WatchListener } from './store.js'
 
 const FILE = /^([A-Za-z0-9][A-Za-z0-9._-]{0,127})\.json$/
 const TEMP = /^\..*\.tmp$/
@@ -65,7 +65,7 @@ export class FileMetadataStore extends MetadataStore {
 
   static async open (root: string, defaultPort: number): Promise<FileMetadataStore> {
     await fsp.mkdir(root, { recursive: true })
-    for (const dir of [root, join(root, 'dirty')]) {
+    for (const dir of [root, join(root, 'dirty'), join(root, 'nodes')]) {
       for (const f of await fsp.readdir(dir).catch(() => [] as string[])) {
         // Temp files of writers that died before their rename.
         if (TEMP.test(f)) await fsp.rm(join(dir, f), { force: true }).catch(() => {})
@@ -147,6 +147,25 @@ export class FileMetadataStore extends MetadataStore {
       throw new UkaiError('UKAI_ERR_INVALID_METADATA', `dirty-block log of image '${name}' is malformed`)
     }
     return new RangeSet(ranges as Array<[number, number]>)
+  }
+
+  /** Node registrations live in `nodes/<id>.json` (':' is fine in a file name). */
+  private get nodesDir (): string { return join(this.root, 'nodes') }
+
+  protected async _putNode (node: NodeRecord): Promise<void> {
+    await fsp.mkdir(this.nodesDir, { recursive: true })
+    await atomicWriteFile(this.nodesDir, `${node.id.replace(/\//g, '_')}.json`, JSON.stringify(node) + '\n')
+  }
+
+  protected async _listNodes (): Promise<NodeRecord[]> {
+    const out: NodeRecord[] = []
+    for (const f of await fsp.readdir(this.nodesDir).catch(() => [] as string[])) {
+      if (!f.endsWith('.json') || f.startsWith('.')) continue
+      try {
+        out.push(JSON.parse(await fsp.readFile(join(this.nodesDir, f), 'utf8')) as NodeRecord)
+      } catch {}
+    }
+    return out
   }
 
   protected async _putDirty (name: string, blocks: RangeSet): Promise<void> {

@@ -12,6 +12,27 @@ import type { RangeSet } from './range-set.js'
 
 export type WatchListener = (name: string) => void
 
+/**
+ * A running node as it registers itself: its id (the address locations
+ * name it by) and where its control API listens, so other nodes can ask it
+ * to allocate or destroy replicas, for its capacity and for an RTT probe.
+ */
+export interface NodeRecord {
+  id: string
+  control_address: string
+  control_port: number
+  /** ISO time of the node's last start. */
+  started: string
+}
+
+function validateNodeRecord (r: NodeRecord): NodeRecord {
+  if (typeof r.id !== 'string' || !/^[A-Za-z0-9.:_[\]-]{1,300}$/.test(r.id) || typeof r.control_address !== 'string' ||
+    !Number.isInteger(r.control_port) || r.control_port < 1 || r.control_port > 65535 || typeof r.started !== 'string') {
+    throw new UkaiError('UKAI_ERR_INVALID_ARGUMENT', `invalid node record ${JSON.stringify(r)}`)
+  }
+  return r
+}
+
 export abstract class MetadataStore {
   abstract readonly kind: string
   protected readonly defaultPort: number
@@ -31,6 +52,9 @@ export abstract class MetadataStore {
   protected abstract _getDirty (name: string): Promise<RangeSet>
   /** Replaces the dirty-block log durably; an empty set may remove it. */
   protected abstract _putDirty (name: string, blocks: RangeSet): Promise<void>
+  /** Stores (replaces) one node's registration. */
+  protected abstract _putNode (node: NodeRecord): Promise<void>
+  protected abstract _listNodes (): Promise<NodeRecord[]>
   abstract close (): Promise<void>
 
   /**
@@ -106,6 +130,20 @@ export abstract class MetadataStore {
 
   async putDirty (name: string, blocks: RangeSet): Promise<void> {
     await this._putDirty(validateImageName(name), blocks)
+  }
+
+  /** Registers (or re-registers) a node. */
+  async putNode (node: NodeRecord): Promise<void> {
+    await this._putNode(validateNodeRecord(node))
+  }
+
+  /** Every registered node, sorted by id; malformed records are skipped. */
+  async listNodes (): Promise<NodeRecord[]> {
+    const out: NodeRecord[] = []
+    for (const r of await this._listNodes()) {
+      try { out.push(validateNodeRecord(r)) } catch {}
+    }
+    return out.sort((a, b) => a.id.localeCompare(b.id))
   }
 
   /** Calls `listener(name)` after any image is created, changed or deleted, by any process. */

@@ -10,6 +10,7 @@ import { exportPerBlock, importAny, encodeStored, type ExportFormat } from '../m
 import { ImageMeta, validateImage } from '../metadata/image.js'
 import { validateImageName, validateLocation } from '../metadata/names.js'
 import type { MetadataStore } from '../metadata/store.js'
+import { NodeDirectory } from './directory.js'
 
 export interface CreateImageRequest {
   name: string
@@ -58,11 +59,16 @@ export class ImageService {
   readonly config: Config
   readonly store: MetadataStore
   readonly blocks: BlockStore
+  readonly directory: NodeDirectory
+  /** Where problems that do not fail the operation are reported. */
+  private readonly warn: (message: string) => void
 
-  constructor (config: Config, store: MetadataStore, blocks: BlockStore) {
+  constructor (config: Config, store: MetadataStore, blocks: BlockStore, warn: (message: string) => void = () => {}) {
     this.config = config
     this.store = store
     this.blocks = blocks
+    this.directory = new NodeDirectory(config, store)
+    this.warn = warn
   }
 
   /** Validates a create request from any source (CLI, API body). */
@@ -120,10 +126,36 @@ export class ImageService {
     return stored
   }
 
+  /** Allocates the image's replicas: here directly, on other nodes over their control API. */
   private async allocateLocal (meta: ImageMeta): Promise<void> {
     for (const loc of meta.locations.keys()) {
       if (isLocalLocation(this.config, loc)) await this.blocks.allocate(meta.name)
+      else {
+        const warning = await this.directory.replicaCall(loc, 'POST', meta.name)
+        if (warning !== undefined) this.warn(warning)
+      }
     }
+  }
+
+  /**
+   * Allocates this node's replica of an image whose metadata places one
+   * here (a call from the node that created or extended the image).
+   */
+  async allocateReplica (name: string): Promise<void> {
+    const meta = await this.store.require(validateImageName(name))
+    if (![...meta.locations.keys()].some((l) => isLocalLocation(this.config, l))) {
+      throw new UkaiError('UKAI_ERR_INVALID_ARGUMENT', `image '${name}' places no block on this node (${this.config.id})`)
+    }
+    await this.blocks.allocate(name)
+  }
+
+  /** Removes this node's block files of an image that no longer places blocks here. */
+  async destroyReplica (name: string): Promise<void> {
+    const meta = await this.store.get(validateImageName(name))
+    if (meta !== undefined && [...meta.locations.keys()].some((l) => isLocalLocation(this.config, l))) {
+      throw new UkaiError('UKAI_ERR_BUSY', `image '${name}' still places blocks on this node; remove the location or destroy the image first`)
+    }
+    await this.blocks.destroy(name)
   }
 
   /**
@@ -139,6 +171,10 @@ export class ImageService {
       return meta
     })
     if (isLocalLocation(this.config, loc)) await this.blocks.allocate(name)
+    else {
+      const warning = await this.directory.replicaCall(loc, 'POST', name)
+      if (warning !== undefined) this.warn(warning)
+    }
     return updated
   }
 
@@ -201,6 +237,11 @@ export class ImageService {
     await this.store.delete(name)
     const local = [...meta.locations.keys()].some((l) => isLocalLocation(this.config, l))
     if (local || await this.blocks.has(name)) await this.blocks.destroy(name)
+    for (const loc of meta.locations.keys()) {
+      if (isLocalLocation(this.config, loc)) continue
+      const warning = await this.directory.replicaCall(loc, 'DELETE', name)
+      if (warning !== undefined) this.warn(warning)
+    }
   }
 }
 

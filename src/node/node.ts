@@ -46,7 +46,7 @@ export class UkaiNode extends EventEmitter implements ReplicaProvider {
     this.store = store
     this.blocks = new BlockStore(config.image_root, config.blockname_format)
     this.errors = new NodeErrors(config.retry_after)
-    this.images = new ImageService(config, store, this.blocks)
+    this.images = new ImageService(config, store, this.blocks, (m) => this.emit('warning', m))
     this.local = new LocalReplica(config.id, this.blocks)
   }
 
