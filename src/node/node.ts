@@ -166,7 +166,7 @@ export class UkaiNode extends EventEmitter implements ReplicaProvider {
     this.volumes.delete(volume.name)
     await volume.flush().catch(() => {})
     // Everything is flushed and nothing is in flight: the log can go.
-    await volume.trimDirtyLog(0).catch(() => {})
+    await volume.trimDirtyLog().catch(() => {})
     await this.blocks.closeImage(volume.name).catch(() => {})
   }
 
@@ -227,7 +227,7 @@ export class UkaiNode extends EventEmitter implements ReplicaProvider {
     this.unwatch?.()
     for (const { volume } of this.volumes.values()) {
       await volume.flush().catch(() => {})
-      await volume.trimDirtyLog(0).catch(() => {})
+      await volume.trimDirtyLog().catch(() => {})
     }
     this.volumes.clear()
     for (const r of this.remotes.values()) if (r instanceof RemoteReplica) await r.close()

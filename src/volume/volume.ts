@@ -21,6 +21,7 @@ import { RangeSet } from '../metadata/range-set.js'
 import type { DiscardMode, Replica, ReplicaProvider } from '../replica/replica.js'
 import { splitRange, type Piece } from './block-math.js'
 import type { NodeErrors } from './node-errors.js'
+import { DirtyLog } from './dirty-log.js'
 import { RangeLock } from './range-lock.js'
 
 export interface Extent {
@@ -62,22 +63,14 @@ export class Volume {
   private readonly unflushed = new Map<string, RangeSet>()
   /** Flushes in progress (see flush). */
   private readonly flushing = new Set<Promise<void>>()
-  /** The dirty-block log as it is stored (durable). */
-  private dirty = new RangeSet()
-  /** Changes of the dirty-block log run one at a time, in order. */
-  private dirtyQueue: Promise<void> = Promise.resolve()
-  /** Writes in flight per block: those blocks stay in the dirty log. */
-  private readonly inflight = new Map<number, number>()
-  /** Flush epoch: grows when a flush starts. */
-  private epoch = 0
-  /** Epoch in which each logged block was last written. */
-  private readonly lastWrite = new Map<number, number>()
+  private readonly dirty: DirtyLog
   readonly stats: IoStats
 
   constructor (meta: ImageMeta, ctx: VolumeContext) {
     this.name = meta.name
     this.current = meta
     this.ctx = ctx
+    this.dirty = new DirtyLog(ctx.store, meta.name)
     this.stats = ctx.stats ?? newIoStats()
   }
 
@@ -277,30 +270,13 @@ export class Volume {
   }
 
   /**
-   * Runs a write-like operation with its blocks in the dirty-block log.
-   * A block with two or more in-sync locations is logged (durably) before
-   * the first write reaches it, and stays logged while writes are in
-   * flight; a block with one in-sync location cannot diverge and is not.
+   * Runs a write-like operation with its blocks in the dirty-block log. A
+   * block with one in-sync location cannot diverge and is not logged, so
+   * single-replica images pay nothing.
    */
   private async tracked<T> (pieces: Piece[], fn: () => Promise<T>): Promise<T> {
     const blocks = pieces.map((p) => p.block).filter((b) => this.inSyncCount(b) > 1)
-    for (const b of blocks) {
-      this.inflight.set(b, (this.inflight.get(b) ?? 0) + 1)
-      this.lastWrite.set(b, this.epoch)
-    }
-    try {
-      const missing = blocks.filter((b) => !this.dirty.has(b))
-      if (missing.length > 0) {
-        await this.changeDirty((d) => { for (const b of missing) d.add(b, b + 1); return d })
-      }
-      return await fn()
-    } finally {
-      for (const b of blocks) {
-        const n = this.inflight.get(b)! - 1
-        if (n === 0) this.inflight.delete(b)
-        else this.inflight.set(b, n)
-      }
-    }
+    return blocks.length === 0 ? await fn() : await this.dirty.around(blocks, fn)
   }
 
   private inSyncCount (block: number): number {
@@ -309,35 +285,9 @@ export class Volume {
     return n
   }
 
-  /** Applies `change` to the dirty-block log and stores it, one change at a time. */
-  private async changeDirty (change: (d: RangeSet) => RangeSet): Promise<void> {
-    const run = this.dirtyQueue.then(async () => {
-      const next = change(this.dirty.clone())
-      if (next.equals(this.dirty)) return
-      await this.ctx.store.putDirty(this.name, next)
-      this.dirty = next
-    })
-    this.dirtyQueue = run.catch(() => {})
-    await run
-  }
-
-  /**
-   * Drops from the dirty-block log the blocks a completed flush made
-   * durable on every replica: those last written before the flush began
-   * (epoch < `flushedBefore`) that had no write in flight when it began
-   * (`pinned`) and have none now. Called after a flush once the log holds
-   * more than `keep` blocks, and with keep 0 when the last writer closes.
-   */
-  async trimDirtyLog (keep = 0, flushedBefore = this.epoch + 1, pinned: ReadonlySet<number> = new Set()): Promise<void> {
-    if (this.dirty.size <= keep) return
-    await this.changeDirty((d) => {
-      const next = new RangeSet()
-      for (const b of d.values()) {
-        if (this.inflight.has(b) || pinned.has(b) || (this.lastWrite.get(b) ?? -1) >= flushedBefore) next.add(b, b + 1)
-        else this.lastWrite.delete(b)
-      }
-      return next
-    })
+  /** Empties the dirty-block log; for the last close, after a flush. */
+  async trimDirtyLog (): Promise<void> {
+    await this.dirty.trim(0)
   }
 
   /**
@@ -347,10 +297,8 @@ export class Volume {
    * Afterwards no two in-sync replicas of those blocks differ.
    */
   async reconcile (): Promise<number> {
-    const logged = await this.ctx.store.getDirty(this.name)
+    const logged = await this.dirty.load()
     if (logged.isEmpty) return 0
-    // What is stored is the log now; it is emptied below, once reconciled.
-    this.dirty = logged
     let copied = 0
     for (const block of logged.values()) {
       if (block >= this.current.blockCount) continue
@@ -366,7 +314,7 @@ export class Volume {
         copied++
       })
     }
-    await this.changeDirty(() => new RangeSet())
+    await this.dirty.clear()
     return copied
   }
 
@@ -499,8 +447,7 @@ export class Volume {
   private async flushOnce (): Promise<void> {
     // Writes that start from here on, or were in flight now, may not be
     // covered by this flush: their blocks stay in the dirty-block log.
-    const started = ++this.epoch
-    const pinned = new Set(this.inflight.keys())
+    const mark = this.dirty.markFlush()
     const pending = [...this.unflushed]
     this.unflushed.clear()
     const failures: Failure[] = []
@@ -520,7 +467,7 @@ export class Volume {
     await this.recordFailures(failures)
     // The dirty-block log is an activity log: hot blocks stay in it, so a
     // steady writer does not pay a metadata write per flush.
-    await this.trimDirtyLog(DIRTY_KEEP, started, pinned)
+    await this.dirty.trim(DIRTY_KEEP, mark)
   }
 
   private localReplica (): Replica | undefined {

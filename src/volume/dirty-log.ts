@@ -1,0 +1,108 @@
+/**
+ * The dirty-block log of one open image (DRBD's activity log is the
+ * model). A block with two or more in-sync replicas is added, durably,
+ * before the first write reaches it, and stays while writes to it are in
+ * flight or not yet covered by a completed flush. Whoever opens the image
+ * next reconciles the logged blocks (Volume.reconcile), so a writer that
+ * died between replicas never leaves two in-sync replicas that differ
+ * (DESIGN.md invariant 4).
+ */
+import type { MetadataStore } from '../metadata/store.js'
+import { RangeSet } from '../metadata/range-set.js'
+
+/** What a flush must remember from its start to trim the log after it. */
+export interface FlushMark {
+  /** Blocks last written in this epoch or later were not covered. */
+  epoch: number
+  /** Blocks with a write in flight when the flush began. */
+  pinned: ReadonlySet<number>
+}
+
+export class DirtyLog {
+  private readonly store: MetadataStore
+  private readonly image: string
+  /** The log as it is stored (durable). */
+  private stored = new RangeSet()
+  /** Changes run one at a time, in order. */
+  private queue: Promise<void> = Promise.resolve()
+  /** Writes in flight per block. */
+  private readonly inflight = new Map<number, number>()
+  /** Grows when a flush starts. */
+  private epoch = 0
+  /** Epoch in which each logged block was last written. */
+  private readonly lastWrite = new Map<number, number>()
+
+  constructor (store: MetadataStore, image: string) {
+    this.store = store
+    this.image = image
+  }
+
+  get size (): number { return this.stored.size }
+
+  /** Runs `fn` (a write to `blocks`) with those blocks durably logged first. */
+  async around<T> (blocks: number[], fn: () => Promise<T>): Promise<T> {
+    for (const b of blocks) {
+      this.inflight.set(b, (this.inflight.get(b) ?? 0) + 1)
+      this.lastWrite.set(b, this.epoch)
+    }
+    try {
+      const missing = blocks.filter((b) => !this.stored.has(b))
+      if (missing.length > 0) await this.change((d) => { for (const b of missing) d.add(b, b + 1); return d })
+      return await fn()
+    } finally {
+      for (const b of blocks) {
+        const n = this.inflight.get(b)! - 1
+        if (n === 0) this.inflight.delete(b)
+        else this.inflight.set(b, n)
+      }
+    }
+  }
+
+  /** Called when a flush starts: what it will cover. */
+  markFlush (): FlushMark {
+    return { epoch: ++this.epoch, pinned: new Set(this.inflight.keys()) }
+  }
+
+  /**
+   * Drops the blocks a completed flush made durable on every replica:
+   * those last written before it began, with no write in flight then or
+   * now. Only once the log holds more than `keep` blocks, so a steady
+   * writer does not pay a metadata write per flush. Without a mark (the
+   * last writer closed, everything flushed), every block not in flight.
+   */
+  async trim (keep: number, mark?: FlushMark): Promise<void> {
+    if (this.stored.size <= keep) return
+    const before = mark?.epoch ?? this.epoch + 1
+    const pinned = mark?.pinned ?? new Set<number>()
+    await this.change((d) => {
+      const next = new RangeSet()
+      for (const b of d.values()) {
+        if (this.inflight.has(b) || pinned.has(b) || (this.lastWrite.get(b) ?? -1) >= before) next.add(b, b + 1)
+        else this.lastWrite.delete(b)
+      }
+      return next
+    })
+  }
+
+  /** The stored log, read back (when the image is opened). */
+  async load (): Promise<RangeSet> {
+    this.stored = await this.store.getDirty(this.image)
+    return this.stored.clone()
+  }
+
+  async clear (): Promise<void> {
+    await this.change(() => new RangeSet())
+  }
+
+  /** Applies `fn` to the log and stores the result, one change at a time. */
+  private async change (fn: (d: RangeSet) => RangeSet): Promise<void> {
+    const run = this.queue.then(async () => {
+      const next = fn(this.stored.clone())
+      if (next.equals(this.stored)) return
+      await this.store.putDirty(this.image, next)
+      this.stored = next
+    })
+    this.queue = run.catch(() => {})
+    await run
+  }
+}
