@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Installs everything UKAI needs on a fresh Debian machine with Node.js 20:
-# the Debian packages (FUSE, QEMU's and libnbd's clients), the npm packages
-# from the lockfile, and the compiled TypeScript. Safe to run again: each
-# step is skipped when what it makes is already there and up to date.
+# the Debian packages (FUSE, etcd, QEMU's and libnbd's clients, and for
+# the tests a QEMU system emulator with a kernel and busybox for a small
+# guest), the npm packages from the lockfile, and the compiled TypeScript.
+# Safe to run again: each step is skipped when what it makes is already
+# there and up to date.
 #
 #   scripts/setup.sh           what the node and the tests need
 #   scripts/setup.sh --bench   also the benchmark's peers (fio, bindfs, nbdkit)
@@ -29,6 +31,12 @@ declare -A provides=(
   [nbdinfo]=libnbd-bin
   [nbdcopy]=libnbd-bin
   [fio]=fio
+  [etcd]=etcd-server
+  [etcdctl]=etcd-client
+  # A small guest VM for the live-migration tests.
+  [qemu-system-x86_64]=qemu-system-x86
+  [/bin/busybox]=busybox-static
+  ['/boot/vmlinuz-*']=linux-image-amd64
 )
 if [ "$want_bench" = 1 ]; then
   provides[bindfs]=bindfs
@@ -40,6 +48,7 @@ missing=()
 for what in "${!provides[@]}"; do
   if [ "$force" = 1 ]; then missing+=("${provides[$what]}"); continue; fi
   case "$what" in
+    *'*'*) compgen -G "$what" >/dev/null || missing+=("${provides[$what]}") ;;
     /*) [ -e "$what" ] || missing+=("${provides[$what]}") ;;
     *) command -v "$what" >/dev/null 2>&1 || missing+=("${provides[$what]}") ;;
   esac
@@ -50,7 +59,8 @@ if [ "${#missing[@]}" -gt 0 ]; then
   [ "$(id -u)" = 0 ] || sudo_cmd=(sudo)
   echo "setup: installing Debian packages: ${pkgs[*]}"
   "${sudo_cmd[@]}" apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq "${pkgs[@]}" >/dev/null
+  # Recommends would pull a desktop's worth of packages in with QEMU.
+  DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends "${pkgs[@]}" >/dev/null
 fi
 
 # npm packages, exactly as the lockfile says; redone when the lockfile changes.

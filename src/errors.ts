@@ -48,6 +48,12 @@ export const CODES = {
   UKAI_ERR_TIMEOUT: { errno: E.ETIMEDOUT, nbd: NBD_EIO, http: 504, exit: 9 },
   UKAI_ERR_SHUTDOWN: { errno: 108 /* ESHUTDOWN */, nbd: NBD_ESHUTDOWN, http: 503, exit: 9 },
   UKAI_ERR_CONNECT: { errno: E.ECONNREFUSED, nbd: NBD_EIO, http: 502, exit: 10 },
+  /** Another live process runs with this node's id. */
+  UKAI_ERR_NODE_ID_IN_USE: { errno: E.EADDRINUSE, nbd: NBD_EIO, http: 409, exit: 11 },
+  /** The metadata store (etcd) could not be reached. */
+  UKAI_ERR_METADATA_UNAVAILABLE: { errno: E.EIO, nbd: NBD_EIO, http: 503, exit: 12 },
+  /** This writer was fenced: another node took over the image's writer lease. */
+  UKAI_ERR_FENCED: { errno: E.EROFS, nbd: NBD_EPERM, http: 409, exit: 13 },
   UKAI_ERR_INTERNAL: { errno: E.EIO, nbd: NBD_EIO, http: 500, exit: 1 }
 } as const satisfies Record<string, ErrorMapping>
 

@@ -1,10 +1,11 @@
 /**
- * Crash safety of the file metadata store: a child process updates one
- * image as fast as it can and is killed with SIGKILL at random moments.
- * After every kill the image must still read back valid (old or new,
- * never torn), no acknowledged update may be lost, and the only files
- * left are the image's own, temp files, which the next open removes, and
- * the killed writer's lock file, which the next update takes over.
+ * Crash safety of the embedded metadata store: a child process updates
+ * one image as fast as it can and is killed with SIGKILL at random
+ * moments. After every kill the image must still read back valid (old or
+ * new, never torn), no acknowledged update may be lost, and the only
+ * files left are the image's shard and temp files of the killed writer,
+ * which the next open removes. A killed writer leaves no lock behind (the
+ * lock is a socket the kernel closes).
  */
 import { test } from 'node:test'
 import assert from 'node:assert/strict'
@@ -12,35 +13,39 @@ import { spawn } from 'node:child_process'
 import { readdir, writeFile } from 'node:fs/promises'
 import { join } from 'node:path'
 import { fileURLToPath, pathToFileURL } from 'node:url'
-import { FileMetadataStore } from '../src/metadata/file-store.js'
+import { FileCore } from '../src/metadata/file-core.js'
 import { ImageMeta } from '../src/metadata/image.js'
+import { MetadataStore } from '../src/metadata/store.js'
 import { tmpDir } from './helpers/tmp.js'
 import { prng } from './helpers/assertions.js'
 
 const PORT = 22222
 const ROUNDS = 20
 const NAME = 'crash'
-// dist/test/ -> dist/src/metadata/file-store.js, the compiled module under test.
-const FILE_STORE = fileURLToPath(new URL('../src/metadata/file-store.js', import.meta.url))
+// dist/test/ -> dist/src/metadata/, the compiled modules under test.
+const MODULE = (f: string): string => JSON.stringify(pathToFileURL(fileURLToPath(new URL(`../src/metadata/${f}`, import.meta.url))).href)
+const SHARD = `${encodeURIComponent(`images/${NAME}`)}.json`
 const TEMP = /^\..*\.tmp$/
-const LOCK = `.${NAME}.lock`
 
 // The child: update the image in a tight loop, printing each acknowledged
-// generation. Each update changes the file's length (hypervisors, out-of-sync
-// ranges), so a torn or truncated write could not parse.
+// count (kept in used_size). Each update changes the file's length
+// (hypervisors, out-of-sync ranges), so a torn or truncated write could
+// not parse.
 const CHILD = `
-import { FileMetadataStore } from ${JSON.stringify(pathToFileURL(FILE_STORE).href)}
+import { FileCore } from ${MODULE('file-core.js')}
+import { MetadataStore } from ${MODULE('store.js')}
 const [root, name] = process.argv.slice(2)
-const store = await FileMetadataStore.open(root, ${PORT})
-for (let i = 0; ; i++) {
-  const meta = await store.update(name, (m) => {
+const store = new MetadataStore(await FileCore.open(root), ${PORT})
+const start = (await store.require(name)).usedSize
+for (let i = start + 1; ; i++) {
+  await store.update(name, (m) => {
     const b = (i * 7919) % m.blockCount
     m.setSync('10.0.0.2', b, b + 1, i % 3 === 0)
     m.hypervisors = Array.from({ length: i % 17 }, (_, k) => '10.9.0.' + k)
-    m.usedSize = (i * 4096) % m.size
+    m.usedSize = i
     return m
   })
-  process.stdout.write(meta.generation + '\\n')
+  process.stdout.write(i + '\\n')
 }
 `
 
@@ -85,46 +90,43 @@ test('SIGKILL at random moments never loses or tears the image metadata', { time
   const script = join(dir, 'child.mjs')
   await writeFile(script, CHILD)
 
-  const setup = await FileMetadataStore.open(root, PORT)
+  const setup = new MetadataStore(await FileCore.open(root), PORT)
   const meta = new ImageMeta({ name: NAME, size: 2 ** 30, blockSize: 2 ** 16, usedSize: 0 })
   meta.addLocation('10.0.0.1', 0, meta.blockCount, true)
   meta.addLocation('10.0.0.2', 0, meta.blockCount, true)
   await setup.create(meta)
   await setup.close()
 
-  let generation = 1
+  const shards = join(root, 'shards')
+  let count = 0
   let withTemp = 0
   for (let round = 0; round < ROUNDS; round++) {
     const run = await runAndKill(script, root, 1 + Math.floor(random() * 40), Math.floor(random() * 20))
     assert.equal(run.signal, 'SIGKILL', `child ended by itself (code ${run.code}): ${run.stderr}`)
     assert.ok(run.acked > 0, `round ${round}: the child acknowledged no update`)
 
-    // Only the image file, temp files and the lock of the killed writer may be there.
-    const files = await readdir(root)
-    assert.ok(files.includes(`${NAME}.json`), `round ${round}: ${NAME}.json is gone (${files.join(', ')})`)
-    for (const f of files) {
-      assert.ok(f === `${NAME}.json` || f === LOCK || TEMP.test(f), `round ${round}: unexpected file ${f}`)
-    }
+    // Only the image's shard and temp files of the killed writer may be there.
+    const files = await readdir(shards)
+    assert.ok(files.includes(SHARD), `round ${round}: ${SHARD} is gone (${files.join(', ')})`)
+    for (const f of files) assert.ok(f === SHARD || TEMP.test(f), `round ${round}: unexpected file ${f}`)
     if (files.some((f) => TEMP.test(f))) withTemp++
 
-    const store = await FileMetadataStore.open(root, PORT)
+    const store = new MetadataStore(await FileCore.open(root), PORT)
     try {
-      const left = (await readdir(root)).filter((f) => f !== LOCK)
-      assert.deepEqual(left, [`${NAME}.json`], `round ${round}: open did not remove temp files`)
+      assert.deepEqual(await readdir(shards), [SHARD], `round ${round}: open did not remove the dead writer's temp files`)
       const got = await store.get(NAME)
       assert.ok(got !== undefined, `round ${round}: image missing`)
       assert.equal(got.name, NAME)
-      assert.ok(got.generation >= run.acked, `round ${round}: generation ${got.generation} < acknowledged ${run.acked}`)
-      assert.ok(got.generation >= generation, `round ${round}: generation went back from ${generation} to ${got.generation}`)
-      generation = got.generation
+      assert.ok(got.usedSize >= run.acked, `round ${round}: count ${got.usedSize} < acknowledged ${run.acked}`)
+      assert.ok(got.usedSize >= count, `round ${round}: count went back from ${count} to ${got.usedSize}`)
+      count = got.usedSize
       assert.deepEqual(await store.list(), [NAME])
-      // A lock left by the dead writer does not block the next one.
-      generation = (await store.update(NAME, (m) => m)).generation
-      assert.equal(generation, got.generation + 1)
-      assert.deepEqual(await readdir(root), [`${NAME}.json`], `round ${round}: files left after an update`)
+      // Nothing of the dead writer blocks the next one.
+      count = (await store.update(NAME, (m) => { m.usedSize++; return m })).usedSize
+      assert.deepEqual(await readdir(shards), [SHARD], `round ${round}: files left after an update`)
     } finally {
       await store.close()
     }
   }
-  t.diagnostic(`final generation ${generation}; ${withTemp} of ${ROUNDS} kills left a temp file`)
+  t.diagnostic(`final count ${count}; ${withTemp} of ${ROUNDS} kills left a temp file`)
 })

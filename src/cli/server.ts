@@ -2,9 +2,16 @@
  * `ukai server`: one process per node holding the metadata store, the
  * block store, the control API, and optionally the FUSE mount and NBD
  * exports, so hypervisor I/O never pays an extra local hop.
+ *
+ * Start-up touches nothing shared until it knows it may run: the ports
+ * are checked first (in use: exit 5), then the node registers its id
+ * (a live node with the same id: exit 11), and only then are images
+ * loaded and served.
  */
+import { createServer } from 'node:net'
 import type { Config } from '../config/config.js'
 import { ControlServer } from '../control/server.js'
+import { UkaiError } from '../errors.js'
 import { FuseMount } from '../frontends/fuse/mount.js'
 import { NbdServer } from '../frontends/nbd/server.js'
 import { ReplicaExports } from '../peer/replica-exports.js'
@@ -20,8 +27,25 @@ interface Closable { close: () => Promise<void> }
 
 const log = (s: string): void => { process.stderr.write(`ukai: ${s}\n`) }
 
+const bracketed = (host: string): string => host.includes(':') ? `[${host.replace(/^\[|\]$/g, '')}]` : host
+
+/** Fails with UKAI_ERR_BUSY (exit 5) when something listens on the control or proxy port already. */
+async function checkPorts (config: Config): Promise<void> {
+  for (const [key, host, port] of [['control_port', config.control_address, config.control_port], ['proxy_port', config.proxy_address, config.proxy_port]] as const) {
+    const s = createServer()
+    await new Promise<void>((resolve, reject) => {
+      s.once('error', (err: NodeJS.ErrnoException) => {
+        reject(new UkaiError(err.code === 'EADDRINUSE' ? 'UKAI_ERR_BUSY' : 'UKAI_ERR_INVALID_CONFIG',
+          `cannot listen on ${bracketed(host)}:${port} (${key}): ${err.code === 'EADDRINUSE' ? 'another process listens there' : err.message}`, { key }))
+      })
+      s.listen(port, host.replace(/^\[|\]$/g, ''), () => s.close(() => resolve()))
+    })
+  }
+}
+
 export async function runServer (config: Config, options: ServerOptions): Promise<number> {
-  const node = await UkaiNode.start(config)
+  await checkPorts(config)
+  const node = await UkaiNode.start(config, log)
   node.on('warning', (msg: string) => log(`warning: ${msg}`))
   const control = new ControlServer(node)
   const nbdServers: Closable[] = []
@@ -50,8 +74,6 @@ export async function runServer (config: Config, options: ServerOptions): Promis
 
   try {
     await control.listen(config.control_port, config.control_address)
-    // Other nodes find this node's control API through its registration.
-    await node.images.directory.register()
     if (options.mount !== undefined) {
       fuse = new FuseMount(node, options.mount)
       await fuse.mount({ debug: options.debug })
@@ -59,8 +81,7 @@ export async function runServer (config: Config, options: ServerOptions): Promis
     // The peer protocol: this node's replicas for the other nodes.
     const peer = new NbdServer(node, { exports: new ReplicaExports(node) })
     nbdServers.push(peer)
-    const proxyHost = config.proxy_address.includes(':') ? `[${config.proxy_address.replace(/^\[|\]$/g, '')}]` : config.proxy_address
-    await peer.listen(`${proxyHost}:${config.proxy_port}`)
+    await peer.listen(`${bracketed(config.proxy_address)}:${config.proxy_port}`)
     for (const spec of options.nbd) {
       const s = new NbdServer(node)
       nbdServers.push(s)
@@ -70,7 +91,7 @@ export async function runServer (config: Config, options: ServerOptions): Promis
     await stop().catch(() => {})
     throw err
   }
-  const parts = [`node ${config.id}`, `control ${config.control_address}:${config.control_port}`, `peers ${config.proxy_address}:${config.proxy_port}`]
+  const parts = [`node ${config.id}`, `metadata ${node.store.description}`, `control ${config.control_address}:${config.control_port}`, `peers ${config.proxy_address}:${config.proxy_port}`]
   if (fuse !== undefined) parts.push(`mount ${fuse.mountpoint}`)
   for (const spec of options.nbd) parts.push(`nbd ${spec}`)
   parts.push(`${node.imageNames().length} image(s)`)

@@ -92,6 +92,18 @@ describe('parseConfig defaults', () => {
     assert.equal(parseConfig({ default_block_size: 4096 }, '/').default_block_size, 4096)
   })
 
+  test('metadata_servers selects etcd', () => {
+    const c = parseConfig({ metadata_servers: ['http://10.0.0.1:2379', 'https://[fd00::1]:2379/'], metadata_prefix: 'site-a', lease_ttl: 5 }, '/')
+    assert.equal(c.metadata_backend, 'etcd')
+    assert.deepEqual(c.metadata_servers, ['http://10.0.0.1:2379', 'https://[fd00::1]:2379'])
+    assert.equal(c.metadata_prefix, 'site-a')
+    assert.equal(c.lease_ttl, 5)
+    assert.equal(parseConfig({ metadata_servers: ['http://h:2379'], metadata_backend: 'etcd' }, '/').metadata_backend, 'etcd')
+    rejects(() => parseConfig({ metadata_servers: ['http://h:2379'], metadata_backend: 'file' }, '/'), /is "file" but metadata_servers names etcd servers/, 'metadata_backend')
+    const d = parseConfig({}, '/')
+    assert.deepEqual([d.metadata_backend, d.metadata_servers, d.metadata_prefix, d.lease_ttl], ['file', [], 'ukai', 10])
+  })
+
   test('data_root is an alias of image_root', () => {
     const c = parseConfig({ data_root: '/srv/data' }, '/')
     assert.equal(c.image_root, '/srv/data')
@@ -139,8 +151,17 @@ describe('parseConfig rejections name the key', () => {
       ['proxy_address', '', /must be a host name or IP address/],
       ['retry_after', '60', /must be a number of seconds/],
       ['io_timeout', null, /must be a number of seconds/],
-      ['metadata_backend', 'etcd', /must be "file", got "etcd"/],
-      ['metadata_backend', 1, /must be "file"/],
+      ['metadata_backend', 'zookeeper', /must be "file" or "etcd", got "zookeeper"/],
+      ['metadata_backend', 1, /must be "file" or "etcd"/],
+      ['metadata_backend', 'etcd', /is "etcd" but metadata_servers names no etcd server/],
+      ['metadata_servers', 'http://10.0.0.1:2379', /must be a list of etcd client URLs/],
+      ['metadata_servers', ['10.0.0.1:2379'], /must be a list of etcd client URLs/],
+      ['metadata_servers', ['http://a b'], /must be a list of etcd client URLs/],
+      ['metadata_prefix', '', /must be 1-64 letters/],
+      ['metadata_prefix', 'a/b', /must be 1-64 letters/],
+      ['lease_ttl', 1, /from 2 to 3600/],
+      ['lease_ttl', 2.5, /from 2 to 3600/],
+      ['lease_ttl', '10', /from 2 to 3600/],
       ['default_block_size', true, /must be a positive size in bytes or a string such as "64M"/],
       ['default_block_size', 'lots', /default_block_size 'lots' is not a size/],
       ['id', 22222, /must be this node's address as "host" or "host:port", got 22222/],

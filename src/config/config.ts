@@ -32,8 +32,21 @@ export interface Config {
   retry_after: number
   /** Seconds a peer may take to answer before it is put in the error state. */
   io_timeout: number
-  /** Metadata store backend: "file" (embedded, default). */
-  metadata_backend: 'file'
+  /**
+   * Metadata store backend: "file" (embedded, default), or "etcd" when
+   * metadata_servers names the cluster's etcd.
+   */
+  metadata_backend: 'file' | 'etcd'
+  /** etcd client URLs ("http://host:2379"); empty for the embedded store. */
+  metadata_servers: string[]
+  /** Namespace of this cluster's keys in etcd. */
+  metadata_prefix: string
+  /**
+   * Seconds a node's lease outlives its last renewal: a node that stops
+   * (or loses etcd) for longer loses its registration and writer leases,
+   * and stops writing before that.
+   */
+  lease_ttl: number
   /** Default block size for `ukai image create`, in bytes. */
   default_block_size: number
   /** Where the config was read from, or undefined for built-in defaults. */
@@ -72,7 +85,25 @@ const blockNameFormat: Checker = (v, key) => {
   return v
 }
 const backend: Checker = (v, key) => {
-  if (v !== 'file') throw fail(key, `must be "file", got ${JSON.stringify(v)}`)
+  if (v !== 'file' && v !== 'etcd') throw fail(key, `must be "file" or "etcd", got ${JSON.stringify(v)}`)
+  return v
+}
+const servers: Checker = (v, key) => {
+  if (!Array.isArray(v) || !v.every((u) => typeof u === 'string' && /^https?:\/\/[A-Za-z0-9.[\]:-]+(:\d{1,5})?\/?$/.test(u))) {
+    throw fail(key, `must be a list of etcd client URLs such as ["http://10.0.0.1:2379"], got ${JSON.stringify(v)}`)
+  }
+  return (v as string[]).map((u) => u.replace(/\/$/, ''))
+}
+const prefix: Checker = (v, key) => {
+  if (typeof v !== 'string' || !/^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/.test(v)) {
+    throw fail(key, `must be 1-64 letters, digits, '.', '_' or '-', got ${JSON.stringify(v)}`)
+  }
+  return v
+}
+const ttl: Checker = (v, key) => {
+  if (typeof v !== 'number' || !Number.isInteger(v) || v < 2 || v > 3600) {
+    throw fail(key, `must be a whole number of seconds from 2 to 3600, got ${JSON.stringify(v)}`)
+  }
   return v
 }
 const byteSize: Checker = (v, key) => {
@@ -96,6 +127,9 @@ const KEYS: Record<string, { check: Checker, as?: keyof Config }> = {
   retry_after: { check: seconds },
   io_timeout: { check: seconds },
   metadata_backend: { check: backend },
+  metadata_servers: { check: servers },
+  metadata_prefix: { check: prefix },
+  lease_ttl: { check: ttl },
   default_block_size: { check: byteSize }
 }
 
@@ -112,6 +146,9 @@ export function defaultConfig (): Config {
     retry_after: 60,
     io_timeout: 10,
     metadata_backend: 'file',
+    metadata_servers: [],
+    metadata_prefix: 'ukai',
+    lease_ttl: 10,
     default_block_size: 64 * 2 ** 20,
     source: undefined
   }
@@ -151,6 +188,14 @@ export function parseConfig (raw: unknown, base: string, source?: string): Confi
     } catch {
       throw fail('id', `must be this node's address as "host" or "host:port", got ${JSON.stringify(given.id)}`)
     }
+  }
+  if (config.metadata_servers.length > 0) {
+    if ('metadata_backend' in given && config.metadata_backend !== 'etcd') {
+      throw fail('metadata_backend', `is "${config.metadata_backend}" but metadata_servers names etcd servers`)
+    }
+    config.metadata_backend = 'etcd'
+  } else if (config.metadata_backend === 'etcd') {
+    throw fail('metadata_backend', 'is "etcd" but metadata_servers names no etcd server')
   }
   if (config.control_port === config.proxy_port && config.control_address === config.proxy_address) {
     throw fail('control_port', `must differ from proxy_port (${config.proxy_port})`)

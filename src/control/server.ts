@@ -7,8 +7,9 @@
  */
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http'
 import { UkaiError, invalidArgument, toUkaiError } from '../errors.js'
-import { describe, parseInfoFormat, summarise } from '../node/images.js'
+import { describe, describeState, parseInfoFormat, summarise } from '../node/images.js'
 import type { UkaiNode } from '../node/node.js'
+import { ControlClient, callStream } from './client.js'
 
 /** Largest request body: a per-block export of a large image is big. */
 export const MAX_BODY = 256 * 2 ** 20
@@ -37,6 +38,16 @@ function placementBody (body: unknown, key: 'location' | 'hypervisor'): { locati
   const start = optionalBlock(b, 'start')
   const last = optionalBlock(b, 'end')
   return { [key]: b[key] as string, start, end: last === undefined ? undefined : last + 1 }
+}
+
+/** A body `{key: positive integer}` and nothing else. */
+function counterBody (body: unknown, key: string): number {
+  if (typeof body !== 'object' || body === null || Array.isArray(body)) throw invalidArgument(`request body must be an object with '${key}'`)
+  const b = body as Record<string, unknown>
+  for (const k of Object.keys(b)) if (k !== key) throw invalidArgument(`unknown field '${k}'`, { key: k })
+  const v = b[key]
+  if (typeof v !== 'number' || !Number.isSafeInteger(v) || v < 1) throw invalidArgument(`'${key}' must be a positive integer, got ${JSON.stringify(v)}`, { key })
+  return v
 }
 
 function optionalBlock (body: Record<string, unknown>, key: string): number | undefined {
@@ -108,8 +119,8 @@ const routes: Route[] = [
     pattern: new RegExp(`^/v1/images/${IMAGE}$`),
     handler: async (node, [name], _b, query) => {
       const format = parseInfoFormat(query.get('format') ?? undefined)
-      const meta = await node.images.info(name!)
-      return query.has('format') ? describe(meta, format) : { ...summarise(meta), ...describe(meta, 'stored') as object }
+      const st = await node.images.state(name!)
+      return query.has('format') ? describe(st.meta, format) : describeState(st)
     }
   },
   {
@@ -130,8 +141,24 @@ const routes: Route[] = [
       for (const k of Object.keys(b)) if (k !== 'start' && k !== 'end') throw invalidArgument(`unknown field '${k}'`, { key: k })
       const start = optionalBlock(b, 'start')
       const last = optionalBlock(b, 'end')
+      // The sync runs where the image is written: that node's writer session copies.
+      const writer = await node.writerElsewhere(name!)
+      if (writer !== undefined) {
+        const client = new ControlClient(writer.control_address, writer.control_port)
+        return await callStream(client, 'POST', `/v1/images/${encodeURIComponent(name!)}/sync`, b, emit)
+      }
       return await node.syncImage(name!, start, last === undefined ? undefined : last + 1, emit)
     }
+  },
+  {
+    method: 'POST',
+    pattern: new RegExp(`^/v1/images/${IMAGE}/fence$`),
+    handler: async (node, [name], body) => await node.handleFence(name!, counterBody(body, 'generation'))
+  },
+  {
+    method: 'POST',
+    pattern: new RegExp(`^/v1/images/${IMAGE}/refresh$`),
+    handler: async (node, [name], body) => await node.handleRefresh(name!, counterBody(body, 'revision'))
   },
   {
     method: 'POST',
@@ -146,7 +173,7 @@ const routes: Route[] = [
     pattern: new RegExp(`^/v1/images/${IMAGE}/locations$`),
     handler: async (node, [name], body) => {
       const b = placementBody(body, 'location')
-      return summarise(await node.images.removeLocation(name!, b.location, b.start, b.end))
+      return summarise(await node.removeLocation(name!, b.location, b.start, b.end))
     }
   },
   {

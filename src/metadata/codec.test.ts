@@ -147,7 +147,7 @@ describe('later UKAI format', () => {
 
 describe('stored format', () => {
   function sample (): ImageMeta {
-    const meta = new ImageMeta({ name: 'img-1', size: 10_000, blockSize: 1000, usedSize: 2500, hypervisors: ['10.0.0.9'], generation: 7 })
+    const meta = new ImageMeta({ name: 'img-1', size: 10_000, blockSize: 1000, usedSize: 2500, hypervisors: ['10.0.0.9'], revision: 7 })
     meta.addLocation('10.0.0.1', 0, 10, true)
     meta.addLocation('10.0.0.2:22223', 0, 4, false)
     meta.addLocation('10.0.0.2:22223', 4, 10, true)
@@ -165,22 +165,23 @@ describe('stored format', () => {
       block_size: 1000,
       used_size: 2500,
       hypervisors: ['10.0.0.9'],
-      generation: 7,
+      revision: 7,
       locations: {
         '10.0.0.1': { blocks: [[0, 10]], out_of_sync: [[6, 8]] },
         '10.0.0.2:22223': { blocks: [[0, 10]], out_of_sync: [[0, 4]] }
       }
     } satisfies StoredImage)
+    // The revision is the store's, not the document's: decoding leaves it 0.
     const back = decodeStored(JSON.parse(JSON.stringify(stored)), PORT)
-    assert.deepEqual(encodeStored(back), stored)
-    assert.equal(back.generation, 7)
+    assert.deepEqual(encodeStored(back), { ...stored, revision: 0 })
+    assert.equal(back.revision, 0)
     assert.deepEqual(back.replicasOf(6), [{ location: '10.0.0.1', inSync: false }, { location: '10.0.0.2:22223', inSync: true }])
-    assert.deepEqual(encodeStored(importAny(JSON.parse(JSON.stringify(stored)), PORT)), stored)
+    assert.deepEqual(encodeStored(importAny(JSON.parse(JSON.stringify(stored)), PORT)), { ...stored, revision: 0 })
   })
 
-  test('optional keys: out_of_sync, generation and hypervisors may be absent', () => {
+  test('optional keys: out_of_sync, revision (generation in older exports) and hypervisors may be absent', () => {
     const meta = decodeStored({ format: 1, name: 'a', size: 10, block_size: 5, used_size: 0, locations: { h: { blocks: [[0, 2]] } } }, PORT)
-    assert.equal(meta.generation, 0)
+    assert.equal(meta.revision, 0)
     assert.deepEqual(meta.hypervisors, [])
     assert.deepEqual(meta.replicasOf(1), [{ location: 'h', inSync: true }])
   })
@@ -324,7 +325,9 @@ describe('rejections', () => {
   test('stored format: version, ranges and coverage', () => {
     const base = { format: 1, name: 'a', size: 1000, block_size: 100, used_size: 0, generation: 3 }
     const good = { ...base, locations: { h: { blocks: [[0, 10]], out_of_sync: [] } } }
-    assert.equal(decodeStored(good, PORT).generation, 3)
+    assert.equal(decodeStored(good, PORT).revision, 0)
+    assert.equal(decodeStored({ ...good, generation: undefined, revision: 9 }, PORT).revision, 0)
+    invalid(() => decodeStored({ ...good, generation: -1 }, PORT), /'generation' must be a non-negative integer/)
     invalid(() => decodeStored({ ...good, format: 2 }, PORT), /stored metadata format 2 is not supported \(expected 1\)/)
     invalid(() => decodeStored({ ...good, format: '1' }, PORT), /format "1" is not supported/)
     for (const r of [[3, 2], [2, 2], [-1, 2], [0], [0, 1, 2], ['0', '1'], [0.5, 2], 'x', null]) {

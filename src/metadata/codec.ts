@@ -26,7 +26,8 @@ export interface StoredImage {
   block_size: number
   used_size: number
   hypervisors: string[]
-  generation: number
+  /** The store's revision it was read at (informative; ignored on import). */
+  revision: number
   locations: Record<string, { blocks: Range[], out_of_sync: Range[] }>
 }
 
@@ -65,7 +66,7 @@ export function encodeStored (meta: ImageMeta): StoredImage {
     block_size: meta.blockSize,
     used_size: meta.usedSize,
     hypervisors: meta.hypervisors.slice(),
-    generation: meta.generation,
+    revision: meta.revision,
     locations
   }
 }
@@ -87,7 +88,8 @@ export function decodeStored (doc: unknown, defaultPort: number): ImageMeta {
   if (doc.format !== STORED_FORMAT_VERSION) {
     throw invalid(`stored metadata format ${JSON.stringify(doc.format)} is not supported (expected ${STORED_FORMAT_VERSION})`)
   }
-  checkKeys(doc, ['format', 'name', 'size', 'block_size', 'used_size', 'hypervisors', 'generation', 'locations'], 'stored metadata')
+  // 'generation' is what version 1 of this format called 'revision'.
+  checkKeys(doc, ['format', 'name', 'size', 'block_size', 'used_size', 'hypervisors', 'generation', 'revision', 'locations'], 'stored metadata')
   const name = nameOf(doc)
   if (!isObject(doc.locations)) throw invalid(`image '${name}': 'locations' must be an object`)
   const locations = new Map<string, LocationState>()
@@ -99,16 +101,17 @@ export function decodeStored (doc: unknown, defaultPort: number): ImageMeta {
       outOfSync: decodeRanges(st.out_of_sync ?? [], `image '${name}' location ${loc} out_of_sync`)
     })
   }
-  const generation = doc.generation ?? 0
-  if (!Number.isSafeInteger(generation) || (generation as number) < 0) throw invalid(`image '${name}': 'generation' must be a non-negative integer`)
+  for (const key of ['generation', 'revision']) {
+    const v = doc[key] ?? 0
+    if (!Number.isSafeInteger(v) || (v as number) < 0) throw invalid(`image '${name}': '${key}' must be a non-negative integer`)
+  }
   const meta = new ImageMeta({
     name,
     size: doc.size as number,
     blockSize: doc.block_size as number,
     usedSize: doc.used_size as number,
     hypervisors: decodeHypervisors(doc.hypervisors, name),
-    locations,
-    generation: generation as number
+    locations
   })
   return validateImage(meta, defaultPort)
 }

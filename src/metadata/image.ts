@@ -29,8 +29,12 @@ export class ImageMeta {
   usedSize: number
   hypervisors: string[]
   locations: Map<string, LocationState>
-  /** Incremented on every stored change; lets nodes drop stale copies. */
-  generation: number
+  /**
+   * The metadata store's revision this copy was read at (or written
+   * with): a copy with a higher revision is never older, so nodes drop
+   * stale copies. 0 for metadata not from a store.
+   */
+  revision: number
 
   constructor (init: {
     name: string
@@ -39,7 +43,7 @@ export class ImageMeta {
     usedSize?: number
     hypervisors?: string[]
     locations?: Map<string, LocationState>
-    generation?: number
+    revision?: number
   }) {
     this.name = init.name
     this.size = init.size
@@ -47,7 +51,7 @@ export class ImageMeta {
     this.usedSize = init.usedSize ?? init.size
     this.hypervisors = init.hypervisors ?? []
     this.locations = init.locations ?? new Map()
-    this.generation = init.generation ?? 0
+    this.revision = init.revision ?? 0
   }
 
   get blockCount (): number { return Math.ceil(this.size / this.blockSize) }
@@ -78,7 +82,7 @@ export class ImageMeta {
       usedSize: this.usedSize,
       hypervisors: this.hypervisors.slice(),
       locations,
-      generation: this.generation
+      revision: this.revision
     })
   }
 

@@ -1,10 +1,8 @@
 /**
- * The conformance suite every MetadataStore backend runs (abstract-level's
- * model): the same tests, against a fresh, empty store from `open`.
- *
- * `open` may also return `openPeer`, a second store instance over the
- * same backing data (another process's view); the tests that need one are
- * skipped without it.
+ * The conformance suite of MetadataStore (abstract-level's model): the
+ * same tests on every metadata core, against a fresh, empty store from
+ * `open`, with `openPeer` giving a second instance over the same data
+ * (another process's view).
  */
 import { test, describe } from 'node:test'
 import assert from 'node:assert/strict'
@@ -12,14 +10,14 @@ import { UkaiError, type ErrorCode } from '../errors.js'
 import { encodeStored } from './codec.js'
 import { ImageMeta } from './image.js'
 import { RangeSet } from './range-set.js'
-import type { MetadataStore } from './store.js'
+import type { MetadataStore, WriterRecord } from './store.js'
 import { rejectsWith } from '../../test/helpers/assertions.js'
 
 export interface OpenedStore {
   store: MetadataStore
   cleanup: () => Promise<void>
   /** Another instance over the same data; closed by the caller. */
-  openPeer?: () => Promise<MetadataStore>
+  openPeer: () => Promise<MetadataStore>
 }
 
 /** A valid two-location image: blocks [0, 10) on A, [5, 10) on B with 7 out of sync there. */
@@ -31,22 +29,22 @@ export function sampleImage (name: string): ImageMeta {
   return meta
 }
 
-/** The stored form without the generation: what a change must (not) alter. */
+/** The stored form without the revision: what a change must (not) alter. */
 const content = (meta: ImageMeta | undefined): unknown => {
   assert.ok(meta !== undefined, 'image is missing')
-  const { generation: _g, ...rest } = encodeStored(meta)
+  const { revision: _r, ...rest } = encodeStored(meta)
   return rest
 }
 
-
 /** Resolves when `store.watch` reports `name` (the test's timeout guards a store that never does). */
-function nextChange (store: MetadataStore, name: string): { seen: Promise<void>, stop: () => void } {
-  let stop = (): void => {}
-  const seen = new Promise<void>((resolve) => {
-    stop = store.watch((changed) => { if (changed === name) resolve() })
-  })
-  return { seen, stop }
+async function nextChange (store: MetadataStore, name: string): Promise<{ seen: Promise<void>, stop: () => Promise<void> }> {
+  let resolveSeen = (): void => {}
+  const seen = new Promise<void>((resolve) => { resolveSeen = resolve })
+  const w = await store.watch({ onImage: (changed) => { if (changed === name) resolveSeen() } })
+  return { seen, stop: async () => await w.close() }
 }
+
+const never = (): boolean => false
 
 export function runStoreConformance (name: string, open: () => Promise<OpenedStore>): void {
   describe(`MetadataStore conformance: ${name}`, () => {
@@ -60,21 +58,26 @@ export function runStoreConformance (name: string, open: () => Promise<OpenedSto
         await opened.cleanup()
       }
     }
+    const withPeer = async (fn: (s: MetadataStore, peer: MetadataStore) => Promise<void>): Promise<void> => withStore(async (s, opened) => {
+      const peer = await opened.openPeer()
+      try { await fn(s, peer) } finally { await peer.close() }
+    })
 
     test('a new store is empty', async () => withStore(async (s) => {
       assert.deepEqual(await s.list(), [])
       assert.equal(await s.get('image01'), undefined)
       await rejectsWith(s.require('image01'), 'UKAI_ERR_NOT_FOUND', /image 'image01' not found/)
+      assert.deepEqual(await s.listNodes(), [])
     }))
 
     test('create, get, list', async () => withStore(async (s) => {
       const meta = sampleImage('image01')
       const created = await s.create(meta)
-      assert.equal(created.generation, 1)
+      assert.ok(created.revision > 0)
       const got = await s.get('image01')
       assert.ok(got instanceof ImageMeta)
       assert.deepEqual(content(got), content(meta))
-      assert.equal(got.generation, 1)
+      assert.ok(got.revision >= created.revision)
       assert.deepEqual(got.replicasOf(7), [{ location: '10.0.0.1:22222', inSync: true }, { location: '10.0.0.2', inSync: false }])
       assert.deepEqual(got.replicasOf(2), [{ location: '10.0.0.1:22222', inSync: true }])
       assert.deepEqual(content(await s.require('image01')), content(meta))
@@ -82,6 +85,11 @@ export function runStoreConformance (name: string, open: () => Promise<OpenedSto
       await s.create(sampleImage('b-image'))
       await s.create(sampleImage('a-image'))
       assert.deepEqual(await s.list(), ['a-image', 'b-image', 'image01'])
+      const st = (await s.state('image01'))!
+      assert.match(st.incarnation, /^[0-9a-f-]{36}$/)
+      assert.equal(st.writer, undefined)
+      assert.equal(st.generation, 0)
+      assert.deepEqual(st.opens, [])
     }))
 
     test('the caller\'s objects are not the stored ones', async () => withStore(async (s) => {
@@ -101,19 +109,20 @@ export function runStoreConformance (name: string, open: () => Promise<OpenedSto
 
     test('create of an existing name fails with UKAI_ERR_EXISTS and keeps the stored image', async () => withStore(async (s) => {
       await s.create(sampleImage('img'))
+      const incarnation = (await s.state('img'))!.incarnation
       const other = sampleImage('img')
       other.usedSize = 4096
       await rejectsWith(s.create(other), 'UKAI_ERR_EXISTS', /image 'img' already exists/)
-      const got = await s.get('img')
-      assert.equal(got?.usedSize, 0)
-      assert.equal(got?.generation, 1)
+      const st = (await s.state('img'))!
+      assert.equal(st.meta.usedSize, 0)
+      assert.equal(st.incarnation, incarnation)
     }))
 
-    test('concurrent creates of one name: exactly one wins', async () => withStore(async (s) => {
-      const results = await Promise.allSettled(Array.from({ length: 8 }, (_, i) => {
+    test('concurrent creates of one name, from two instances: exactly one wins', async () => withPeer(async (s, peer) => {
+      const results = await Promise.allSettled(Array.from({ length: 8 }, async (_, i) => {
         const m = sampleImage('race')
         m.usedSize = i
-        return s.create(m)
+        return await (i % 2 === 0 ? s : peer).create(m)
       }))
       const won = results.filter((r) => r.status === 'fulfilled')
       assert.equal(won.length, 1)
@@ -133,17 +142,17 @@ export function runStoreConformance (name: string, open: () => Promise<OpenedSto
       assert.deepEqual(await s.list(), [])
     }))
 
-    test('update applies the change and increments the generation', async () => withStore(async (s) => {
-      await s.create(sampleImage('img'))
+    test('update applies the change and raises the revision', async () => withStore(async (s) => {
+      const created = await s.create(sampleImage('img'))
       const next = await s.update('img', (m) => {
         m.usedSize = 8192
         m.setSync('10.0.0.2', 7, 8, true)
         m.addLocation('10.0.0.3', 0, 2, false)
         return m
       })
-      assert.equal(next.generation, 2)
+      assert.ok(next.revision > created.revision)
       const got = (await s.get('img'))!
-      assert.equal(got.generation, 2)
+      assert.ok(got.revision >= next.revision)
       assert.equal(got.usedSize, 8192)
       assert.deepEqual(got.replicasOf(7).map((r) => r.inSync), [true, true])
       assert.deepEqual(got.replicasOf(1), [{ location: '10.0.0.1:22222', inSync: true }, { location: '10.0.0.3', inSync: false }])
@@ -153,9 +162,12 @@ export function runStoreConformance (name: string, open: () => Promise<OpenedSto
         await Promise.resolve()
         return new ImageMeta({ name: m.name, size: m.size, blockSize: m.blockSize, usedSize: 1, locations: m.locations })
       })
-      assert.equal(third.generation, 3)
+      assert.ok(third.revision > next.revision)
       assert.equal((await s.get('img'))!.usedSize, 1)
       assert.deepEqual((await s.get('img'))!.hypervisors, [])
+      // Removing a location drops its keys: the image reads back without it.
+      await s.update('img', (m) => { m.locations.delete('10.0.0.3'); return m })
+      assert.deepEqual([...(await s.get('img'))!.locations.keys()], ['10.0.0.1:22222', '10.0.0.2'])
     }))
 
     test('update of a missing image fails with UKAI_ERR_NOT_FOUND and creates nothing', async () => withStore(async (s) => {
@@ -167,7 +179,7 @@ export function runStoreConformance (name: string, open: () => Promise<OpenedSto
 
     test('an invalid update writes nothing', async () => withStore(async (s) => {
       await s.create(sampleImage('img'))
-      const before = content(await s.get('img'))
+      const before = await s.get('img')
       const bad: Array<[(m: ImageMeta) => ImageMeta, ErrorCode, RegExp]> = [
         [(m) => { m.usedSize = m.size + 1; return m }, 'UKAI_ERR_INVALID_METADATA', /'used_size'/],
         [(m) => { m.usedSize = -1; return m }, 'UKAI_ERR_INVALID_METADATA', /'used_size'/],
@@ -183,29 +195,46 @@ export function runStoreConformance (name: string, open: () => Promise<OpenedSto
       for (const [change, code, message] of bad) {
         await rejectsWith(s.update('img', change), code, message)
         const now = await s.get('img')
-        assert.deepEqual(content(now), before)
-        assert.equal(now!.generation, 1)
+        assert.deepEqual(content(now), content(before))
       }
       assert.deepEqual(await s.list(), ['img'])
-      // The store still works after the failures.
-      assert.equal((await s.update('img', (m) => m)).generation, 2)
+      // The store still works after the failures; a change of nothing writes nothing.
+      const same = await s.update('img', (m) => m)
+      assert.deepEqual(content(same), content(before))
     }))
 
-    test('concurrent updates of one image are all applied', async () => withStore(async (s) => {
+    test('concurrent updates of one image from two instances are all applied', async () => withPeer(async (s, peer) => {
       await s.create(sampleImage('img'))
       const n = 40
-      const results = await Promise.all(Array.from({ length: n }, async (_, i) => await s.update('img', async (m) => {
+      await Promise.all(Array.from({ length: n }, async (_, i) => await (i % 2 === 0 ? s : peer).update('img', async (m) => {
         await new Promise((resolve) => setImmediate(resolve))
         m.hypervisors.push(`10.1.0.${i}`)
         m.usedSize += 1
         return m
       })))
       const got = (await s.get('img'))!
-      assert.equal(got.generation, n + 1)
       assert.equal(got.usedSize, n)
       assert.deepEqual(got.hypervisors.slice(1).sort(), Array.from({ length: n }, (_, i) => `10.1.0.${i}`).sort())
-      // Each update saw the one before it: generations 2..n+1, once each.
-      assert.deepEqual(results.map((r) => r.generation).sort((a, b) => a - b), Array.from({ length: n }, (_, i) => i + 2))
+    }))
+
+    test('two updates that each rely on what the other removes: only one lands', async () => withPeer(async (s, peer) => {
+      const meta = new ImageMeta({ name: 'img', size: 4096, blockSize: 4096 })
+      meta.addLocation('10.0.0.1', 0, 1, true)
+      meta.addLocation('10.0.0.2', 0, 1, true)
+      await s.create(meta)
+      // Each removes one replica if the other is still in sync (remove-location's rule).
+      const removeIfOther = (gone: string, other: string) => async (m: ImageMeta): Promise<ImageMeta> => {
+        await new Promise((resolve) => setTimeout(resolve, 20))
+        if (!m.replicasOf(0).some((r) => r.location === other && r.inSync)) throw new UkaiError('UKAI_ERR_PERMISSION', `${other} is not in sync`)
+        m.locations.delete(gone)
+        return m
+      }
+      const results = await Promise.allSettled([
+        s.update('img', removeIfOther('10.0.0.1', '10.0.0.2')),
+        peer.update('img', removeIfOther('10.0.0.2', '10.0.0.1'))
+      ])
+      assert.equal(results.filter((r) => r.status === 'fulfilled').length, 1)
+      assert.equal((await s.get('img'))!.replicasOf(0).length, 1)
     }))
 
     test('updates of different images do not interfere', async () => withStore(async (s) => {
@@ -216,22 +245,45 @@ export function runStoreConformance (name: string, open: () => Promise<OpenedSto
         ...Array.from({ length: 5 }, async () => await s.update('b', (m) => { m.usedSize += 2; return m }))
       ])
       assert.equal((await s.get('a'))!.usedSize, 10)
-      assert.equal((await s.get('a'))!.generation, 11)
       assert.equal((await s.get('b'))!.usedSize, 10)
-      assert.equal((await s.get('b'))!.generation, 6)
+    }))
+
+    test('keys stay small: a 1 TiB image of 1 MiB blocks, and a sync-state change rewrites one small key', async () => withStore(async (s) => {
+      const meta = new ImageMeta({ name: 'big', size: 2 ** 40, blockSize: 2 ** 20 })
+      meta.addLocation('10.0.0.1', 0, meta.blockCount, true)
+      meta.addLocation('10.0.0.2', 0, meta.blockCount, true)
+      await s.create(meta)
+      const before = await s.core.range('images/big/meta/')
+      assert.equal(before.kvs.length, 1 + 2 * 16, 'a header and 16 segments per location')
+      assert.ok(before.kvs.every((kv) => kv.value.length < 400), `largest key: ${Math.max(...before.kvs.map((kv) => kv.value.length))} bytes`)
+      // Every other block of a segment out of sync: still one key per segment, bounded.
+      await s.update('big', (m) => { for (let b = 0; b < 65536; b += 2) m.setSync('10.0.0.2', b, b + 1, false); return m })
+      const fragmented = await s.core.get('images/big/meta/loc/10.0.0.2/00000000')
+      assert.ok(fragmented !== undefined && fragmented.value.length < 1_200_000, 'a fully fragmented segment fits in one etcd request')
+      const mid = await s.core.range('images/big/meta/')
+      await s.update('big', (m) => { m.setSync('10.0.0.1', 500_000, 500_001, false); return m })
+      const after = await s.core.range('images/big/meta/')
+      const changed = after.kvs.filter((kv) => mid.kvs.find((o) => o.key === kv.key)?.modRevision !== kv.modRevision)
+      assert.deepEqual(changed.map((kv) => kv.key), ['images/big/meta/loc/10.0.0.1/00000007'])
+      assert.deepEqual((await s.get('big'))!.replicasOf(500_000), [{ location: '10.0.0.1', inSync: false }, { location: '10.0.0.2', inSync: true }])
     }))
 
     test('delete', async () => withStore(async (s) => {
       await s.create(sampleImage('a'))
       await s.create(sampleImage('b'))
+      await s.putDirty('a', RangeSet.of(0, 2))
+      const first = (await s.state('a'))!.incarnation
       await s.delete('a')
       assert.equal(await s.get('a'), undefined)
       assert.deepEqual(await s.list(), ['b'])
       await rejectsWith(s.delete('a'), 'UKAI_ERR_NOT_FOUND', /image 'a' not found/)
       await rejectsWith(s.update('a', (m) => m), 'UKAI_ERR_NOT_FOUND')
-      // The name is free again, and starts over at generation 1.
-      assert.equal((await s.create(sampleImage('a'))).generation, 1)
-      assert.equal((await s.get('a'))!.generation, 1)
+      await rejectsWith(s.putDirty('a', RangeSet.of(0, 1)), 'UKAI_ERR_NOT_FOUND')
+      // The name is free again: a new incarnation, with nothing of the old one.
+      await s.create(sampleImage('a'))
+      const st = (await s.state('a'))!
+      assert.notEqual(st.incarnation, first)
+      assert.equal(st.dirty.isEmpty, true)
     }))
 
     test('invalid names are refused by every operation', async () => withStore(async (s) => {
@@ -251,6 +303,7 @@ export function runStoreConformance (name: string, open: () => Promise<OpenedSto
 
     test('the dirty-block log: empty until stored, replaced by put, gone with the image', async () => withStore(async (s) => {
       await s.create(sampleImage('img'))
+      const before = content(await s.get('img'))
       assert.equal((await s.getDirty('img')).isEmpty, true)
       await s.putDirty('img', new RangeSet([[1, 3], [7, 8]]))
       assert.deepEqual((await s.getDirty('img')).toJSON(), [[1, 3], [7, 8]])
@@ -260,78 +313,141 @@ export function runStoreConformance (name: string, open: () => Promise<OpenedSto
       assert.equal((await s.getDirty('img')).isEmpty, true)
       await s.putDirty('img', RangeSet.of(0, 2))
       // The log is not part of the image's metadata.
-      assert.equal((await s.get('img'))!.generation, 1)
-      await s.delete('img')
-      await s.create(sampleImage('img'))
-      assert.equal((await s.getDirty('img')).isEmpty, true)
+      assert.deepEqual(content(await s.get('img')), before)
     }))
 
-    test('watch reports creates, updates and deletes', { timeout: 20_000 }, async () => withStore(async (s) => {
-      let w = nextChange(s, 'img')
+    test('the writer lease: one holder, generations, takeover, fencing of the old holder', async () => withPeer(async (s, peer) => {
       await s.create(sampleImage('img'))
-      await w.seen
-      w.stop()
-      w = nextChange(s, 'img')
-      await s.update('img', (m) => { m.usedSize = 1; return m })
-      await w.seen
-      w.stop()
-      w = nextChange(s, 'img')
+      const la = await s.grantLease(30)
+      const lb = await peer.grantLease(30)
+      const req = (node: string, session: string, lease: string, mayTakeOver: (h: WriterRecord) => boolean) =>
+        ({ node, session, purpose: 'write' as const, lease, mayTakeOver })
+      const a = await s.acquireWriter('img', req('10.0.0.1', 'sa', la.id, never))
+      assert.equal(a.generation, 1)
+      assert.equal(a.previous, undefined)
+      // The same session again (a retry): the same grant.
+      assert.equal((await s.acquireWriter('img', req('10.0.0.1', 'sa', la.id, never))).generation, 1)
+      // Another node, not allowed to take over: BUSY, nothing changes.
+      await rejectsWith(peer.acquireWriter('img', req('10.0.0.2', 'sb', lb.id, never)), 'UKAI_ERR_BUSY', /being written by node 10\.0\.0\.1/)
+      const st = (await peer.state('img'))!
+      assert.equal(st.writer?.node, '10.0.0.1')
+      assert.equal(st.writer?.generation, 1)
+      // The holder's guarded changes work.
+      await s.update('img', (m) => { m.usedSize = 100; return m }, { guard: a.guard })
+      await s.putDirty('img', RangeSet.of(1, 2), { guard: a.guard })
+      // A takeover: generation 2, the old holder named.
+      let asked: WriterRecord | undefined
+      const b = await peer.acquireWriter('img', req('10.0.0.2', 'sb', lb.id, (h) => { asked = h; return true }))
+      assert.equal(asked?.node, '10.0.0.1')
+      assert.equal(b.generation, 2)
+      assert.equal(b.previous?.session, 'sa')
+      assert.deepEqual(b.state.dirty.toJSON(), [[1, 2]])
+      // The old holder is fenced: every guarded change fails and changes nothing.
+      await rejectsWith(s.update('img', (m) => { m.usedSize = 200; return m }, { guard: a.guard }), 'UKAI_ERR_FENCED', /node 10\.0\.0\.2 took it over/)
+      await rejectsWith(s.putDirty('img', RangeSet.of(5, 6), { guard: a.guard }), 'UKAI_ERR_FENCED')
+      assert.equal((await s.get('img'))!.usedSize, 100)
+      assert.deepEqual((await s.getDirty('img')).toJSON(), [[1, 2]])
+      // Releasing with a stale guard does nothing; with the holder's, the lease is free.
+      await s.releaseWriter('img', a.guard)
+      assert.equal((await s.state('img'))!.writer?.node, '10.0.0.2')
+      await peer.releaseWriter('img', b.guard)
+      assert.equal((await s.state('img'))!.writer, undefined)
+      // The generation outlives its holders.
+      assert.equal((await s.acquireWriter('img', req('10.0.0.1', 'sc', la.id, never))).generation, 3)
+      // A holder whose lease ends loses the writer key; the next grant goes on counting.
+      await la.revoke()
+      const deadline = Date.now() + 10_000
+      while ((await peer.state('img'))!.writer !== undefined) {
+        assert.ok(Date.now() < deadline, 'the writer key outlived its lease')
+        await new Promise((resolve) => setTimeout(resolve, 20))
+      }
+      assert.equal((await peer.acquireWriter('img', req('10.0.0.2', 'sd', lb.id, never))).generation, 4)
+      await lb.revoke()
+    }))
+
+    test('who has an image open, and no destroy while anyone has', async () => withPeer(async (s, peer) => {
+      await s.create(sampleImage('img'))
+      const la = await s.grantLease(30)
+      const lb = await peer.grantLease(30)
+      await s.putOpen('img', '10.0.0.1', { readers: 0, writers: 1 }, la.id)
+      await peer.putOpen('img', '10.0.0.2:22222', { readers: 2, writers: 0 }, lb.id)
+      const st = (await s.state('img'))!
+      assert.deepEqual(st.opens.map((o) => [o.node, o.readers, o.writers]), [['10.0.0.1', 0, 1], ['10.0.0.2:22222', 2, 0]])
+      await rejectsWith(peer.delete('img'), 'UKAI_ERR_BUSY', /open on node 10\.0\.0\.1 \(writing\), node 10\.0\.0\.2:22222 \(2 readers\)/)
+      assert.ok(await s.get('img') !== undefined)
+      await s.putOpen('img', '10.0.0.1', { readers: 0, writers: 0 }, la.id)
+      await rejectsWith(s.delete('img'), 'UKAI_ERR_BUSY', /10\.0\.0\.2/)
+      // A node that goes away (its lease ends) no longer has anything open.
+      await lb.revoke()
+      const deadline = Date.now() + 10_000
+      while ((await s.state('img'))!.opens.length > 0) {
+        assert.ok(Date.now() < deadline, 'the open outlived its lease')
+        await new Promise((resolve) => setTimeout(resolve, 20))
+      }
       await s.delete('img')
-      await w.seen
-      w.stop()
+      await rejectsWith(s.putOpen('img', '10.0.0.1', { readers: 1, writers: 0 }, la.id), 'UKAI_ERR_NOT_FOUND')
+      await la.revoke()
+    }))
+
+    test('nodes register under their lease; a live id is refused; the record stays when the node goes', async () => withPeer(async (s, peer) => {
+      const info = { id: '10.0.0.1:22222', control_address: '10.0.0.1', control_port: 22221, started: new Date().toISOString() }
+      const la = await s.grantLease(30)
+      const r = await s.registerNode(info, la)
+      assert.equal(r.registered, true)
+      const lb = await peer.grantLease(30)
+      // The same node under another spelling is the same id.
+      const dup = await peer.registerNode({ ...info, id: '10.0.0.1' }, lb)
+      assert.equal(dup.registered, false)
+      assert.ok(!dup.registered && dup.holder.lease === la.id && dup.holder.pid === process.pid)
+      let nodes = await peer.listNodes()
+      assert.deepEqual(nodes.map((n) => [n.info.id, n.alive !== undefined]), [['10.0.0.1:22222', true]])
+      await la.revoke()
+      const deadline = Date.now() + 10_000
+      while ((nodes = await peer.listNodes())[0]!.alive !== undefined) {
+        assert.ok(Date.now() < deadline, 'the node stayed alive after its lease ended')
+        await new Promise((resolve) => setTimeout(resolve, 20))
+      }
+      assert.equal(nodes[0]!.info.id, '10.0.0.1:22222')
+      assert.equal((await peer.registerNode({ ...info, id: '10.0.0.1' }, lb)).registered, true)
+      await lb.revoke()
+    }))
+
+    test('watch reports creates, updates, deletes, of this instance and of another', { timeout: 20_000 }, async () => withPeer(async (s, peer) => {
+      for (const by of [s, peer]) {
+        let w = await nextChange(s, 'img')
+        await by.create(sampleImage('img'))
+        await w.seen
+        await w.stop()
+        w = await nextChange(s, 'img')
+        await by.update('img', (m) => { m.usedSize = 1; return m })
+        await w.seen
+        await w.stop()
+        w = await nextChange(s, 'img')
+        await by.delete('img')
+        await w.seen
+        await w.stop()
+      }
     }))
 
     test('a listener that stopped watching is not called', { timeout: 20_000 }, async () => withStore(async (s) => {
       const early: string[] = []
-      const stopEarly = s.watch((n) => early.push(n))
-      stopEarly()
-      const w = nextChange(s, 'img')
+      const stopEarly = await s.watch({ onImage: (n) => early.push(n) })
+      await stopEarly.close()
+      const w = await nextChange(s, 'img')
       await s.create(sampleImage('img'))
       await w.seen
-      w.stop()
+      await w.stop()
       assert.deepEqual(early, [])
     }))
 
-    test('another instance sees the data and its changes are reported by watch', { timeout: 20_000 }, async (t) => withStore(async (s, opened) => {
-      if (opened.openPeer === undefined) { t.skip('backend has no second instance'); return }
-      const peer = await opened.openPeer()
-      try {
-        await s.create(sampleImage('img'))
-        assert.deepEqual(content(await peer.get('img')), content(await s.get('img')))
-        assert.deepEqual(await peer.list(), ['img'])
-
-        let w = nextChange(s, 'img')
-        await peer.update('img', (m) => { m.usedSize = 4096; return m })
-        await w.seen
-        w.stop()
-        assert.equal((await s.get('img'))!.usedSize, 4096)
-        assert.equal((await s.get('img'))!.generation, 2)
-
-        w = nextChange(s, 'other')
-        await peer.create(sampleImage('other'))
-        await w.seen
-        w.stop()
-        assert.deepEqual(await s.list(), ['img', 'other'])
-
-        // Updates through both instances at once are all applied.
-        await Promise.all(Array.from({ length: 20 }, async (_, i) => await (i % 2 === 0 ? s : peer).update('other', (m) => {
-          m.hypervisors.push(`10.2.0.${i}`)
-          return m
-        })))
-        const other = (await s.get('other'))!
-        assert.equal(other.generation, 21)
-        assert.equal(other.hypervisors.length, 21)
-
-        w = nextChange(s, 'img')
-        await peer.delete('img')
-        await w.seen
-        w.stop()
-        assert.equal(await s.get('img'), undefined)
-        // Updates continue from the peer's generation.
-        assert.equal((await s.update('other', (m) => m)).generation, 22)
-      } finally {
-        await peer.close()
-      }
+    test('another instance sees the data', { timeout: 20_000 }, async () => withPeer(async (s, peer) => {
+      await s.create(sampleImage('img'))
+      assert.deepEqual(content(await peer.get('img')), content(await s.get('img')))
+      assert.deepEqual(await peer.list(), ['img'])
+      await peer.update('img', (m) => { m.usedSize = 4096; return m })
+      assert.equal((await s.get('img'))!.usedSize, 4096)
+      await peer.delete('img')
+      assert.equal(await s.get('img'), undefined)
     }))
   })
 }

@@ -1,21 +1,29 @@
 /**
  * The nodes of a cluster as they registered in the metadata store, and the
  * control API calls one node makes to another: allocate or destroy a
- * replica's block files, capacity, and an RTT probe. These calls are best
- * effort where the data path does not depend on them: a replica is also
- * allocated on a peer's first contact, and a node removes the block files
- * of an image destroyed elsewhere when it sees the metadata go.
+ * replica's block files, fence an image after a writer takeover, make a
+ * node apply a metadata change, capacity, and an RTT probe. Replica calls
+ * are best effort where the data path does not depend on them: a replica
+ * is also allocated on a peer's first contact, and a node removes the
+ * block files of an image destroyed elsewhere when it sees the metadata go.
  */
 import type { Config } from '../config/config.js'
 import { ControlClient } from '../control/client.js'
-import { toUkaiError } from '../errors.js'
+import { UkaiError, toUkaiError } from '../errors.js'
 import { canonicalLocation } from '../metadata/names.js'
-import type { MetadataStore, NodeRecord } from '../metadata/store.js'
+import type { MetadataStore, NodeInfo } from '../metadata/store.js'
+import type { FenceReply } from './node.js'
 
 export interface NodeStatus {
   id: string
   control: string
   started: string
+  /** True while the node's lease lives (it runs and reaches the metadata store). */
+  alive: boolean
+  /** Process and host of the running node. */
+  pid?: number
+  host?: string
+  /** True when this node's probe of its control API got an answer. */
   reachable: boolean
   /** Round trip of a control API probe from the asking node, ms. */
   rtt_ms?: number
@@ -36,25 +44,25 @@ export class NodeDirectory {
     this.store = store
   }
 
-  async register (): Promise<void> {
-    await this.store.putNode({
-      id: this.config.id,
-      control_address: this.config.control_address,
-      control_port: this.config.control_port,
-      started: new Date().toISOString()
-    })
-  }
-
   /** The registration of the node a location names, if it registered. */
-  async find (location: string): Promise<NodeRecord | undefined> {
+  async find (location: string): Promise<NodeInfo | undefined> {
     const want = canonicalLocation(location, this.config.proxy_port)
-    return (await this.store.listNodes()).find((n) => {
-      try { return canonicalLocation(n.id, this.config.proxy_port) === want } catch { return false }
-    })
+    for (const n of await this.store.listNodes()) {
+      try {
+        if (canonicalLocation(n.info.id, this.config.proxy_port) === want) return n.info
+      } catch {}
+    }
+    return undefined
   }
 
-  private client (n: NodeRecord): ControlClient {
-    return new ControlClient(n.control_address, n.control_port, PROBE_TIMEOUT_MS)
+  private client (n: NodeInfo, timeoutMs = PROBE_TIMEOUT_MS): ControlClient {
+    return new ControlClient(n.control_address, n.control_port, timeoutMs)
+  }
+
+  private async require (location: string): Promise<NodeInfo> {
+    const n = await this.find(location)
+    if (n === undefined) throw new UkaiError('UKAI_ERR_NOT_FOUND', `node ${location} has not registered`)
+    return n
   }
 
   /**
@@ -72,17 +80,37 @@ export class NodeDirectory {
     }
   }
 
-  /** Every registered node with its capacity and the RTT of a probe. */
+  /** Asks the node at `location` to refuse writes of generations older than `generation` of `image`. */
+  async fence (location: string, image: string, generation: number, timeoutMs: number): Promise<FenceReply> {
+    const n = await this.require(location)
+    return await this.client(n, timeoutMs).call<FenceReply>('POST', `/v1/images/${encodeURIComponent(image)}/fence`, { generation })
+  }
+
+  /** Asks the node at `location` to apply revision `revision` of `image` (or newer) before it answers. */
+  async refresh (location: string, image: string, revision: number, timeoutMs: number): Promise<void> {
+    const n = await this.require(location)
+    await this.client(n, timeoutMs).call('POST', `/v1/images/${encodeURIComponent(image)}/refresh`, { revision })
+  }
+
+  /** Every registered node: alive from its lease; capacity and the RTT of a probe from the ones alive. */
   async status (): Promise<NodeStatus[]> {
-    return await Promise.all((await this.store.listNodes()).map(async (n) => {
-      const base: NodeStatus = { id: n.id, control: `${n.control_address}:${n.control_port}`, started: n.started, reachable: false }
-      const c = this.client(n)
+    return await Promise.all((await this.store.listNodes()).map(async ({ info, alive }) => {
+      const base: NodeStatus = {
+        id: info.id,
+        control: `${info.control_address}:${info.control_port}`,
+        started: alive?.started ?? info.started,
+        alive: alive !== undefined,
+        ...(alive !== undefined ? { pid: alive.pid, host: alive.host } : {}),
+        reachable: false
+      }
+      if (alive === undefined) return base
+      const c = this.client(alive)
       try {
         const t0 = performance.now()
         await c.call('GET', '/v1/ping')
         const rtt = performance.now() - t0
-        const info = await c.call<{ capacity: NodeStatus['capacity'], open_images: string[] }>('GET', '/v1/node')
-        return { ...base, reachable: true, rtt_ms: Math.round(rtt * 1000) / 1000, capacity: info.capacity, open_images: info.open_images }
+        const i = await c.call<{ capacity: NodeStatus['capacity'], open_images: string[] }>('GET', '/v1/node')
+        return { ...base, reachable: true, rtt_ms: Math.round(rtt * 1000) / 1000, capacity: i.capacity, open_images: i.open_images }
       } catch (err) {
         return { ...base, error: toUkaiError(err).message }
       }

@@ -9,7 +9,7 @@ import { isLocalLocation, type Config } from '../config/config.js'
 import { exportPerBlock, importAny, encodeStored, type ExportFormat } from '../metadata/codec.js'
 import { ImageMeta, validateImage } from '../metadata/image.js'
 import { validateImageName, validateLocation } from '../metadata/names.js'
-import type { MetadataStore } from '../metadata/store.js'
+import type { ImageState, MetadataStore } from '../metadata/store.js'
 import { NodeDirectory } from './directory.js'
 
 export interface CreateImageRequest {
@@ -53,6 +53,20 @@ export type InfoFormat = 'stored' | ExportFormat
 
 export function describe (meta: ImageMeta, format: InfoFormat): unknown {
   return format === 'stored' ? encodeStored(meta) : exportPerBlock(meta, format)
+}
+
+/** What `image info` shows: the summary, the stored metadata, who has the image open and who writes it. */
+export function describeState (st: ImageState): Record<string, unknown> {
+  return {
+    ...summarise(st.meta),
+    ...describe(st.meta, 'stored') as object,
+    incarnation: st.incarnation,
+    created: st.created,
+    open: st.opens.map((o) => ({ node: o.node, readers: o.readers, writers: o.writers, since: o.since })),
+    writer: st.writer === undefined ? null : { node: st.writer.node, generation: st.writer.generation, purpose: st.writer.purpose, since: st.writer.since },
+    writer_generation: st.generation,
+    dirty_blocks: st.dirty.size
+  }
 }
 
 export class ImageService {
@@ -120,7 +134,6 @@ export class ImageService {
   /** The seed's way: metadata for block files that may already exist. */
   async importMetadata (doc: unknown): Promise<ImageMeta> {
     const meta = importAny(doc, this.config.proxy_port)
-    meta.generation = 0
     const stored = await this.store.create(meta)
     await this.allocateLocal(stored)
     return stored
@@ -180,7 +193,9 @@ export class ImageService {
 
   /**
    * Removes blocks [start, end) from a location. Refused, changing
-   * nothing, where a block would be left with no in-sync replica.
+   * nothing, where a block would be left with no in-sync replica, and
+   * while the node of that location has the image open (its users read
+   * from the replica being removed).
    */
   async removeLocation (name: string, location: unknown, start?: number, end?: number): Promise<ImageMeta> {
     const loc = validateLocation(location, this.config.proxy_port)
@@ -202,7 +217,7 @@ export class ImageService {
       st.outOfSync.remove(s, e)
       if (st.blocks.isEmpty) meta.locations.delete(loc)
       return meta
-    })
+    }, { notOpenOn: loc })
   }
 
   async setHypervisor (name: string, hypervisor: unknown, present: boolean): Promise<ImageMeta> {
@@ -231,7 +246,15 @@ export class ImageService {
     return await this.store.require(validateImageName(name))
   }
 
-  /** Removes the metadata, then this node's block files. */
+  async state (name: string): Promise<ImageState> {
+    return await this.store.requireState(validateImageName(name))
+  }
+
+  /**
+   * Removes the metadata, then this node's block files and the other
+   * nodes' replicas. Refused (UKAI_ERR_BUSY) while any node has the image
+   * open: the metadata store knows who does, whichever node asks.
+   */
   async destroy (name: string): Promise<void> {
     const meta = await this.store.require(validateImageName(name))
     await this.store.delete(name)

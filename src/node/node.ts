@@ -1,67 +1,230 @@
 /**
  * UkaiNode: everything one `ukai server` process holds. The metadata
- * store, this node's block store, the node error state, the open volumes
+ * store and this node's membership of the cluster (its lease), this
+ * node's block store and fences, the node error state, the open volumes
  * (one per image, shared by the FUSE mount and the NBD export), and a
  * cache of image metadata kept current by the store's watch.
+ *
+ * The node is also each of its volumes' view of the cluster
+ * (ClusterContext): whether a takeover is allowed, fencing the other
+ * nodes after one, and pushing a change to every node that has an image
+ * open before the change counts.
  */
 import { EventEmitter } from 'node:events'
 import { mkdir, statfs } from 'node:fs/promises'
 import { BlockStore } from '../blockstore/block-store.js'
 import { isLocalLocation, type Config } from '../config/config.js'
-import { UkaiError, imageNotFound } from '../errors.js'
-import { FileMetadataStore } from '../metadata/file-store.js'
+import { UkaiError, imageNotFound, toUkaiError } from '../errors.js'
+import type { Watcher } from '../metadata/core.js'
+import { EtcdCore } from '../metadata/etcd-core.js'
+import { FileCore } from '../metadata/file-core.js'
 import type { ImageMeta } from '../metadata/image.js'
-import type { MetadataStore } from '../metadata/store.js'
-import { parseLocation } from '../metadata/names.js'
+import { migrateV1 } from '../metadata/migrate-v1.js'
+import { canonicalLocation, parseLocation } from '../metadata/names.js'
+import { RangeSet } from '../metadata/range-set.js'
+import { MetadataStore, type ImageState, type NodeInfo, type WriterGrant, type WriterRecord } from '../metadata/store.js'
 import { RemoteReplica } from '../peer/remote-replica.js'
 import { LocalReplica, type Replica, type ReplicaProvider } from '../replica/replica.js'
 import { NodeErrors } from '../volume/node-errors.js'
-import { Volume, newIoStats, type IoStats, type SyncProgress } from '../volume/volume.js'
+import { Volume, newIoStats, type ClusterContext, type IoStats, type SyncProgress } from '../volume/volume.js'
+import { FenceTable } from './fences.js'
 import { ImageService } from './images.js'
+import { NodeMembership } from './membership.js'
 
 export interface Capacity { total: number, free: number, available: number }
 
+/** The metadata store the config names: etcd when metadata_servers is set, else files under metadata_root. */
 export async function openStore (config: Config): Promise<MetadataStore> {
-  return await FileMetadataStore.open(config.metadata_root, config.proxy_port)
+  if (config.metadata_servers.length > 0) {
+    return new MetadataStore(new EtcdCore({ servers: config.metadata_servers, prefix: config.metadata_prefix }), config.proxy_port)
+  }
+  const store = new MetadataStore(await FileCore.open(config.metadata_root), config.proxy_port)
+  await migrateV1(config.metadata_root, store, config.proxy_port)
+  return store
 }
 
-export class UkaiNode extends EventEmitter implements ReplicaProvider {
+/** One open of an image on this node (a FUSE file handle, an NBD connection). */
+export interface ImageOpen {
+  volume: Volume
+  write: boolean
+  close: () => Promise<void>
+}
+
+/** What a node answers when asked to fence an image: the older sessions it had, and what they cannot vouch for. */
+export interface FenceReply {
+  sessions: Array<{ session: string, unsafe: Array<[number, number]> }>
+}
+
+interface Known { meta: ImageMeta, seen: Date, incarnation: string }
+
+export class UkaiNode extends EventEmitter implements ReplicaProvider, ClusterContext {
   readonly config: Config
   readonly store: MetadataStore
+  readonly membership: NodeMembership
   readonly blocks: BlockStore
   readonly errors: NodeErrors
+  readonly fences = new FenceTable()
   readonly images: ImageService
   private readonly local: LocalReplica
-  private readonly known = new Map<string, { meta: ImageMeta, seen: Date }>()
-  private readonly volumes = new Map<string, { volume: Volume, refs: number, ready: Promise<number> }>()
+  private readonly known = new Map<string, Known>()
+  private readonly volumes = new Map<string, { volume: Volume, refs: number, ready: Promise<void> }>()
   private readonly ioStats = new Map<string, IoStats>()
   /** Replica per location, this node's own included. */
   private readonly remotes = new Map<string, Replica>()
-  private unwatch: (() => void) | undefined
+  /** Per image: the open record being written (one at a time, the latest counts win). */
+  private readonly openWrites = new Map<string, Promise<void>>()
+  private readonly reloading = new Map<string, { again: boolean, done: Promise<void> }>()
+  private watcher: Watcher | undefined
   private closed = false
 
-  private constructor (config: Config, store: MetadataStore) {
+  private constructor (config: Config, store: MetadataStore, membership: NodeMembership) {
     super()
     this.config = config
     this.store = store
+    this.membership = membership
     this.blocks = new BlockStore(config.image_root, config.blockname_format)
     this.errors = new NodeErrors(config.retry_after)
     this.images = new ImageService(config, store, this.blocks, (m) => this.emit('warning', m))
-    this.local = new LocalReplica(config.id, this.blocks)
+    this.local = new LocalReplica(config.id, this.blocks, this.fences)
   }
 
-  static async start (config: Config): Promise<UkaiNode> {
+  /**
+   * Opens the metadata store, joins the cluster (refused, changing
+   * nothing, when a live node has this id) and loads every image.
+   */
+  static async start (config: Config, log: (m: string) => void = () => {}): Promise<UkaiNode> {
     await mkdir(config.image_root, { recursive: true })
     const store = await openStore(config)
-    const node = new UkaiNode(config, store)
-    node.unwatch = store.watch((name) => { void node.reload(name) })
-    for (const name of await store.list()) await node.reload(name)
+    let membership: NodeMembership
+    try {
+      membership = await NodeMembership.join(store, config, log)
+    } catch (err) {
+      await store.close()
+      throw err
+    }
+    const node = new UkaiNode(config, store, membership)
+    membership.on('lost', () => node.leaseLost())
+    membership.on('rejoined', () => { for (const name of node.volumes.keys()) node.recordOpens(name) })
+    try {
+      node.watcher = await store.watch({
+        onImage: (name) => { void node.reload(name) },
+        onReset: () => { void node.reloadAll() }
+      })
+      await node.reloadAll()
+    } catch (err) {
+      await node.close()
+      throw err
+    }
     return node
   }
 
-  // ReplicaProvider: this node's own location is served from its block
-  // files; every other location through the peer protocol (NBD to its
-  // proxy port), one RemoteReplica per node with pooled connections.
+  // ---- ClusterContext -------------------------------------------------------------
+
+  get nodeId (): string { return this.config.id }
+  leaseId (): string { return this.membership.leaseId }
+
+  async leaseValid (): Promise<void> {
+    await this.membership.waitValid(this.config.io_timeout * 1000)
+  }
+
+  changeDeadline (): number {
+    return Math.min(this.membership.validUntil, Date.now() + 60_000)
+  }
+
+  private isMe (node: string): boolean {
+    try { return isLocalLocation(this.config, node) } catch { return false }
+  }
+
+  private sameNode (a: string, b: string): boolean {
+    try { return canonicalLocation(a, this.config.proxy_port) === canonicalLocation(b, this.config.proxy_port) } catch { return false }
+  }
+
+  /**
+   * A live writer may be fenced by this node when this node is one of the
+   * image's hypervisors (a VM migrating here), when the holder is this
+   * node (an earlier session), or when the holder only resyncs or
+   * reconciles and has no writer open.
+   */
+  mayTakeOver (holder: WriterRecord, st: ImageState): boolean {
+    if (this.isMe(holder.node)) return true
+    if (st.meta.hypervisors.some((h) => this.isMe(h))) return true
+    return holder.purpose === 'sync' && !st.opens.some((o) => this.sameNode(o.node, holder.node) && o.writers > 0)
+  }
+
+  async fenceOthers (image: string, grant: WriterGrant, meta: ImageMeta): Promise<RangeSet | undefined> {
+    const targets = new Map<string, string>()
+    for (const loc of meta.locations.keys()) targets.set(canonicalLocation(loc, this.config.proxy_port), loc)
+    const prev = grant.previous
+    if (prev !== undefined) targets.set(canonicalLocation(prev.node, this.config.proxy_port), prev.node)
+    const replies = new Map<string, FenceReply | undefined>()
+    await Promise.all([...targets].map(async ([key, loc]) => {
+      if (this.isMe(loc)) {
+        replies.set(key, await this.handleFence(image, grant.generation))
+        return
+      }
+      try {
+        replies.set(key, await this.images.directory.fence(loc, image, grant.generation, this.config.io_timeout * 1000))
+      } catch (err) {
+        this.emit('warning', `image '${image}': node ${loc} could not be fenced for writer generation ${grant.generation}: ${toUkaiError(err).message}`)
+        replies.set(key, undefined)
+      }
+    }))
+    if (prev === undefined) return undefined
+    const reply = replies.get(canonicalLocation(prev.node, this.config.proxy_port))
+    const s = reply?.sessions.find((x) => x.session === prev.session)
+    return s === undefined ? undefined : new RangeSet(s.unsafe)
+  }
+
+  async publish (image: string, revision: number): Promise<void> {
+    const st = await this.store.state(image).catch(() => undefined)
+    if (st === undefined) return
+    await Promise.all(st.opens.filter((o) => !this.isMe(o.node)).map(async (o) => {
+      try {
+        await this.images.directory.refresh(o.node, image, revision, this.config.io_timeout * 1000)
+      } catch (err) {
+        this.emit('warning', `image '${image}': node ${o.node}, which has it open, did not confirm revision ${revision}: ${toUkaiError(err).message}`)
+      }
+    }))
+  }
+
+  // ---- requests from other nodes ----------------------------------------------------
+
+  /**
+   * Another node holds the writer lease of `image` at `generation` now:
+   * this node's replica refuses older generations (once the writes
+   * already inside have finished), and this node's older sessions end.
+   */
+  async handleFence (image: string, generation: number): Promise<FenceReply> {
+    const st = await this.store.requireState(image)
+    if (!Number.isSafeInteger(generation) || generation < 1 || generation > st.generation) {
+      throw new UkaiError('UKAI_ERR_INVALID_ARGUMENT', `image '${image}' has no writer generation ${generation} (the latest is ${st.generation})`)
+    }
+    await this.fences.raise(image, generation)
+    const sessions = this.volumes.get(image)?.volume.fenceSession(generation) ?? []
+    return { sessions: sessions.map((s) => ({ session: s.session, unsafe: s.unsafe.toJSON() })) }
+  }
+
+  /** Resolves once this node's view of `image` is at `revision` or newer. */
+  async handleRefresh (image: string, revision: number): Promise<{ revision: number }> {
+    if ((this.imageMeta(image)?.revision ?? 0) < revision) await this.reload(image)
+    const now = this.imageMeta(image)?.revision ?? 0
+    if (now < revision && this.known.has(image)) {
+      throw new UkaiError('UKAI_ERR_INTERNAL', `image '${image}': read revision ${now}, older than ${revision}`)
+    }
+    return { revision: now }
+  }
+
+  /** This node's lease ended: every writer session on it is gone. */
+  private leaseLost (): void {
+    this.emit('warning', `node ${this.config.id} lost its lease with the metadata store; its writers are fenced`)
+    for (const { volume } of this.volumes.values()) volume.fenceSession()
+  }
+
+  // ---- ReplicaProvider ----------------------------------------------------------------
+
+  // This node's own location is served from its block files; every other
+  // location through the peer protocol (NBD to its proxy port), one
+  // RemoteReplica per node with pooled connections.
   replicaFor (location: string): Replica | undefined {
     // Called for every piece of every I/O: answered from a cache.
     const r = this.remotes.get(location)
@@ -82,6 +245,8 @@ export class UkaiNode extends EventEmitter implements ReplicaProvider {
     return remote
   }
 
+  // ---- image metadata ----------------------------------------------------------------
+
   /** Names of the images this node knows, sorted. */
   imageNames (): string[] {
     return [...this.known.keys()].sort()
@@ -97,21 +262,44 @@ export class UkaiNode extends EventEmitter implements ReplicaProvider {
     return this.known.get(name)?.seen
   }
 
-  /** Re-reads one image's metadata from the store after a change. */
+  private async reloadAll (): Promise<void> {
+    const names = new Set([...await this.store.list(), ...this.known.keys()])
+    await Promise.all([...names].map(async (n) => await this.reload(n)))
+  }
+
+  /** Re-reads one image's state from the store after a change; calls for one image are coalesced. */
   async reload (name: string): Promise<void> {
+    const busy = this.reloading.get(name)
+    if (busy !== undefined) {
+      busy.again = true
+      return await busy.done
+    }
+    const entry = { again: false, done: Promise.resolve() }
+    entry.done = (async () => {
+      do {
+        entry.again = false
+        await this.reloadOnce(name)
+      } while (entry.again)
+    })().finally(() => this.reloading.delete(name))
+    this.reloading.set(name, entry)
+    await entry.done
+  }
+
+  private async reloadOnce (name: string): Promise<void> {
     if (this.closed) return
-    let meta: ImageMeta | undefined
+    let st: ImageState | undefined
     try {
-      meta = await this.store.get(name)
+      st = await this.store.state(name)
     } catch (err) {
       this.emit('warning', `metadata of image '${name}' could not be read: ${(err as Error).message}`)
       return
     }
     const had = this.known.get(name)
-    if (meta === undefined) {
+    if (st === undefined) {
       if (had !== undefined) {
         this.known.delete(name)
         this.ioStats.delete(name)
+        this.fences.drop(name)
         this.emit('images')
         // Destroyed by another node: this node's replica goes too.
         if ([...had.meta.locations.keys()].some((l) => isLocalLocation(this.config, l)) && !this.isOpen(name)) {
@@ -121,19 +309,29 @@ export class UkaiNode extends EventEmitter implements ReplicaProvider {
       }
       return
     }
-    if (had !== undefined && had.meta.generation > meta.generation) return
-    this.known.set(name, { meta, seen: had?.seen ?? new Date() })
-    this.volumes.get(name)?.volume.refresh(meta)
+    if (had !== undefined && had.incarnation === st.incarnation && had.meta.revision > st.meta.revision) return
+    if (had !== undefined && had.incarnation !== st.incarnation) this.fences.drop(name)
+    this.known.set(name, { meta: st.meta, seen: had?.seen ?? new Date(), incarnation: st.incarnation })
+    const volume = this.volumes.get(name)?.volume
+    volume?.refresh(st.meta)
+    // Another session holds the writer lease: older generations are fenced here.
+    const w = st.writer
+    if (w !== undefined && w.generation > this.fences.fenceOf(name)) {
+      void this.fences.raise(name, w.generation)
+      if (volume !== undefined && !volume.ownsSession(w.session)) volume.fenceSession(w.generation)
+    }
     if (had === undefined) this.emit('images')
   }
+
+  // ---- volumes and opens ----------------------------------------------------------------
 
   /** The shared volume of an image; each call must be paired with releaseVolume. */
   async acquireVolume (name: string): Promise<Volume> {
     const open = this.volumes.get(name)
     if (open !== undefined) {
       open.refs++
-      // Another opener may still be reconciling the image.
-      await open.ready.catch(() => {})
+      // Another opener may still be recovering the image.
+      await open.ready
       return open.volume
     }
     const meta = await this.store.get(name)
@@ -141,22 +339,32 @@ export class UkaiNode extends EventEmitter implements ReplicaProvider {
     const again = this.volumes.get(name)
     if (again !== undefined) {
       again.refs++
-      await again.ready.catch(() => {})
+      await again.ready
       return again.volume
     }
     let stats = this.ioStats.get(name)
     if (stats === undefined) { stats = newIoStats(); this.ioStats.set(name, stats) }
-    const volume = new Volume(meta, { store: this.store, replicas: this, errors: this.errors, stats })
-    const entry = { volume, refs: 1, ready: volume.reconcile() }
+    const volume = new Volume(meta, { store: this.store, replicas: this, errors: this.errors, cluster: this, stats })
+    const entry = { volume, refs: 1, ready: this.recover(volume) }
     this.volumes.set(name, entry)
-    try {
-      const n = await entry.ready
-      if (n > 0) this.emit('warning', `image '${name}': reconciled ${n} block(s) left dirty by a writer that stopped`)
-    } catch (err) {
-      this.volumes.delete(name)
-      throw err
-    }
+    await entry.ready
     return volume
+  }
+
+  /**
+   * A writer that died left blocks in the dirty-block log and nobody
+   * writes the image now: they are reconciled before anyone reads them.
+   * (A live writer's log is its own business.)
+   */
+  private async recover (volume: Volume): Promise<void> {
+    try {
+      const st = await this.store.state(volume.name)
+      if (st === undefined || st.dirty.isEmpty || st.writer !== undefined) return
+      const n = await volume.recover()
+      if (n > 0) this.emit('warning', `image '${volume.name}': reconciled ${n} block(s) left dirty by a writer that stopped`)
+    } catch (err) {
+      this.emit('warning', `image '${volume.name}': the blocks a stopped writer left dirty were not reconciled: ${toUkaiError(err).message}`)
+    }
   }
 
   async releaseVolume (volume: Volume): Promise<void> {
@@ -164,10 +372,89 @@ export class UkaiNode extends EventEmitter implements ReplicaProvider {
     if (open === undefined || open.volume !== volume) return
     if (--open.refs > 0) return
     this.volumes.delete(volume.name)
-    await volume.flush().catch(() => {})
-    // Everything is flushed and nothing is in flight: the log can go.
-    await volume.trimDirtyLog().catch(() => {})
+    // Everything flushed, the dirty-block log emptied, the lease given back.
+    await volume.close().catch(() => {})
     await this.blocks.closeImage(volume.name).catch(() => {})
+  }
+
+  /**
+   * Opens an image for a hypervisor (a FUSE open, an NBD connection). An
+   * open for writing is refused (UKAI_ERR_BUSY) while another node has the
+   * image open for writing or holds its writer lease, unless this node is
+   * one of the image's hypervisors (a live migration's destination: it
+   * takes the lease over at its first write); on this node a second
+   * writer is refused as well. Every open is recorded in the metadata
+   * store (who has the image open, cluster-wide).
+   */
+  async openImage (name: string, write: boolean, who: string): Promise<ImageOpen> {
+    if (this.imageMeta(name) === undefined && await this.store.get(name) === undefined) throw imageNotFound(name)
+    const volume = await this.acquireVolume(name)
+    let end: () => Promise<void>
+    try {
+      if (write) {
+        const st = await this.store.requireState(name)
+        const other = this.otherWriter(st)
+        if (other !== undefined && !st.meta.hypervisors.some((h) => this.isMe(h))) {
+          throw new UkaiError('UKAI_ERR_BUSY',
+            `image '${name}' is open for writing on node ${other}; a second writer is refused (add this node to the image's hypervisors to let a VM migrate here)`,
+            { image: name, writer: other })
+        }
+      }
+      end = volume.open(write, who)
+    } catch (err) {
+      await this.releaseVolume(volume)
+      throw err
+    }
+    try {
+      await this.recordOpens(name)
+    } catch (err) {
+      await end()
+      await this.releaseVolume(volume)
+      throw err
+    }
+    let closed = false
+    return {
+      volume,
+      write,
+      close: async () => {
+        if (closed) return
+        closed = true
+        await end()
+        await this.releaseVolume(volume)
+        await this.recordOpens(name).catch((err) => this.emit('warning', `image '${name}': recording its close: ${toUkaiError(err).message}`))
+      }
+    }
+  }
+
+  /** The registration of the node that writes the image, when that is not this node. */
+  async writerElsewhere (name: string): Promise<NodeInfo | undefined> {
+    const other = this.otherWriter(await this.store.requireState(name))
+    if (other === undefined) return undefined
+    const info = await this.images.directory.find(other)
+    if (info === undefined) throw new UkaiError('UKAI_ERR_UNAVAILABLE', `image '${name}' is written by node ${other}, which has not registered`)
+    return info
+  }
+
+  /** Another node that writes the image (an open for writing, or the writer lease of a writer). */
+  private otherWriter (st: ImageState): string | undefined {
+    const open = st.opens.find((o) => o.writers > 0 && !this.isMe(o.node))
+    if (open !== undefined) return open.node
+    const w = st.writer
+    if (w !== undefined && !this.isMe(w.node) && w.purpose === 'write') return w.node
+    return undefined
+  }
+
+  /** Stores how many readers and writers this node has of `name`; the latest counts win. */
+  private recordOpens (name: string): Promise<void> {
+    const prev = this.openWrites.get(name) ?? Promise.resolve()
+    const run = prev.catch(() => {}).then(async () => {
+      const v = this.volumes.get(name)?.volume
+      const counts = { readers: v?.readerCount ?? 0, writers: v?.hasWriter === true ? 1 : 0 }
+      await this.store.putOpen(name, this.config.id, counts, this.membership.leaseId, { until: this.changeDeadline() })
+    })
+    this.openWrites.set(name, run)
+    void run.finally(() => { if (this.openWrites.get(name) === run) this.openWrites.delete(name) }).catch(() => {})
+    return run
   }
 
   /** I/O counters of an image since this node started (zeros when never opened). */
@@ -183,6 +470,8 @@ export class UkaiNode extends EventEmitter implements ReplicaProvider {
     return [...this.volumes.values()].map((v) => v.volume)
   }
 
+  // ---- image lifecycle ----------------------------------------------------------------
+
   async createImage (req: unknown): Promise<ImageMeta> {
     const meta = await this.images.create(req)
     await this.reload(meta.name)
@@ -197,10 +486,18 @@ export class UkaiNode extends EventEmitter implements ReplicaProvider {
 
   async destroyImage (name: string): Promise<void> {
     if (this.isOpen(name)) {
-      throw new UkaiError('UKAI_ERR_BUSY', `image '${name}' is open; stop its users before destroying it`, { image: name })
+      throw new UkaiError('UKAI_ERR_BUSY', `image '${name}' is open on this node; stop its users before destroying it`, { image: name })
     }
     await this.images.destroy(name)
     await this.reload(name)
+  }
+
+  /** Removes a location's blocks; every node that has the image open applies it before this returns. */
+  async removeLocation (name: string, location: unknown, start?: number, end?: number): Promise<ImageMeta> {
+    const meta = await this.images.removeLocation(name, location, start, end)
+    await this.reload(name)
+    await this.publish(name, meta.revision)
+    return meta
   }
 
   /**
@@ -224,14 +521,13 @@ export class UkaiNode extends EventEmitter implements ReplicaProvider {
   async close (): Promise<void> {
     if (this.closed) return
     this.closed = true
-    this.unwatch?.()
-    for (const { volume } of this.volumes.values()) {
-      await volume.flush().catch(() => {})
-      await volume.trimDirtyLog().catch(() => {})
-    }
+    await this.watcher?.close()
+    for (const { volume } of this.volumes.values()) await volume.close().catch(() => {})
     this.volumes.clear()
     for (const r of this.remotes.values()) if (r instanceof RemoteReplica) await r.close()
     await this.blocks.close()
+    // The lease ends: this node's registration, opens and writer leases go with it.
+    await this.membership.close()
     await this.store.close()
   }
 }

@@ -1,16 +1,31 @@
 /**
  * A replica on another node, reached through the peer protocol: NBD to
- * the node's proxy port, one export per image, `replica/<image>`, whose
- * byte offsets are the image's (block * block_size + offset). Connections
- * are pooled per image and opened on first use; a request never opens a
- * connection of its own. Latency is measured on every request so reads
- * can prefer the closest node.
+ * the node's proxy port, whose byte offsets are the image's
+ * (block * block_size + offset). Reads go to the export `replica/<image>`
+ * (read-only); a writer's requests to `replica/<image>@<generation>`, the
+ * export of its writer generation, which the peer checks against the
+ * metadata store when the connection opens and fences when a newer
+ * generation takes over. Connections are pooled per export and opened on
+ * first use; a request never opens a connection of its own. Latency is
+ * measured on every request so reads can prefer the closest node.
  */
 import { UkaiError } from '../errors.js'
 import type { DiscardMode, Replica } from '../replica/replica.js'
 import { NbdClient, type NbdTarget } from './nbd-client.js'
 
 export const REPLICA_EXPORT_PREFIX = 'replica/'
+
+/** The export a peer serves a replica under: read-only, or for the writer of `generation`. */
+export function replicaExportName (image: string, generation?: number): string {
+  return generation === undefined ? `${REPLICA_EXPORT_PREFIX}${image}` : `${REPLICA_EXPORT_PREFIX}${image}@${generation}`
+}
+
+/** The image and generation an export name asks for, or undefined when it is no replica export. */
+export function parseReplicaExport (name: string): { image: string, generation: number | undefined } | undefined {
+  const m = /^replica\/([^@/]+)(?:@([1-9][0-9]{0,15}))?$/.exec(name)
+  if (m === null) return undefined
+  return { image: m[1]!, generation: m[2] === undefined ? undefined : Number(m[2]) }
+}
 
 export interface RemoteReplicaOptions {
   timeoutMs: number
@@ -20,13 +35,14 @@ export interface RemoteReplicaOptions {
   blockSizeOf: (image: string) => number | undefined
 }
 
-interface Pool { clients: NbdClient[], next: number, connecting: Promise<NbdClient> | undefined }
+interface Pool { image: string, clients: NbdClient[], next: number, connecting: Promise<NbdClient> | undefined }
 
 export class RemoteReplica implements Replica {
   readonly isLocal = false
   readonly location: string
   readonly target: NbdTarget
   private readonly options: RemoteReplicaOptions
+  /** Pools per export name. */
   private readonly pools = new Map<string, Pool>()
   /** Smoothed request latency in ms (undefined until measured). */
   rtt: number | undefined
@@ -47,11 +63,17 @@ export class RemoteReplica implements Replica {
     return bs
   }
 
-  private async client (image: string): Promise<NbdClient> {
-    let pool = this.pools.get(image)
+  /** A connection of the pool for `image` (for the writer of `generation`, if given). */
+  private async client (image: string, generation?: number): Promise<NbdClient> {
+    const name = replicaExportName(image, generation)
+    let pool = this.pools.get(name)
     if (pool === undefined) {
-      pool = { clients: [], next: 0, connecting: undefined }
-      this.pools.set(image, pool)
+      // A new generation's pool: the older one's connections are refused from now on.
+      if (generation !== undefined) {
+        for (const [n, p] of this.pools) if (p.image === image && n !== replicaExportName(image)) void this.closePool(n)
+      }
+      pool = { image, clients: [], next: 0, connecting: undefined }
+      this.pools.set(name, pool)
     }
     pool.clients = pool.clients.filter((c) => !c.closed)
     const want = this.options.connections ?? 2
@@ -61,7 +83,7 @@ export class RemoteReplica implements Replica {
     }
     if (pool.connecting === undefined) {
       const p = pool
-      pool.connecting = NbdClient.connect(this.target, REPLICA_EXPORT_PREFIX + image, { timeoutMs: this.options.timeoutMs })
+      pool.connecting = NbdClient.connect(this.target, name, { timeoutMs: this.options.timeoutMs })
         .then((c) => { p.clients.push(c); return c })
         .finally(() => { p.connecting = undefined })
     }
@@ -82,24 +104,27 @@ export class RemoteReplica implements Replica {
     await this.timed(async () => await c.read(at, buf))
   }
 
-  async write (image: string, block: number, offset: number, data: Buffer): Promise<void> {
+  async write (image: string, block: number, offset: number, data: Buffer, generation: number): Promise<void> {
     const at = this.base(image, block) + offset
-    const c = await this.client(image)
+    const c = await this.client(image, generation)
     await this.timed(async () => await c.write(at, data))
   }
 
-  async discard (image: string, block: number, offset: number, length: number, mode: DiscardMode): Promise<void> {
+  async discard (image: string, block: number, offset: number, length: number, mode: DiscardMode, generation: number): Promise<void> {
     const at = this.base(image, block) + offset
-    const c = await this.client(image)
+    const c = await this.client(image, generation)
     if (mode === 'trim') await c.trim(at, length)
     else await c.writeZeroes(at, length, mode === 'zero-allocated')
   }
 
   async flush (image: string): Promise<void> {
-    // Every connection of the pool: a flush covers its own connection's writes.
-    await this.client(image)
-    const pool = this.pools.get(image)!
-    await Promise.all(pool.clients.filter((c) => !c.closed).map(async (c) => await c.flush()))
+    // Every connection that wrote: a flush covers its own connection's writes.
+    const writers = [...this.pools.entries()].filter(([n, p]) => p.image === image && n !== replicaExportName(image))
+    if (writers.length === 0) {
+      await (await this.client(image)).flush()
+      return
+    }
+    await Promise.all(writers.flatMap(([, p]) => p.clients.filter((c) => !c.closed)).map(async (c) => await c.flush()))
   }
 
   /** Without block status on the peer path, a remote block is all data. */
@@ -107,14 +132,18 @@ export class RemoteReplica implements Replica {
     return this.blockSize(image)
   }
 
-  /** Drops the connections of one image (it was closed or destroyed). */
-  async closeImage (image: string): Promise<void> {
-    const pool = this.pools.get(image)
-    this.pools.delete(image)
+  private async closePool (name: string): Promise<void> {
+    const pool = this.pools.get(name)
+    this.pools.delete(name)
     await Promise.all((pool?.clients ?? []).map(async (c) => await c.close().catch(() => {})))
   }
 
+  /** Drops the connections of one image (it was closed or destroyed). */
+  async closeImage (image: string): Promise<void> {
+    await Promise.all([...this.pools].filter(([, p]) => p.image === image).map(async ([n]) => await this.closePool(n)))
+  }
+
   async close (): Promise<void> {
-    for (const image of [...this.pools.keys()]) await this.closeImage(image)
+    await Promise.all([...this.pools.keys()].map(async (n) => await this.closePool(n)))
   }
 }

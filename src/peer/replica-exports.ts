@@ -1,12 +1,19 @@
 /**
  * The peer side of the peer protocol: this node's replicas served as NBD
- * exports named `replica/<image>` on the proxy port, so other nodes reach
- * this node's block files with the same NBD server code that serves
- * hypervisors. An export's byte offsets are the image's; every request is
- * checked against the blocks this node holds in the image's metadata, so
- * a peer with a stale view can never scatter data where it does not
- * belong. The I/O goes straight to the block store, never through a
- * Volume (a replica is not replicated again).
+ * exports on the proxy port, so other nodes reach this node's block files
+ * with the same NBD server code that serves hypervisors. An export's byte
+ * offsets are the image's; every request is checked against the blocks
+ * this node holds in the image's metadata, so a peer with a stale view
+ * can never scatter data where it does not belong. The I/O goes straight
+ * to the block store, never through a Volume (a replica is not replicated
+ * again).
+ *
+ * `replica/<image>` is read-only. Writes come through
+ * `replica/<image>@<generation>`, the export of one writer generation:
+ * opening it is refused unless the metadata store says that generation
+ * holds the image's writer lease now, and every write passes this node's
+ * fence (fences.ts), so a writer that was taken over from cannot write
+ * here once the new one has fenced this node or connected to it.
  */
 import { UkaiError, imageNotFound } from '../errors.js'
 import type { BlockStore, DiscardMode } from '../blockstore/block-store.js'
@@ -16,7 +23,7 @@ import type { ImageMeta, LocationState } from '../metadata/image.js'
 import type { UkaiNode } from '../node/node.js'
 import { splitRange, type Piece } from '../volume/block-math.js'
 import type { Extent } from '../volume/volume.js'
-import { REPLICA_EXPORT_PREFIX } from './remote-replica.js'
+import { parseReplicaExport } from './remote-replica.js'
 
 export class ReplicaExports implements ExportProvider {
   private readonly node: UkaiNode
@@ -28,32 +35,42 @@ export class ReplicaExports implements ExportProvider {
   /** Replica exports are not listed: peers know what they ask for. */
   list (): string[] { return [] }
 
-  private held (name: string): { image: string, meta: ImageMeta, here: LocationState } | undefined {
-    if (!name.startsWith(REPLICA_EXPORT_PREFIX)) return undefined
-    const image = name.slice(REPLICA_EXPORT_PREFIX.length)
+  private held (name: string): { image: string, generation: number | undefined, meta: ImageMeta, here: LocationState } | undefined {
+    const parsed = parseReplicaExport(name)
+    if (parsed === undefined) return undefined
+    const { image, generation } = parsed
     const meta = this.node.imageMeta(image)
     if (meta === undefined) return undefined
     for (const [loc, st] of meta.locations) {
-      if (isLocalLocation(this.node.config, loc)) return { image, meta, here: st }
+      if (isLocalLocation(this.node.config, loc)) return { image, generation, meta, here: st }
     }
     return undefined
   }
 
   describe (name: string): ExportInfo | undefined {
     const h = this.held(name)
-    return h === undefined ? undefined : { size: h.meta.size, readOnly: false }
+    return h === undefined ? undefined : { size: h.meta.size, readOnly: h.generation === undefined }
   }
 
   async open (name: string): Promise<OpenExport> {
     const h = this.held(name)
     if (h === undefined) throw imageNotFound(name)
+    if (h.generation !== undefined) {
+      // Only the writer the metadata store names now may write here.
+      const st = await this.node.store.requireState(h.image)
+      if (st.writer === undefined || st.writer.generation !== h.generation) {
+        throw new UkaiError('UKAI_ERR_FENCED',
+          `image '${h.image}': writer generation ${h.generation} does not hold the writer lease (${st.writer === undefined ? 'nobody does' : `generation ${st.writer.generation} of node ${st.writer.node} does`})`)
+      }
+      await this.node.fences.raise(h.image, h.generation)
+    }
     // A replica placed here by another node is allocated on first contact.
     if (!await this.node.blocks.has(h.image)) await this.node.blocks.allocate(h.image)
     return {
       name,
       size: h.meta.size,
-      readOnly: false,
-      backend: new ReplicaBackend(this.node, h.image),
+      readOnly: h.generation === undefined,
+      backend: new ReplicaBackend(this.node, h.image, h.generation ?? 0),
       close: async () => {}
     }
   }
@@ -63,11 +80,20 @@ class ReplicaBackend implements NbdBackend {
   private readonly node: UkaiNode
   private readonly blocks: BlockStore
   private readonly image: string
+  /** The writer generation this connection writes for (0: read-only). */
+  private readonly generation: number
 
-  constructor (node: UkaiNode, image: string) {
+  constructor (node: UkaiNode, image: string, generation: number) {
     this.node = node
     this.blocks = node.blocks
     this.image = image
+    this.generation = generation
+  }
+
+  /** Runs a write of this connection's generation through the fence. */
+  private async fenced<T> (fn: () => Promise<T>): Promise<T> {
+    const leave = this.node.fences.enter(this.image, this.generation)
+    try { return await fn() } finally { leave() }
   }
 
   get blockSize (): number { return this.meta().blockSize }
@@ -101,8 +127,8 @@ class ReplicaBackend implements NbdBackend {
   }
 
   async write (offset: number, data: Buffer): Promise<void> {
-    await Promise.all(this.pieces(offset, data.length).map(async (p) =>
-      await this.blocks.write(this.image, p.block, p.offset, data.subarray(p.bufferOffset, p.bufferOffset + p.length))))
+    await this.fenced(async () => await Promise.all(this.pieces(offset, data.length).map(async (p) =>
+      await this.blocks.write(this.image, p.block, p.offset, data.subarray(p.bufferOffset, p.bufferOffset + p.length)))))
   }
 
   async flush (): Promise<void> {
@@ -110,8 +136,8 @@ class ReplicaBackend implements NbdBackend {
   }
 
   private async discard (offset: number, length: number, mode: DiscardMode): Promise<void> {
-    await Promise.all(this.pieces(offset, length).map(async (p) =>
-      await this.blocks.discard(this.image, p.block, p.offset, p.length, mode)))
+    await this.fenced(async () => await Promise.all(this.pieces(offset, length).map(async (p) =>
+      await this.blocks.discard(this.image, p.block, p.offset, p.length, mode))))
   }
 
   async trim (offset: number, length: number): Promise<void> {

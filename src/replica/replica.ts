@@ -5,6 +5,7 @@
  * this node (LocalReplica) or on a peer.
  */
 import type { BlockStore, DiscardMode } from '../blockstore/block-store.js'
+import type { FenceTable } from '../node/fences.js'
 
 export type { DiscardMode }
 
@@ -15,9 +16,13 @@ export interface Replica {
   /** Smoothed request latency in ms, for remote replicas once measured. */
   readonly rtt?: number | undefined
   read (image: string, block: number, offset: number, buf: Buffer): Promise<void>
-  write (image: string, block: number, offset: number, data: Buffer): Promise<void>
+  /**
+   * Writes as the writer of `generation`: a replica that has seen a newer
+   * generation refuses it (UKAI_ERR_FENCED).
+   */
+  write (image: string, block: number, offset: number, data: Buffer, generation: number): Promise<void>
   /** Trims or zeroes a range; see BlockStore.discard for the modes. */
-  discard (image: string, block: number, offset: number, length: number, mode: DiscardMode): Promise<void>
+  discard (image: string, block: number, offset: number, length: number, mode: DiscardMode, generation: number): Promise<void>
   flush (image: string): Promise<void>
   /** Bytes from the start of the block that may hold data (the rest reads as zeros). */
   allocatedLength (image: string, block: number): Promise<number>
@@ -28,26 +33,35 @@ export interface ReplicaProvider {
   replicaFor (location: string): Replica | undefined
 }
 
+/** This node's replicas: its block files, behind the node's fences. */
 export class LocalReplica implements Replica {
   readonly isLocal = true
   readonly location: string
   private readonly blocks: BlockStore
+  private readonly fences: FenceTable
 
-  constructor (location: string, blocks: BlockStore) {
+  constructor (location: string, blocks: BlockStore, fences: FenceTable) {
     this.location = location
     this.blocks = blocks
+    this.fences = fences
   }
 
   async read (image: string, block: number, offset: number, buf: Buffer): Promise<void> {
     await this.blocks.read(image, block, offset, buf)
   }
 
-  async write (image: string, block: number, offset: number, data: Buffer): Promise<void> {
-    await this.blocks.write(image, block, offset, data)
+  async write (image: string, block: number, offset: number, data: Buffer, generation: number): Promise<void> {
+    const leave = this.fences.enter(image, generation)
+    try {
+      await this.blocks.write(image, block, offset, data)
+    } finally { leave() }
   }
 
-  async discard (image: string, block: number, offset: number, length: number, mode: DiscardMode): Promise<void> {
-    await this.blocks.discard(image, block, offset, length, mode)
+  async discard (image: string, block: number, offset: number, length: number, mode: DiscardMode, generation: number): Promise<void> {
+    const leave = this.fences.enter(image, generation)
+    try {
+      await this.blocks.discard(image, block, offset, length, mode)
+    } finally { leave() }
   }
 
   async flush (image: string): Promise<void> {

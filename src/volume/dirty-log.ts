@@ -2,13 +2,22 @@
  * The dirty-block log of one open image (DRBD's activity log is the
  * model). A block with two or more in-sync replicas is added, durably,
  * before the first write reaches it, and stays while writes to it are in
- * flight or not yet covered by a completed flush. Whoever opens the image
- * next reconciles the logged blocks (Volume.reconcile), so a writer that
- * died between replicas never leaves two in-sync replicas that differ
- * (DESIGN.md invariant 4).
+ * flight or not yet covered by a completed flush. Only the holder of the
+ * image's writer lease changes the log (every change is guarded by its
+ * lease), and whoever takes the lease over from a writer that died or was
+ * fenced reconciles the logged blocks, so a writer that died between
+ * replicas never leaves two in-sync replicas that differ (DESIGN.md
+ * invariant 4).
  */
 import type { MetadataStore } from '../metadata/store.js'
 import { RangeSet } from '../metadata/range-set.js'
+
+/** What a change of the log needs of the writer session it is for. */
+export interface LogOwner {
+  guard: number
+  /** Until when (ms since the epoch) a change may wait for an unreachable metadata store. */
+  until?: () => number
+}
 
 /** What a flush must remember from its start to trim the log after it. */
 export interface FlushMark {
@@ -23,6 +32,8 @@ export class DirtyLog {
   private readonly image: string
   /** The log as it is stored (durable). */
   private stored = new RangeSet()
+  /** The log being written right now (it replaces `stored` once durable). */
+  private writing: RangeSet | undefined
   /** Changes run one at a time, in order. */
   private queue: Promise<void> = Promise.resolve()
   /** Writes in flight per block. */
@@ -40,14 +51,16 @@ export class DirtyLog {
   get size (): number { return this.stored.size }
 
   /** Runs `fn` (a write to `blocks`) with those blocks durably logged first. */
-  async around<T> (blocks: number[], fn: () => Promise<T>): Promise<T> {
+  async around<T> (owner: LogOwner, blocks: number[], fn: () => Promise<T>): Promise<T> {
     for (const b of blocks) {
       this.inflight.set(b, (this.inflight.get(b) ?? 0) + 1)
       this.lastWrite.set(b, this.epoch)
     }
     try {
-      const missing = blocks.filter((b) => !this.stored.has(b))
-      if (missing.length > 0) await this.change((d) => { for (const b of missing) d.add(b, b + 1); return d })
+      // Logged means: durable now, and not dropped by the change being
+      // written (a trim that started before this write was in flight).
+      const missing = blocks.filter((b) => !this.stored.has(b) || (this.writing !== undefined && !this.writing.has(b)))
+      if (missing.length > 0) await this.change(owner, (d) => { for (const b of missing) d.add(b, b + 1); return d })
       return await fn()
     } finally {
       for (const b of blocks) {
@@ -70,11 +83,11 @@ export class DirtyLog {
    * writer does not pay a metadata write per flush. Without a mark (the
    * last writer closed, everything flushed), every block not in flight.
    */
-  async trim (keep: number, mark?: FlushMark): Promise<void> {
+  async trim (owner: LogOwner, keep: number, mark?: FlushMark): Promise<void> {
     if (this.stored.size <= keep) return
     const before = mark?.epoch ?? this.epoch + 1
     const pinned = mark?.pinned ?? new Set<number>()
-    await this.change((d) => {
+    await this.change(owner, (d) => {
       const next = new RangeSet()
       for (const b of d.values()) {
         if (this.inflight.has(b) || pinned.has(b) || (this.lastWrite.get(b) ?? -1) >= before) next.add(b, b + 1)
@@ -84,23 +97,29 @@ export class DirtyLog {
     })
   }
 
-  /** The stored log, read back (when the image is opened). */
-  async load (): Promise<RangeSet> {
-    this.stored = await this.store.getDirty(this.image)
-    return this.stored.clone()
+  /** Takes the log as the store holds it (when this node becomes the image's writer). */
+  adopt (stored: RangeSet): void {
+    this.stored = stored.clone()
+    this.lastWrite.clear()
   }
 
-  async clear (): Promise<void> {
-    await this.change(() => new RangeSet())
+  /** Blocks with writes in flight. */
+  inflightBlocks (): number[] {
+    return [...this.inflight.keys()]
   }
 
   /** Applies `fn` to the log and stores the result, one change at a time. */
-  private async change (fn: (d: RangeSet) => RangeSet): Promise<void> {
+  private async change (owner: LogOwner, fn: (d: RangeSet) => RangeSet): Promise<void> {
     const run = this.queue.then(async () => {
       const next = fn(this.stored.clone())
       if (next.equals(this.stored)) return
-      await this.store.putDirty(this.image, next)
-      this.stored = next
+      this.writing = next
+      try {
+        await this.store.putDirty(this.image, next, { guard: owner.guard, until: owner.until?.() })
+        this.stored = next
+      } finally {
+        this.writing = undefined
+      }
     })
     this.queue = run.catch(() => {})
     await run

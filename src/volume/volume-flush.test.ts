@@ -11,9 +11,12 @@ import { test } from 'node:test'
 import assert from 'node:assert/strict'
 import { join } from 'node:path'
 import { BlockStore } from '../blockstore/block-store.js'
-import { FileMetadataStore } from '../metadata/file-store.js'
+import { FileCore } from '../metadata/file-core.js'
 import { ImageMeta } from '../metadata/image.js'
+import { MetadataStore } from '../metadata/store.js'
+import { FenceTable } from '../node/fences.js'
 import { LocalReplica, type Replica } from '../replica/replica.js'
+import { testCluster } from '../../test/helpers/cluster-context.js'
 import { makeTmpDir } from '../../test/helpers/tmp.js'
 import { NodeErrors } from './node-errors.js'
 import { Volume } from './volume.js'
@@ -21,7 +24,7 @@ import { Volume } from './volume.js'
 test('a flush waits for an earlier flush still syncing the writes it covers', async (t) => {
   const dir = await makeTmpDir('ukai-flush-')
   t.after(dir.cleanup)
-  const store = await FileMetadataStore.open(join(dir.path, 'metadata'), 22222)
+  const store = new MetadataStore(await FileCore.open(join(dir.path, 'metadata')), 22222)
   const blocks = new BlockStore(join(dir.path, 'blocks'), '%016d')
   t.after(async () => { await blocks.close(); await store.close() })
   await blocks.allocate('img')
@@ -34,7 +37,8 @@ test('a flush waits for an earlier flush still syncing the writes it covers', as
   const events: string[] = []
   let open!: () => void
   const gate = new Promise<void>((resolve) => { open = resolve })
-  const real = new LocalReplica('127.0.0.1:1', blocks)
+  const fences = new FenceTable()
+  const real = new LocalReplica('127.0.0.1:1', blocks, fences)
   let calls = 0
   const slow: Replica = Object.create(real, {
     flush: {
@@ -48,7 +52,7 @@ test('a flush waits for an earlier flush still syncing the writes it covers', as
       }
     }
   }) as Replica
-  const vol = new Volume(await store.require('img'), { store, replicas: { replicaFor: () => slow }, errors: new NodeErrors(60) })
+  const vol = new Volume(await store.require('img'), { store, replicas: { replicaFor: () => slow }, errors: new NodeErrors(60), cluster: await testCluster(store, '127.0.0.1:1', fences) })
 
   await vol.write(0, Buffer.alloc(4096, 1))
   const first = vol.flush()

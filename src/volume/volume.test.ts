@@ -1,8 +1,8 @@
 /**
  * The volume engine in one process with real parts: two BlockStores in
  * two directories play two nodes ('127.0.0.1:1' and '127.0.0.1:2'), each
- * behind a LocalReplica, and the image's metadata is in a
- * FileMetadataStore. Nothing is mocked; a replica is made "remote" only by
+ * behind a LocalReplica, and the image's metadata is in the embedded
+ * metadata store. Nothing is mocked; a replica is made "remote" only by
  * an object whose isLocal is false.
  */
 import { test, describe } from 'node:test'
@@ -12,12 +12,15 @@ import { join } from 'node:path'
 import fc from 'fast-check'
 import { BlockStore } from '../blockstore/block-store.js'
 import { UkaiError } from '../errors.js'
-import { FileMetadataStore } from '../metadata/file-store.js'
+import { FileCore } from '../metadata/file-core.js'
 import { ImageMeta } from '../metadata/image.js'
+import { MetadataStore } from '../metadata/store.js'
+import { FenceTable } from '../node/fences.js'
 import { LocalReplica, type Replica } from '../replica/replica.js'
+import { testCluster } from '../../test/helpers/cluster-context.js'
 import { makeTmpDir } from '../../test/helpers/tmp.js'
 import { NodeErrors } from './node-errors.js'
-import { Volume } from './volume.js'
+import { Volume, type VolumeContext } from './volume.js'
 import { rejectsWith } from '../../test/helpers/assertions.js'
 
 const A = '127.0.0.1:1'
@@ -35,7 +38,9 @@ interface RigOptions {
 interface Rig {
   root: string
   vol: Volume
-  store: FileMetadataStore
+  store: MetadataStore
+  /** A volume context like the rig volume's, for another Volume of the image. */
+  context: () => Promise<VolumeContext>
   blocks: Record<string, BlockStore>
   /** The provider's table: delete an entry to make a location unreachable. */
   replicas: Map<string, Replica>
@@ -50,7 +55,8 @@ function asRemote (r: Replica): Replica {
 
 async function makeRig (opts: RigOptions): Promise<Rig> {
   const dir = await makeTmpDir('ukai-volume-')
-  const store = await FileMetadataStore.open(join(dir.path, 'metadata'), 22222)
+  const store = new MetadataStore(await FileCore.open(join(dir.path, 'metadata')), 22222)
+  const fences = new FenceTable()
   const blocks: Record<string, BlockStore> = {
     [A]: new BlockStore(join(dir.path, 'node1'), '%016d', { maxOpen: 4 }),
     [B]: new BlockStore(join(dir.path, 'node2'), '%016d', { maxOpen: 4 })
@@ -59,7 +65,7 @@ async function makeRig (opts: RigOptions): Promise<Rig> {
   const replicas = new Map<string, Replica>()
   for (const loc of [A, B]) {
     await blocks[loc]!.allocate(IMG)
-    const r = new LocalReplica(loc, blocks[loc]!)
+    const r = new LocalReplica(loc, blocks[loc]!, fences)
     replicas.set(loc, local.includes(loc) ? r : asRemote(r))
   }
   const meta = new ImageMeta({ name: IMG, size: opts.size, blockSize: opts.blockSize, usedSize: opts.usedSize ?? 0 })
@@ -67,11 +73,13 @@ async function makeRig (opts: RigOptions): Promise<Rig> {
   meta.addLocation(B, 0, meta.blockCount, true)
   await store.create(meta)
   const errors = new NodeErrors(60)
-  const vol = new Volume(await store.require(IMG), { store, replicas: { replicaFor: (l) => replicas.get(l) }, errors })
+  const context = async (): Promise<VolumeContext> => ({ store, replicas: { replicaFor: (l) => replicas.get(l) }, errors, cluster: await testCluster(store, A, fences) })
+  const vol = new Volume(await store.require(IMG), await context())
   return {
     root: dir.path,
     vol,
     store,
+    context,
     blocks,
     replicas,
     errors,
@@ -81,6 +89,11 @@ async function makeRig (opts: RigOptions): Promise<Rig> {
       await dir.cleanup()
     }
   }
+}
+
+/** The newest revision of the image's metadata keys (the dirty-block log is not metadata). */
+async function metaRevision (rig: Rig): Promise<number> {
+  return Math.max(...(await rig.store.core.range(`images/${IMG}/meta/`)).kvs.map((kv) => kv.modRevision))
 }
 
 async function withRig (opts: RigOptions, fn: (rig: Rig) => Promise<void>): Promise<void> {
@@ -250,7 +263,7 @@ describe('Volume data path', () => {
   test('a write past size is UKAI_ERR_NO_SPACE and changes nothing', async () => {
     await withRig({ size: 1000, blockSize: 300 }, async (rig) => {
       await rig.vol.write(0, Buffer.from('x'))
-      const before = await rig.store.require(IMG)
+      const before = await metaRevision(rig)
       await rejectsWith(rig.vol.write(995, Buffer.alloc(6, 1)), 'UKAI_ERR_NO_SPACE', /passes the end of image 'vm1' \(1000 bytes\)/)
       await rejectsWith(rig.vol.write(1000, Buffer.alloc(1, 1)), 'UKAI_ERR_NO_SPACE')
       await rejectsWith(rig.vol.write(2 ** 40, Buffer.alloc(1, 1)), 'UKAI_ERR_NO_SPACE')
@@ -260,7 +273,7 @@ describe('Volume data path', () => {
       assert.equal(rig.vol.usedSize, 1)
       const after = await rig.store.require(IMG)
       assert.equal(after.usedSize, 1)
-      assert.equal(after.generation, before.generation)
+      assert.equal(await metaRevision(rig), before)
       assert.deepEqual([...(await blockFiles(rig, A)).keys()], ['0000000000000000'])
       // Up to exactly size is fine, including the last partial block.
       await rig.vol.write(994, Buffer.from('ending'))
@@ -276,16 +289,16 @@ describe('Volume data path', () => {
       assert.equal(rig.vol.usedSize, 3000)
       let stored = await rig.store.require(IMG)
       assert.equal(stored.usedSize, 3000)
-      const generation = stored.generation
+      const revision = await metaRevision(rig)
       await rig.vol.write(0, Buffer.alloc(3000, 8))
       await rig.vol.write(1500, Buffer.alloc(10, 9))
       stored = await rig.store.require(IMG)
       assert.equal(stored.usedSize, 3000)
-      assert.equal(stored.generation, generation, 'a write below used_size wrote the metadata')
+      assert.equal(await metaRevision(rig), revision, 'a write below used_size wrote the metadata')
       await rig.vol.write(9999, Buffer.from('z'))
       assert.equal((await rig.store.require(IMG)).usedSize, 10_000)
       // A volume opened afresh from the store sees the grown image.
-      const again = new Volume(await rig.store.require(IMG), { store: rig.store, replicas: { replicaFor: (l) => rig.replicas.get(l) }, errors: rig.errors })
+      const again = new Volume(await rig.store.require(IMG), await rig.context())
       const { n, buf } = await readAll(again, 9990, 100)
       assert.equal(n, 10)
       assert.equal(buf.subarray(9, 10).toString(), 'z')
@@ -334,14 +347,14 @@ describe('Volume data path', () => {
       })
       const readers = Array.from({ length: 10 }, (_, i) => rig.vol.open(false, `reader ${i}`))
       assert.equal(rig.vol.openCount, 11)
-      closeWriter()
-      closeWriter() // closing twice is harmless
+      await closeWriter()
+      await closeWriter() // closing twice is harmless
       assert.equal(rig.vol.hasWriter, false)
       assert.equal(rig.vol.openCount, 10)
       const closeSecond = rig.vol.open(true, 'fuse')
       assert.throws(() => rig.vol.open(true, 'nbd client 1'), (err: unknown) => err instanceof UkaiError && err.code === 'UKAI_ERR_BUSY')
-      closeSecond()
-      for (const close of readers) { close(); close() }
+      await closeSecond()
+      for (const close of readers) { await close(); await close() }
       assert.equal(rig.vol.openCount, 0)
     })
   })
@@ -368,7 +381,7 @@ describe('Volume replicas', () => {
     })
   })
 
-  test('a replica whose image directory is gone: reads fall over, and it is durably marked out of sync', async () => {
+  test('a replica whose image directory is gone: reads fall over without marking it; the next write marks it out of sync', async () => {
     // B is this node's replica (preferred for reads); A is "remote".
     await withRig({ size: 4000, blockSize: 1000, local: [B] }, async (rig) => {
       const data = bytes(4000, 5)
@@ -383,8 +396,9 @@ describe('Volume replicas', () => {
       assert.equal(rig.vol.stats.readsFrom[A], 1)
       assert.equal(rig.vol.stats.readsFrom[B], undefined)
       assert.deepEqual(rig.errors.list().map((e) => e.location), [B])
+      // A read proves a replica unavailable, not stale: its state stays.
       let stored = await rig.store.require(IMG)
-      assert.deepEqual(stored.replicasOf(1), [{ location: A, inSync: true }, { location: B, inSync: false }])
+      assert.deepEqual(stored.replicasOf(1), [{ location: A, inSync: true }, { location: B, inSync: true }])
 
       // A write to block 3: A takes it, B is durably marked out of sync for it.
       await rig.vol.write(3100, Buffer.from('new'))

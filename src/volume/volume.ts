@@ -1,28 +1,37 @@
 /**
- * Volume: one open image. Every data-path rule lives here, and both
- * frontends (FUSE, NBD) go through it:
+ * Volume: one open image on this node. Every data-path rule lives here,
+ * and both frontends (FUSE, NBD) go through it:
  *
  * - reads are served only from a location in sync for the block, the
- *   local one first; a failing location is put in the error state, marked
- *   out of sync, and the next one is tried (invariant 1);
- * - writes go to every in-sync location of every touched block in
- *   parallel and are acknowledged only when each has the data or has been
- *   durably marked out of sync first (invariant 2). A location already
- *   out of sync is not written: it stays out of sync until `ukai sync`
- *   copies the whole block, so the hot path never copies blocks;
+ *   local one first; a failing location is put in the error state and the
+ *   next one is tried (invariant 1). A read never changes sync state: a
+ *   replica that cannot be read is unavailable, not stale;
+ * - writes need the image's writer lease, cluster-wide: the first write
+ *   takes it (writer-session.ts), and only its holder writes, changes the
+ *   dirty-block log, or marks replicas out of sync (invariant 6). Writes
+ *   go to every in-sync location of every touched block in parallel and
+ *   are acknowledged only when each has the data or has been durably
+ *   marked out of sync first, and every node that has the image open has
+ *   seen the mark (invariants 2 and 5). A location already out of sync is
+ *   not written: it stays out of sync until a resync copies the block;
  * - overlapping writes are ordered by a range lock, so every replica sees
  *   them in the same order;
  * - one writer per image on this node; readers are unlimited.
  */
 import { UkaiError, toUkaiError } from '../errors.js'
 import type { ImageMeta } from '../metadata/image.js'
-import type { MetadataStore } from '../metadata/store.js'
+import { fenced, type ImageState, type MetadataStore, type WriterGrant, type WriterPurpose, type WriterRecord } from '../metadata/store.js'
 import { RangeSet } from '../metadata/range-set.js'
+import type { FenceTable } from '../node/fences.js'
 import type { DiscardMode, Replica, ReplicaProvider } from '../replica/replica.js'
 import { splitRange, type Piece } from './block-math.js'
 import type { NodeErrors } from './node-errors.js'
-import { DirtyLog } from './dirty-log.js'
+import { DirtyLog, type LogOwner } from './dirty-log.js'
 import { RangeLock } from './range-lock.js'
+import { copyBlock, syncBlocks, type CopyContext, type Failure, type SyncProgress } from './resync.js'
+import { WriterSession } from './writer-session.js'
+
+export type { SyncProgress } from './resync.js'
 
 export interface Extent {
   offset: number
@@ -33,10 +42,33 @@ export interface Extent {
   zero: boolean
 }
 
+/** What a Volume needs of the cluster: this node's lease, the rules of takeover, fencing, and pushing changes. */
+export interface ClusterContext {
+  readonly nodeId: string
+  readonly fences: FenceTable
+  /** The lease writer keys live on (this node's). */
+  leaseId: () => string
+  /** Resolves once this node's lease is known valid; rejects otherwise (fail-stop). */
+  leaseValid: () => Promise<void>
+  /** Until when (ms since the epoch) metadata changes may wait for an unreachable store. */
+  changeDeadline: () => number
+  /** Whether this node may fence `holder`, a live writer of the image. */
+  mayTakeOver: (holder: WriterRecord, state: ImageState) => boolean
+  /**
+   * After this node was granted the lease: raises the fence of every
+   * other node of the image. Returns the blocks the previous holder cannot
+   * vouch for, or undefined when it could not tell (dead, unreachable).
+   */
+  fenceOthers: (image: string, grant: WriterGrant, meta: ImageMeta) => Promise<RangeSet | undefined>
+  /** Makes every other node that has the image open apply `revision`; resolves when they have (or cannot be reached). */
+  publish: (image: string, revision: number) => Promise<void>
+}
+
 export interface VolumeContext {
   store: MetadataStore
   replicas: ReplicaProvider
   errors: NodeErrors
+  cluster: ClusterContext
   /** I/O counters of the image, kept by the node across opens. */
   stats?: IoStats
 }
@@ -50,8 +82,6 @@ export interface IoStats {
   readsFrom: Record<string, number>
 }
 
-interface Failure { block: number, location: string, reason: string }
-
 export class Volume {
   readonly name: string
   private current: ImageMeta
@@ -59,11 +89,18 @@ export class Volume {
   private readonly lock = new RangeLock()
   private writer: string | undefined
   private readers = 0
+  /** Resyncs and reconciliations running without a writer open. */
+  private syncs = 0
   /** Blocks written per location since that location's last flush. */
   private readonly unflushed = new Map<string, RangeSet>()
   /** Flushes in progress (see flush). */
   private readonly flushing = new Set<Promise<void>>()
   private readonly dirty: DirtyLog
+  private session: WriterSession | undefined
+  private acquiring: Promise<WriterSession> | undefined
+  /** The session before `session` on this volume (released or fenced). */
+  private lastSession: WriterSession | undefined
+  private releasing: Promise<void> | undefined
   readonly stats: IoStats
 
   constructor (meta: ImageMeta, ctx: VolumeContext) {
@@ -80,17 +117,28 @@ export class Volume {
   get blockSize (): number { return this.current.blockSize }
   get hasWriter (): boolean { return this.writer !== undefined }
   get openCount (): number { return this.readers + (this.writer === undefined ? 0 : 1) }
+  get readerCount (): number { return this.readers }
+  /** The writer generation this volume writes with, while it holds the lease. */
+  get generation (): number | undefined { return this.session?.held === true ? this.session.generation : undefined }
+  /** True when this volume's writer was fenced (its open can write no more). */
+  get fenced (): boolean { return this.session?.state === 'fenced' }
+
+  /** True when `session` is one of this volume's writer sessions. */
+  ownsSession (session: string): boolean {
+    return this.session?.id === session || this.lastSession?.id === session
+  }
 
   /** Takes newer metadata from the store (a change made elsewhere). */
   refresh (meta: ImageMeta): void {
-    if (meta.generation >= this.current.generation) this.current = meta
+    if (meta.revision >= this.current.revision) this.current = meta
   }
 
   /**
    * Registers an opener. A second writer on this node gets UKAI_ERR_BUSY;
-   * readers are unlimited. Returns the function that ends the open.
+   * readers are unlimited. Returns the function that ends the open; the
+   * last writer's end gives the writer lease back.
    */
-  open (write: boolean, who: string): () => void {
+  open (write: boolean, who: string): () => Promise<void> {
     if (write) {
       if (this.writer !== undefined) {
         throw new UkaiError('UKAI_ERR_BUSY', `image '${this.name}' is already open for writing by ${this.writer}`, { image: this.name })
@@ -100,13 +148,152 @@ export class Volume {
       this.readers++
     }
     let closed = false
-    return () => {
+    return async () => {
       if (closed) return
       closed = true
-      if (write) this.writer = undefined
-      else this.readers--
+      if (!write) {
+        this.readers--
+        return
+      }
+      this.writer = undefined
+      await this.releaseIfIdle()
     }
   }
+
+  // ---- the writer lease ---------------------------------------------------
+
+  /** The session to write with: the held one, or a new grant of the lease. */
+  private async writerSession (purpose: WriterPurpose): Promise<WriterSession> {
+    for (;;) {
+      await this.releasing
+      const s = this.session
+      if (s?.state === 'fenced') s.check()
+      if (s?.held === true) {
+        await this.ctx.cluster.leaseValid()
+        return s
+      }
+      if (this.acquiring === undefined) {
+        this.acquiring = this.acquire(purpose).finally(() => { this.acquiring = undefined })
+      }
+      await this.acquiring
+    }
+  }
+
+  private owner (s: WriterSession): LogOwner {
+    return { guard: s.guard, until: () => this.ctx.cluster.changeDeadline() }
+  }
+
+  /**
+   * Takes the writer lease. Before the session writes anything: every
+   * replica of this node, then of the other nodes, refuses the previous
+   * generations, and the blocks the previous holder may have left
+   * different between replicas are reconciled (all of the dirty-block log
+   * unless the previous holder said which).
+   */
+  private async acquire (purpose: WriterPurpose): Promise<WriterSession> {
+    const c = this.ctx.cluster
+    const s = new WriterSession(this.name, purpose)
+    this.session = s
+    let grant: WriterGrant
+    try {
+      grant = await this.ctx.store.acquireWriter(this.name, {
+        node: c.nodeId,
+        session: s.id,
+        purpose,
+        lease: c.leaseId(),
+        mayTakeOver: (holder, st) => c.mayTakeOver(holder, st)
+      }, { until: c.changeDeadline() })
+    } catch (err) {
+      if (this.session === s) this.session = undefined
+      throw err
+    }
+    s.hold(grant.generation, grant.guard)
+    try {
+      this.refresh(grant.state.meta)
+      await c.fences.raise(this.name, grant.generation)
+      const prev = grant.previous
+      const log = grant.state.dirty
+      let unsafe: RangeSet | undefined
+      if (prev !== undefined && this.lastSession?.id === prev.session) unsafe = this.lastSession.unsafe.clone()
+      else if (prev !== undefined || !log.isEmpty) unsafe = await c.fenceOthers(this.name, grant, this.current)
+      const reconcile = prev !== undefined && unsafe !== undefined ? unsafe : log
+      s.unsafe.addSet(reconcile)
+      this.dirty.adopt(log)
+      if (!reconcile.isEmpty) await this.reconcile(s, reconcile)
+      // What the log held is reconciled now, or was vouched for by its writer.
+      await this.dirty.trim(this.owner(s), 0)
+      return s
+    } catch (err) {
+      // A session that could not reconcile must not write: it ends, and
+      // what it could not vouch for stays for the next one.
+      s.fence()
+      await this.ctx.store.releaseWriter(this.name, s.guard).catch(() => {})
+      if (this.session === s) {
+        this.lastSession = s
+        this.session = undefined
+      }
+      throw err
+    }
+  }
+
+  /**
+   * Ends this volume's session because a newer generation took the lease
+   * over (or this node lost its own, with no generation): no write of it
+   * lands from now on. Returns the sessions this volume knows that are
+   * older than `generation`, each with the blocks it cannot vouch for.
+   */
+  fenceSession (generation?: number): Array<{ session: string, unsafe: RangeSet }> {
+    const out: Array<{ session: string, unsafe: RangeSet }> = []
+    for (const s of [this.lastSession, this.session]) {
+      // A session still acquiring is fenced by the gates if it loses: its
+      // generation is not known yet.
+      if (s === undefined || s.state === 'acquiring' || s.state === 'released') continue
+      if (generation !== undefined && s.generation >= generation) continue
+      out.push({ session: s.id, unsafe: s.fence() })
+    }
+    return out
+  }
+
+  /** Gives the lease back when nothing writes any more: no writer open, no resync. */
+  private async releaseIfIdle (): Promise<void> {
+    if (this.writer !== undefined || this.syncs > 0) return
+    const s = this.session
+    if (s === undefined) return
+    this.releasing = (async () => {
+      await this.acquiring?.catch(() => {})
+      if (s.held) {
+        await this.flush().catch(() => {})
+        await s.drained()
+        await this.dirty.trim(this.owner(s), 0).catch(() => {})
+        if (s.held) await this.ctx.store.releaseWriter(this.name, s.guard, { until: this.ctx.cluster.changeDeadline() }).catch(() => {})
+        if (s.held) s.state = 'released'
+      }
+      if (this.session === s) {
+        this.lastSession = s
+        this.session = undefined
+      }
+    })().finally(() => { this.releasing = undefined })
+    await this.releasing
+  }
+
+  /**
+   * Reconciles what a writer that died left in the dirty-block log, with
+   * nobody writing the image: takes the lease for it and gives it back.
+   * Returns the number of blocks reconciled.
+   */
+  async recover (): Promise<number> {
+    this.syncs++
+    const before = this.reconciled
+    try {
+      await this.writerSession('sync')
+      return this.reconciled - before
+    } finally {
+      this.syncs--
+      await this.releaseIfIdle()
+    }
+  }
+
+  // ---- reads ------------------------------------------------------------------
 
   /**
    * Reads into `buf` from `offset`; bytes at or past used_size are not
@@ -137,7 +324,7 @@ export class Volume {
         this.stats.readsFrom[replica.location] = (this.stats.readsFrom[replica.location] ?? 0) + 1
         return
       } catch (err) {
-        await this.recordFailures([{ block: p.block, location: replica.location, reason: toUkaiError(err).message }])
+        this.ctx.errors.fail(replica.location, toUkaiError(err).message)
       }
     }
   }
@@ -147,7 +334,7 @@ export class Volume {
    * node's first, then the remote one with the lowest measured latency
    * (one not measured yet counts as 0, so every node gets measured).
    */
-  private chooseReader (block: number, tried: Set<string>): Replica | undefined {
+  chooseReader (block: number, tried: Set<string> = new Set()): Replica | undefined {
     let best: Replica | undefined
     for (const { location, inSync } of this.current.replicasOf(block)) {
       if (!inSync || tried.has(location) || this.ctx.errors.isFailed(location)) continue
@@ -159,6 +346,8 @@ export class Volume {
     return best
   }
 
+  // ---- writes -----------------------------------------------------------------
+
   /**
    * Writes `data` at `offset`. Past used_size (up to size) the image grows;
    * past size is UKAI_ERR_NO_SPACE.
@@ -169,12 +358,8 @@ export class Volume {
       throw new UkaiError('UKAI_ERR_NO_SPACE', `write of ${data.length} bytes at ${offset} passes the end of image '${this.name}' (${this.size} bytes)`)
     }
     if (data.length === 0) return
-    await this.lock.with(offset, offset + data.length, async () => {
-      const pieces = splitRange(offset, data.length, this.blockSize, this.size)
-      await this.tracked(pieces, async () => await this.fanOut(pieces, async (r, p) =>
-        await r.write(this.name, p.block, p.offset, data.subarray(p.bufferOffset, p.bufferOffset + p.length))))
-      await this.growUsedSize(offset + data.length)
-    })
+    await this.writeRange(offset, data.length, true, async (r, p, g) =>
+      await r.write(this.name, p.block, p.offset, data.subarray(p.bufferOffset, p.bufferOffset + p.length), g))
     this.stats.writes++
     this.stats.bytesWritten += data.length
   }
@@ -198,21 +383,40 @@ export class Volume {
       throw new UkaiError('UKAI_ERR_NO_SPACE', `range of ${length} bytes at ${offset} passes the end of image '${this.name}' (${this.size} bytes)`)
     }
     if (length === 0) return
+    await this.writeRange(offset, length, false, async (r, p, g) => await r.discard(this.name, p.block, p.offset, p.length, mode, g))
+  }
+
+  /**
+   * The write path: the writer lease (taken before the range lock, since
+   * taking it may reconcile blocks), the range lock, the session entered,
+   * the dirty-block log, the fan-out, and (for a write, not a discard)
+   * used_size grown.
+   */
+  private async writeRange (offset: number, length: number, grows: boolean, op: (r: Replica, p: Piece, generation: number) => Promise<void>): Promise<void> {
+    const s = await this.writerSession(this.writer !== undefined ? 'write' : 'sync')
     await this.lock.with(offset, offset + length, async () => {
       const pieces = splitRange(offset, length, this.blockSize, this.size)
-      await this.tracked(pieces, async () => await this.fanOut(pieces, async (r, p) => await r.discard(this.name, p.block, p.offset, p.length, mode)))
+      const end = s.begin(pieces.map((p) => p.block))
+      try {
+        await this.tracked(s, pieces, async () => await this.fanOut(s, pieces, async (r, p) => await op(r, p, s.generation)))
+        if (grows) await this.growUsedSize(s, offset + length)
+      } finally {
+        end()
+      }
     })
   }
 
   /**
    * Runs `op` for every piece on every in-sync location of its block, in
    * parallel. Failed locations are durably marked out of sync before this
-   * returns; a piece that reached no location at all fails the call.
+   * returns; a piece that reached no location at all fails the call. A
+   * replica that refuses the session's generation ends the session.
    */
-  private async fanOut (pieces: Piece[], op: (r: Replica, p: Piece) => Promise<void>): Promise<void> {
+  private async fanOut (s: WriterSession, pieces: Piece[], op: (r: Replica, p: Piece) => Promise<void>): Promise<void> {
     const failures: Failure[] = []
     const reached = new Map<number, number>()
     const jobs: Array<Promise<void>> = []
+    let refused: UkaiError | undefined
     for (const p of pieces) {
       reached.set(p.block, 0)
       for (const { location, inSync } of this.current.replicasOf(p.block)) {
@@ -228,25 +432,37 @@ export class Volume {
           if (set === undefined) { set = new RangeSet(); this.unflushed.set(location, set) }
           set.add(p.block, p.block + 1)
         }, (err) => {
-          failures.push({ block: p.block, location, reason: toUkaiError(err).message })
+          const e = toUkaiError(err)
+          if (e.code === 'UKAI_ERR_FENCED') refused = e
+          else failures.push({ block: p.block, location, reason: e.message })
         }))
       }
     }
     await Promise.all(jobs)
+    if (refused !== undefined) {
+      // Another node holds the lease now: nothing of this session may
+      // mark anything, and its blocks are the new holder's to reconcile.
+      s.fence()
+      throw refused
+    }
     const lost = [...reached].filter(([, n]) => n === 0).map(([b]) => b)
     if (lost.length > 0) {
       // Nothing has the data: the write fails. Locations that did not get
       // it are still marked, they may hold part of it.
-      await this.recordFailures(failures).catch(() => {})
+      await this.recordFailures(s, failures).catch(() => {})
       throw new UkaiError('UKAI_ERR_UNAVAILABLE',
         `image '${this.name}': no in-sync location of block ${lost[0]} took the write (${failures.map((f) => `${f.location}: ${f.reason}`).join('; ')})`,
         { image: this.name, block: lost[0] })
     }
-    await this.recordFailures(failures)
+    await this.recordFailures(s, failures)
   }
 
-  /** Puts failed locations in the error state and durably marks their blocks out of sync. */
-  private async recordFailures (failures: Failure[]): Promise<void> {
+  /**
+   * Puts failed locations in the error state, durably marks their blocks
+   * out of sync (as this session's change), and waits until every node
+   * that has the image open has seen the marks.
+   */
+  private async recordFailures (s: WriterSession, failures: Failure[]): Promise<void> {
     if (failures.length === 0) return
     // A location that failed may also have lost what it had not flushed
     // yet (a node that died loses its page cache): those blocks go too.
@@ -256,17 +472,29 @@ export class Volume {
       let set = lost.get(f.location)
       if (set === undefined) {
         set = this.unflushed.get(f.location) ?? new RangeSet()
-        this.unflushed.delete(f.location)
         lost.set(f.location, set)
       }
       set.add(f.block, f.block + 1)
     }
-    this.current = await this.ctx.store.update(this.name, (meta) => {
+    await this.update(s, (meta) => {
       for (const [location, blocks] of lost) {
-        for (const [s, e] of blocks.ranges()) meta.setSync(location, s, e, false)
+        for (const [b, e] of blocks.ranges()) meta.setSync(location, b, e, false)
       }
       return meta
     })
+    // Only once the marks are durable are the unflushed blocks forgotten.
+    for (const location of lost.keys()) this.unflushed.delete(location)
+    await this.ctx.cluster.publish(this.name, this.current.revision)
+  }
+
+  /** A metadata change of the session: guarded by its lease; a refusal ends the session. */
+  private async update (s: WriterSession, change: (meta: ImageMeta) => ImageMeta): Promise<void> {
+    try {
+      this.current = await this.ctx.store.update(this.name, change, { guard: s.guard, until: this.ctx.cluster.changeDeadline() })
+    } catch (err) {
+      if (toUkaiError(err).code === 'UKAI_ERR_FENCED') s.fence()
+      throw err
+    }
   }
 
   /**
@@ -274,9 +502,15 @@ export class Volume {
    * block with one in-sync location cannot diverge and is not logged, so
    * single-replica images pay nothing.
    */
-  private async tracked<T> (pieces: Piece[], fn: () => Promise<T>): Promise<T> {
+  private async tracked<T> (s: WriterSession, pieces: Piece[], fn: () => Promise<T>): Promise<T> {
     const blocks = pieces.map((p) => p.block).filter((b) => this.inSyncCount(b) > 1)
-    return blocks.length === 0 ? await fn() : await this.dirty.around(blocks, fn)
+    if (blocks.length === 0) return await fn()
+    try {
+      return await this.dirty.around(this.owner(s), blocks, fn)
+    } catch (err) {
+      if (toUkaiError(err).code === 'UKAI_ERR_FENCED') s.fence()
+      throw err
+    }
   }
 
   private inSyncCount (block: number): number {
@@ -285,184 +519,88 @@ export class Volume {
     return n
   }
 
-  /** Empties the dirty-block log; for the last close, after a flush. */
-  async trimDirtyLog (): Promise<void> {
-    await this.dirty.trim(0)
+  private async growUsedSize (s: WriterSession, end: number): Promise<void> {
+    if (end <= this.current.usedSize) return
+    await this.update(s, (meta) => {
+      meta.usedSize = Math.max(meta.usedSize, end)
+      return meta
+    })
   }
 
+  // ---- reconciliation and resync --------------------------------------------------
+
   /**
-   * Reconciles the blocks a writer left in the dirty-block log: for each,
-   * one in-sync replica (this node's first) is copied to the other in-sync
-   * ones; a replica that cannot be written is marked out of sync instead.
-   * Afterwards no two in-sync replicas of those blocks differ.
+   * Reconciles `blocks` (what a writer may have left different between
+   * replicas): for each, one in-sync replica (this node's first) is copied
+   * to the other in-sync ones; a replica that cannot be written is marked
+   * out of sync instead. Afterwards no two in-sync replicas of those
+   * blocks differ.
    */
-  async reconcile (): Promise<number> {
-    const logged = await this.dirty.load()
-    if (logged.isEmpty) return 0
-    let copied = 0
-    for (const block of logged.values()) {
-      if (block >= this.current.blockCount) continue
+  private async reconcile (s: WriterSession, blocks: RangeSet): Promise<void> {
+    for (const block of [...blocks.values()]) {
+      if (block >= this.current.blockCount) { s.unsafe.remove(block, block + 1); continue }
       const start = block * this.blockSize
       await this.lock.with(start, start + this.current.blockLength(block), async () => {
         const inSync = this.current.replicasOf(block).filter((r) => r.inSync).map((r) => r.location)
-        if (inSync.length < 2) return
-        const source = this.pickSource(block)
-        if (source === undefined) return
-        const targets = inSync.filter((l) => l !== source.location)
-        const failed = await this.copyBlock(block, source, targets)
-        if (failed.length > 0) await this.recordFailures(failed)
-        copied++
+        const source = inSync.length < 2 ? undefined : this.chooseReader(block)
+        if (source !== undefined) {
+          const end = s.begin([block])
+          try {
+            const failed = await copyBlock(this.copyContext(s), block, source, inSync.filter((l) => l !== source.location))
+            if (failed.some((f) => f.fenced === true)) { s.fence(); s.check() }
+            await this.recordFailures(s, failed)
+          } finally { end() }
+        }
+        s.unsafe.remove(block, block + 1)
       })
     }
-    await this.dirty.clear()
-    return copied
+    const n = blocks.size
+    if (n > 0) this.reconciled += n
   }
 
-  /** An in-sync, reachable source for copying a block: this node first. */
-  private pickSource (block: number): Replica | undefined {
-    return this.chooseReader(block, new Set())
-  }
+  /** Blocks reconciled by this volume since it opened (for the node's warning). */
+  reconciled = 0
 
-  /**
-   * Copies block `block` from `source` to `targets` so they end byte-for-
-   * byte equal (holes stay holes past the source's allocated length), and
-   * flushes the targets unless `flush` is false (the caller flushes a batch).
-   * Returns the targets that failed.
-   */
-  private async copyBlock (block: number, source: Replica, targets: string[], onBytes?: (n: number) => void, flush = true): Promise<Failure[]> {
-    const failures: Failure[] = []
-    const live = new Map<string, Replica>()
-    for (const t of targets) {
-      const r = this.ctx.replicas.replicaFor(t)
-      if (r === undefined) failures.push({ block, location: t, reason: 'location unreachable' })
-      else live.set(t, r)
-    }
-    if (live.size === 0) return failures
-    const length = this.current.blockLength(block)
-    const allocated = Math.min(length, await source.allocatedLength(this.name, block))
-    const fail = (location: string, err: unknown): void => {
-      live.delete(location)
-      failures.push({ block, location, reason: toUkaiError(err).message })
-    }
-    // Read the next chunk while the previous one is being written.
-    let next: Promise<Buffer> | undefined
-    const readChunk = async (off: number): Promise<Buffer> => {
-      const buf = Buffer.allocUnsafe(Math.min(COPY_CHUNK, allocated - off))
-      await source.read(this.name, block, off, buf)
-      return buf
-    }
-    if (allocated > 0) next = readChunk(0)
-    for (let off = 0; off < allocated; off += COPY_CHUNK) {
-      const buf = await next!
-      next = off + COPY_CHUNK < allocated ? readChunk(off + COPY_CHUNK) : undefined
-      await Promise.all([...live].map(async ([loc, r]) => await r.write(this.name, block, off, buf).catch((err) => fail(loc, err))))
-      onBytes?.(buf.length)
-    }
-    await Promise.all([...live].map(async ([loc, r]) => {
-      try {
-        if (allocated < length) await r.discard(this.name, block, allocated, length - allocated, 'zero')
-        if (flush) await r.flush(this.name)
-      } catch (err) { fail(loc, err) }
-    }))
-    return failures
+  private copyContext (s: WriterSession): CopyContext {
+    return { image: this.name, meta: this.current, replicas: this.ctx.replicas, generation: s.generation }
   }
 
   /**
    * Brings every out-of-sync replica of blocks [start, end) back in sync
-   * from an in-sync one, block by block, while the image stays in use: a
-   * block being copied holds the write lock of its whole byte range, so a
-   * write to it waits and then reaches the re-synced replica too. Each
-   * block's new state is stored as soon as it is copied, so an
-   * interrupted sync resumes where it stopped.
+   * from an in-sync one while the image stays in use (resync.ts). Runs as
+   * the image's writer: on the node that writes it, or taking the lease
+   * for itself when nobody does.
    */
   async sync (start: number, end: number, onProgress?: (p: SyncProgress) => void): Promise<SyncProgress> {
     const count = this.current.blockCount
     if (!Number.isSafeInteger(start) || !Number.isSafeInteger(end) || start < 0 || end > count || start > end) {
       throw new UkaiError('UKAI_ERR_OUT_OF_RANGE', `block range [${start}, ${end}) is not within the image's ${count} blocks`)
     }
-    const todo = new RangeSet()
-    for (const st of this.current.locations.values()) {
-      for (const [s, e] of st.outOfSync.within(start, end)) todo.add(s, e)
-    }
-    const blocks = [...todo.values()]
-    const progress: SyncProgress = { blocks: blocks.length, done: 0, bytes: 0, failed: [] }
-    onProgress?.({ ...progress })
-    // Blocks go in batches: copied SYNC_PARALLEL at a time, then one flush
-    // per target and one metadata update for the whole batch, instead of
-    // an fsync and a metadata write per block.
-    const perBatch = Math.max(1, Math.min(SYNC_BATCH_BLOCKS, Math.floor(SYNC_BATCH_BYTES / this.blockSize)))
-    for (let i = 0; i < blocks.length; i += perBatch) {
-      await this.syncBatch(blocks.slice(i, i + perBatch), progress, onProgress)
-    }
-    return progress
-  }
-
-  private async syncBatch (batch: number[], progress: SyncProgress, onProgress?: (p: SyncProgress) => void): Promise<void> {
-    // Every block of the batch holds its write lock until its new state is
-    // stored: a write waits, then reaches the re-synced replica too.
-    const releases: Array<() => void> = []
+    this.syncs++
     try {
-      for (const block of batch) {
-        const bstart = block * this.blockSize
-        releases.push(await this.lock.acquire(bstart, bstart + this.current.blockLength(block)))
-      }
-      const copied: Array<{ block: number, targets: string[] }> = []
-      const failures: Failure[] = []
-      const queue = batch.slice()
-      const worker = async (): Promise<void> => {
-        for (let block = queue.shift(); block !== undefined; block = queue.shift()) {
-          const targets = this.current.replicasOf(block).filter((r) => !r.inSync).map((r) => r.location)
-          if (targets.length > 0) {
-            const source = this.pickSource(block)
-            if (source === undefined) {
-              progress.failed.push({ block, reason: 'no in-sync location reachable' })
-            } else {
-              const failed = await this.copyBlock(block, source, targets, (n) => { progress.bytes += n }, false)
-              failures.push(...failed)
-              copied.push({ block, targets: targets.filter((t) => !failed.some((f) => f.location === t)) })
-            }
-          }
-          progress.done++
-          onProgress?.({ ...progress, failed: progress.failed.slice() })
-        }
-      }
-      await Promise.all(Array.from({ length: SYNC_PARALLEL }, worker))
-      // One flush per target location covers every block copied to it.
-      const flushFailed = new Set<string>()
-      await Promise.all([...new Set(copied.flatMap((c) => c.targets))].map(async (loc) => {
-        try {
-          const r = this.ctx.replicas.replicaFor(loc)
-          if (r === undefined) throw new Error('location unreachable')
-          await r.flush(this.name)
-        } catch (err) {
-          flushFailed.add(loc)
-          for (const c of copied) if (c.targets.includes(loc)) failures.push({ block: c.block, location: loc, reason: `flush failed: ${toUkaiError(err).message}` })
-        }
-      }))
-      for (const f of failures) {
-        this.ctx.errors.fail(f.location, f.reason)
-        progress.failed.push({ block: f.block, location: f.location, reason: f.reason })
-      }
-      const done = copied.map((c) => ({ block: c.block, targets: c.targets.filter((t) => !flushFailed.has(t)) })).filter((c) => c.targets.length > 0)
-      for (const c of done) for (const loc of c.targets) this.ctx.errors.succeed(loc)
-      if (done.length > 0) {
-        this.current = await this.ctx.store.update(this.name, (meta) => {
+      const s = await this.writerSession(this.writer !== undefined ? 'write' : 'sync')
+      return await syncBlocks({
+        image: this.name,
+        replicas: this.ctx.replicas,
+        generation: s.generation,
+        meta: () => this.current,
+        lock: this.lock,
+        errors: this.ctx.errors,
+        chooseSource: (block) => this.chooseReader(block),
+        begin: (blocks) => s.begin(blocks),
+        markInSync: async (done) => await this.update(s, (meta) => {
           for (const c of done) for (const loc of c.targets) meta.setSync(loc, c.block, c.block + 1, true)
           return meta
-        })
-      }
+        }),
+        fenced: () => { s.fence(); return fenced(this.name) }
+      }, start, end, onProgress)
     } finally {
-      for (const release of releases) release()
+      this.syncs--
+      await this.releaseIfIdle()
     }
   }
 
-  private async growUsedSize (end: number): Promise<void> {
-    if (end <= this.current.usedSize) return
-    this.current = await this.ctx.store.update(this.name, (meta) => {
-      meta.usedSize = Math.max(meta.usedSize, end)
-      return meta
-    })
-  }
+  // ---- flush, truncate, extents -------------------------------------------------
 
   /**
    * Flushes every location written since its last flush. A location that
@@ -503,10 +641,15 @@ export class Volume {
     // this volume since it opened: an fsync must cover earlier writers too.
     const local = this.localReplica()
     if (local !== undefined && !pending.some(([l]) => l === local.location)) await local.flush(this.name)
-    await this.recordFailures(failures)
+    const s = this.session
+    if (failures.length > 0) {
+      // Only a writer flushes what it wrote; without its lease it can mark nothing.
+      if (s === undefined) throw new UkaiError('UKAI_ERR_FENCED', `image '${this.name}': a flush failed and this node no longer writes the image`)
+      await this.recordFailures(s, failures)
+    }
     // The dirty-block log is an activity log: hot blocks stay in it, so a
     // steady writer does not pay a metadata write per flush.
-    await this.dirty.trim(DIRTY_KEEP, mark)
+    if (s?.held === true) await this.dirty.trim(this.owner(s), DIRTY_KEEP, mark)
   }
 
   private localReplica (): Replica | undefined {
@@ -529,7 +672,8 @@ export class Volume {
       throw new UkaiError('UKAI_ERR_PERMISSION', `image '${this.name}': truncate may only shrink used_size (${old}), not grow it to ${newSize}`)
     }
     await this.zero(newSize, old - newSize, true)
-    this.current = await this.ctx.store.update(this.name, (meta) => {
+    const s = await this.writerSession('write')
+    await this.update(s, (meta) => {
       meta.usedSize = Math.min(meta.usedSize, newSize)
       return meta
     })
@@ -582,26 +726,17 @@ export class Volume {
     }
     return out
   }
+
+  /** Ends the volume (the node closes): everything flushed, the lease given back. */
+  async close (): Promise<void> {
+    this.writer = undefined
+    this.syncs = 0
+    await this.releaseIfIdle()
+  }
 }
 
 /** Blocks the dirty-block log may keep after a flush before it is trimmed. */
 const DIRTY_KEEP = 64
-
-/** Blocks a sync copies at once, and how many (or bytes) go between two flushes. */
-const SYNC_PARALLEL = 2
-const SYNC_BATCH_BLOCKS = 64
-const SYNC_BATCH_BYTES = 512 * 2 ** 20
-
-/** Bytes read and written at a time when a block is copied. */
-const COPY_CHUNK = 4 * 2 ** 20
-
-export interface SyncProgress {
-  /** Blocks with an out-of-sync replica in the range when the sync began. */
-  blocks: number
-  done: number
-  bytes: number
-  failed: Array<{ block: number, location?: string, reason: string }>
-}
 
 export function newIoStats (): IoStats {
   return { reads: 0, writes: 0, bytesRead: 0, bytesWritten: 0, readsFrom: {} }

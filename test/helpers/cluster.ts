@@ -1,12 +1,20 @@
 /**
- * A cluster of real `ukai server` processes on 127.0.0.1 sharing one
- * metadata directory (the embedded store's way of sharing metadata), each
- * with its own ports and image_root. Helpers read what every node holds on
- * disk, to check replicas against a model.
+ * A cluster of real `ukai server` processes on 127.0.0.1, each with its own
+ * ports and image_root, sharing their metadata: on a real etcd started for
+ * the cluster (`etcd: true`), or in one metadata directory (the embedded
+ * store, for nodes of one machine). Helpers read the metadata and what
+ * every node holds on disk, to check replicas against a model.
  */
+import { randomBytes } from 'node:crypto'
 import { mkdtemp, readFile, rm } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
+import { encodeStored } from '../../src/metadata/codec.js'
+import { EtcdCore } from '../../src/metadata/etcd-core.js'
+import { FileCore } from '../../src/metadata/file-core.js'
+import type { RangeSet } from '../../src/metadata/range-set.js'
+import { MetadataStore, type ImageState } from '../../src/metadata/store.js'
+import { TestEtcd } from './etcd.js'
 import { TestNode } from './node-process.js'
 
 export interface ClusterOptions {
@@ -16,6 +24,8 @@ export interface ClusterOptions {
   /** Indexes of the nodes that serve NBD. */
   nbd?: number[]
   config?: Record<string, unknown>
+  /** Metadata on a real etcd started for the cluster (else a shared metadata directory). */
+  etcd?: boolean
 }
 
 export interface StoredImageDoc {
@@ -30,34 +40,63 @@ export class Cluster {
   readonly dir: string
   readonly metadataRoot: string
   readonly nodes: TestNode[]
+  readonly etcd: TestEtcd | undefined
+  /** The metadata keys every node's config names. */
+  readonly metadataConfig: Record<string, unknown>
+  private storeOpened: Promise<MetadataStore> | undefined
 
-  private constructor (dir: string, nodes: TestNode[]) {
+  private constructor (dir: string, nodes: TestNode[], etcd: TestEtcd | undefined, metadataConfig: Record<string, unknown>) {
     this.dir = dir
     this.metadataRoot = join(dir, 'metadata')
     this.nodes = nodes
+    this.etcd = etcd
+    this.metadataConfig = metadataConfig
   }
 
   static async start (opts: ClusterOptions): Promise<Cluster> {
     const dir = await mkdtemp(join(tmpdir(), 'ukai-cluster-'))
     const nodes: TestNode[] = []
+    let etcd: TestEtcd | undefined
     try {
+      if (opts.etcd === true) etcd = await TestEtcd.start()
+      const metadataConfig = etcd !== undefined
+        ? { metadata_servers: etcd.servers, metadata_prefix: `c-${randomBytes(4).toString('hex')}` }
+        : { metadata_root: join(dir, 'metadata') }
       for (let i = 0; i < opts.nodes; i++) {
         nodes.push(await TestNode.start({
           mount: opts.mount?.includes(i) ?? false,
           nbd: opts.nbd?.includes(i) ?? false,
-          config: { metadata_root: join(dir, 'metadata'), ...opts.config }
+          config: { ...metadataConfig, ...opts.config }
         }))
       }
+      return new Cluster(dir, nodes, etcd, metadataConfig)
     } catch (err) {
       for (const n of nodes) await n.destroy()
+      await etcd?.destroy()
       await rm(dir, { recursive: true, force: true })
       throw err
     }
-    return new Cluster(dir, nodes)
   }
 
+  /** The cluster's metadata store, as a client of its own (opened once). */
+  async store (): Promise<MetadataStore> {
+    this.storeOpened ??= (async () => this.etcd !== undefined
+      ? new MetadataStore(new EtcdCore({ servers: this.etcd.servers, prefix: this.metadataConfig.metadata_prefix as string }), 22222)
+      : new MetadataStore(await FileCore.open(this.metadataRoot), 22222))()
+    return await this.storeOpened
+  }
+
+  async state (name: string): Promise<ImageState> {
+    return await (await this.store()).requireState(name)
+  }
+
+  /** The image's metadata in the stored format. */
   async image (name: string): Promise<StoredImageDoc> {
-    return JSON.parse(await readFile(join(this.metadataRoot, `${name}.json`), 'utf8'))
+    return encodeStored((await this.state(name)).meta)
+  }
+
+  async dirtyLog (name: string): Promise<RangeSet> {
+    return (await this.state(name)).dirty
   }
 
   nodeById (id: string): TestNode | undefined {
@@ -112,6 +151,8 @@ export class Cluster {
 
   async destroy (): Promise<void> {
     for (const n of this.nodes) await n.destroy().catch(() => {})
+    if (this.storeOpened !== undefined) await (await this.storeOpened).close().catch(() => {})
+    await this.etcd?.destroy()
     await rm(this.dir, { recursive: true, force: true })
   }
 }

@@ -79,7 +79,13 @@ export class TestNode {
       await writeFile(join(dir, 'config.json'), JSON.stringify(config, null, 2))
     }
     const node = new TestNode(dir, config, opts.mount ?? false, opts.nbd ?? false)
-    await node.launch()
+    try {
+      await node.launch()
+    } catch (err) {
+      // A directory made for this node goes with it; a reused one stays.
+      if (opts.dir === undefined) await rm(dir, { recursive: true, force: true })
+      throw err
+    }
     return node
   }
 
@@ -100,7 +106,11 @@ export class TestNode {
     proc.stdout.on('data', (c: Buffer) => { this.output += c.toString() })
     proc.stderr.on('data', (c: Buffer) => { this.output += c.toString() })
     await new Promise<void>((resolveReady, reject) => {
-      const timer = setTimeout(() => reject(new Error(`node did not become ready in 30 s:\n${this.output}`)), 30_000)
+      const timer = setTimeout(() => {
+        // Not ready: it is ended here, by its PID, not left running.
+        proc.kill('SIGKILL')
+        reject(new Error(`node did not become ready in 30 s:\n${this.output}`))
+      }, 30_000)
       const onData = (): void => {
         if (this.output.includes('ukai: ready')) {
           clearTimeout(timer)

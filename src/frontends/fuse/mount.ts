@@ -25,7 +25,7 @@ const O_ACCMODE = 3
 /** libfuse 2 max_write/max_read ceiling (32 pages of 4 KiB) without max_pages. */
 const MAX_IO = 128 * 1024
 
-interface OpenFile { volume: Volume, close: () => void, write: boolean }
+interface OpenFile { volume: Volume, close: () => Promise<void>, write: boolean }
 
 /**
  * fuse-native builds its -o list from a fixed set of options; these are
@@ -81,10 +81,7 @@ export class FuseMount {
     if (fuse === undefined) return
     this.fuse = undefined
     await new Promise<void>((resolve, reject) => fuse.unmount((err) => err ? reject(err) : resolve()))
-    for (const f of this.files.values()) {
-      f.close()
-      await this.node.releaseVolume(f.volume)
-    }
+    for (const f of this.files.values()) await f.close().catch(() => {})
     this.files.clear()
   }
 
@@ -151,15 +148,9 @@ export class FuseMount {
         if (name === undefined) return cb(path === '/' ? EISDIR : ENOENT)
         const write = (flags & O_ACCMODE) !== fsConstants.O_RDONLY
         const fd = this.nextFd++
-        this.node.acquireVolume(name).then((volume) => {
-          let close: () => void
-          try {
-            close = volume.open(write, `the FUSE mount (${this.mountpoint})`)
-          } catch (err) {
-            void this.node.releaseVolume(volume)
-            return cb(fuseErrno(err))
-          }
-          this.files.set(fd, { volume, close, write })
+        // A second writer (here or on another node) gets EBUSY.
+        this.node.openImage(name, write, `the FUSE mount (${this.mountpoint})`).then((o) => {
+          this.files.set(fd, { volume: o.volume, close: o.close, write })
           cb(0, fd)
         }, (err) => cb(fuseErrno(err)))
       },
@@ -167,8 +158,7 @@ export class FuseMount {
         const f = this.files.get(fd)
         if (f === undefined) return cb(0)
         this.files.delete(fd)
-        f.close()
-        this.node.releaseVolume(f.volume).then(() => cb(0), (err) => cb(fuseErrno(err)))
+        f.close().then(() => cb(0), (err) => cb(fuseErrno(err)))
       },
       read: (_path, fd, buf, len, pos, cb) => {
         const f = this.files.get(fd)

@@ -6,7 +6,7 @@
  * protocol).
  */
 import { imageNotFound, toUkaiError } from '../../errors.js'
-import type { UkaiNode } from '../../node/node.js'
+import type { ImageOpen, UkaiNode } from '../../node/node.js'
 import type { Extent } from '../../volume/volume.js'
 
 /**
@@ -56,10 +56,10 @@ export interface ExportProvider {
  * opens the image's shared Volume (the one the FUSE mount uses), so every
  * I/O takes the same path: replication, failover, dirty log, single writer.
  *
- * Single writer: a connection opens the volume for writing; when the image
- * already has a writer on this node (the FUSE mount, another connection),
- * the connection is served read-only (NBD_FLAG_READ_ONLY) instead of being
- * refused, so a second client can still read.
+ * Single writer: a connection opens the image for writing; when it
+ * already has a writer (the FUSE mount, another connection, another node
+ * that writes it), the connection is served read-only (NBD_FLAG_READ_ONLY)
+ * instead of being refused, so a second client can still read.
  */
 export class VolumeExports implements ExportProvider {
   private readonly node: UkaiNode
@@ -82,38 +82,18 @@ export class VolumeExports implements ExportProvider {
 
   async open (name: string, who: string): Promise<OpenExport> {
     if (this.node.imageMeta(name) === undefined) throw imageNotFound(name)
-    const volume = await this.node.acquireVolume(name)
-    let readOnly = this.readOnly
-    let end: (() => void) | undefined
-    try {
-      if (!readOnly) {
-        try {
-          end = volume.open(true, who)
-        } catch (err) {
-          // Another writer holds the image on this node: serve it read-only.
-          if (toUkaiError(err).code !== 'UKAI_ERR_BUSY') throw err
-          readOnly = true
-        }
-      }
-      end ??= volume.open(false, who)
-    } catch (err) {
-      await this.node.releaseVolume(volume)
-      throw err
-    }
-    const endOpen = end
-    let closed = false
-    return {
-      name,
-      size: volume.usedSize,
-      readOnly,
-      backend: volume,
-      close: async () => {
-        if (closed) return
-        closed = true
-        endOpen()
-        await this.node.releaseVolume(volume)
+    let opened: ImageOpen | undefined
+    if (!this.readOnly) {
+      try {
+        opened = await this.node.openImage(name, true, who)
+      } catch (err) {
+        // Another writer has the image: serve it read-only.
+        if (toUkaiError(err).code !== 'UKAI_ERR_BUSY') throw err
       }
     }
+    opened ??= await this.node.openImage(name, false, who)
+    const o = opened
+    return { name, size: o.volume.usedSize, readOnly: !o.write, backend: o.volume, close: o.close }
   }
 
   private hasWriter (name: string): boolean {
