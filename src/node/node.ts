@@ -33,13 +33,17 @@ import { NodeMembership } from './membership.js'
 
 export interface Capacity { total: number, free: number, available: number }
 
-/** The metadata store the config names: etcd when metadata_servers is set, else files under metadata_root. */
-export async function openStore (config: Config): Promise<MetadataStore> {
+/**
+ * The metadata store the config names: etcd when metadata_servers is
+ * set, else files under metadata_root (whose first layout is migrated
+ * unless `migrate` is false: a node migrates only once it may run).
+ */
+export async function openStore (config: Config, migrate = true): Promise<MetadataStore> {
   if (config.metadata_servers.length > 0) {
     return new MetadataStore(new EtcdCore({ servers: config.metadata_servers, prefix: config.metadata_prefix }), config.proxy_port)
   }
   const store = new MetadataStore(await FileCore.open(config.metadata_root), config.proxy_port)
-  await migrateV1(config.metadata_root, store, config.proxy_port)
+  if (migrate) await migrateV1(config.metadata_root, store, config.proxy_port)
   return store
 }
 
@@ -93,12 +97,19 @@ export class UkaiNode extends EventEmitter implements ReplicaProvider, ClusterCo
    * nothing, when a live node has this id) and loads every image.
    */
   static async start (config: Config, log: (m: string) => void = () => {}): Promise<UkaiNode> {
-    await mkdir(config.image_root, { recursive: true })
-    const store = await openStore(config)
+    const store = await openStore(config, false)
     let membership: NodeMembership
     try {
       membership = await NodeMembership.join(store, config, log)
     } catch (err) {
+      await store.close()
+      throw err
+    }
+    try {
+      if (store.kind === 'file') await migrateV1(config.metadata_root, store, config.proxy_port)
+      await mkdir(config.image_root, { recursive: true })
+    } catch (err) {
+      await membership.close()
       await store.close()
       throw err
     }
