@@ -198,6 +198,10 @@ export class UkaiNode extends EventEmitter implements ReplicaProvider, ClusterCo
     }))
   }
 
+  notice (message: string): void {
+    this.emit('notice', message)
+  }
+
   // ---- requests from other nodes ----------------------------------------------------
 
   /**

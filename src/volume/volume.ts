@@ -62,6 +62,8 @@ export interface ClusterContext {
   fenceOthers: (image: string, grant: WriterGrant, meta: ImageMeta) => Promise<RangeSet | undefined>
   /** Makes every other node that has the image open apply `revision`; resolves when they have (or cannot be reached). */
   publish: (image: string, revision: number) => Promise<void>
+  /** Tells the operator something worth knowing that is not a problem (a takeover). */
+  notice: (message: string) => void
 }
 
 export interface VolumeContext {
@@ -193,6 +195,7 @@ export class Volume {
   private async acquire (purpose: WriterPurpose): Promise<WriterSession> {
     const c = this.ctx.cluster
     const s = new WriterSession(this.name, purpose)
+    const t0 = performance.now()
     this.session = s
     let grant: WriterGrant
     try {
@@ -222,6 +225,10 @@ export class Volume {
       if (!reconcile.isEmpty) await this.reconcile(s, reconcile)
       // What the log held is reconciled now, or was vouched for by its writer.
       await this.dirty.trim(this.owner(s), 0)
+      if (prev !== undefined) {
+        c.notice(`image '${this.name}': took the writer lease over from node ${prev.node} (generation ${prev.generation} -> ${grant.generation}) ` +
+          `in ${(performance.now() - t0).toFixed(1)} ms, ${reconcile.size} block(s) reconciled`)
+      }
       return s
     } catch (err) {
       // A session that could not reconcile must not write: it ends, and

@@ -17,6 +17,7 @@ export async function testCluster (store: MetadataStore, nodeId: string, fences 
     changeDeadline: () => Date.now() + 10_000,
     mayTakeOver: () => false,
     fenceOthers: async () => undefined,
-    publish: async () => {}
+    publish: async () => {},
+    notice: () => {}
   }
 }
