@@ -1,22 +1,25 @@
 #!/usr/bin/env bash
 # Installs everything UKAI needs on a fresh Debian machine with Node.js 20:
-# the Debian packages (FUSE, etcd, QEMU's and libnbd's clients, and for
-# the tests a QEMU system emulator with a kernel and busybox for a small
-# guest), the npm packages from the lockfile, and the compiled TypeScript.
-# Safe to run again: each step is skipped when what it makes is already
-# there and up to date.
+# the Debian packages (FUSE, QEMU's and libnbd's clients), the npm packages
+# from the lockfile, and the compiled TypeScript. Safe to run again: each
+# step is skipped when what it makes is already there and up to date.
 #
-#   scripts/setup.sh           what the node and the tests need
+#   scripts/setup.sh           what a node needs
+#   scripts/setup.sh --tests   also what the tests need (etcd, and a QEMU
+#                              system emulator, a kernel and busybox for a
+#                              small guest VM)
 #   scripts/setup.sh --bench   also the benchmark's peers (fio, bindfs, nbdkit)
 #   scripts/setup.sh --force   redo every step (CI)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 want_bench=0
+want_tests=0
 force=0
 for arg in "$@"; do
   case "$arg" in
     --bench) want_bench=1 ;;
+    --tests) want_tests=1 ;;
     --force) force=1 ;;
     *) echo "setup.sh: unknown option '$arg'" >&2; exit 2 ;;
   esac
@@ -31,13 +34,15 @@ declare -A provides=(
   [nbdinfo]=libnbd-bin
   [nbdcopy]=libnbd-bin
   [fio]=fio
-  [etcd]=etcd-server
-  [etcdctl]=etcd-client
-  # A small guest VM for the live-migration tests.
-  [qemu-system-x86_64]=qemu-system-x86
-  [/bin/busybox]=busybox-static
-  ['/boot/vmlinuz-*']=linux-image-amd64
 )
+if [ "$want_tests" = 1 ]; then
+  provides[etcd]=etcd-server
+  provides[etcdctl]=etcd-client
+  # A small guest VM for the live-migration tests.
+  provides[qemu-system-x86_64]=qemu-system-x86
+  provides[/bin/busybox]=busybox-static
+  provides['/boot/vmlinuz-*']=linux-image-amd64
+fi
 if [ "$want_bench" = 1 ]; then
   provides[bindfs]=bindfs
   provides[nbdkit]=nbdkit

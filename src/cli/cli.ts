@@ -30,7 +30,7 @@ const USAGE = `usage: ukai [--config PATH] COMMAND ...
   image add-hypervisor NAME HYPERVISOR
   image remove-hypervisor NAME HYPERVISOR
   sync IMAGE [-s START] [-e END]                      copy out-of-sync replicas of blocks START..END
-  nodes list [--json]                                registered nodes: reachable, RTT, free space
+  nodes list [--json]                                registered nodes: alive (lease), reachable, RTT, free space
   nodes best                                         the node with the most free space
   nodes errors [--json]                              locations in the error state
   version
@@ -152,8 +152,13 @@ async function imageCommand (args: string[], configPath: string | undefined): Pr
           return (format !== undefined ? describe(meta, format) : { ...summarise(meta), ...describe(meta, 'stored') as object }) as Record<string, unknown>
         })
       if (values.json === true || format !== undefined) return printJson(doc)
-      const s = doc as unknown as ImageSummary & { locations_detail?: unknown, hypervisors: string[] }
-      const stored = doc as { locations?: Record<string, { blocks: Array<[number, number]>, out_of_sync: Array<[number, number]> }> }
+      const s = doc as unknown as ImageSummary & { hypervisors: string[] }
+      const stored = doc as {
+        locations?: Record<string, { blocks: Array<[number, number]>, out_of_sync: Array<[number, number]> }>
+        open?: Array<{ node: string, readers: number, writers: number }>
+        writer?: { node: string, generation: number, purpose: string, since: string } | null
+        dirty_blocks?: number
+      }
       print(`image:        ${s.name}`)
       print(`size:         ${formatSize(s.size)} (${s.size} bytes)`)
       print(`used size:    ${formatSize(s.used_size)} (${s.used_size} bytes)`)
@@ -164,6 +169,11 @@ async function imageCommand (args: string[], configPath: string | undefined): Pr
       for (const [loc, st] of Object.entries(stored.locations ?? {})) {
         print(`  ${loc}  blocks ${ranges(st.blocks)}  out of sync ${ranges(st.out_of_sync)}`)
       }
+      const opens = (stored.open ?? []).map((o) => `${o.node} (${[o.writers > 0 ? 'writing' : '', o.readers > 0 ? `${o.readers} reader(s)` : ''].filter((x) => x !== '').join(', ')})`)
+      print(`open on:      ${opens.length === 0 ? '-' : opens.join(', ')}`)
+      const w = stored.writer
+      print(`writer:       ${w === undefined || w === null ? '-' : `${w.node}, generation ${w.generation}${w.purpose === 'sync' ? ' (resync)' : ''}, since ${w.since}`}`)
+      if ((stored.dirty_blocks ?? 0) > 0) print(`dirty blocks: ${stored.dirty_blocks!} (in the dirty-block log)`)
       return
     }
     case 'destroy': {
@@ -227,8 +237,8 @@ async function nodesCommand (args: string[], configPath: string | undefined): Pr
     }
     if (values.json === true) return printJson(nodes)
     if (nodes.length === 0) return print('no node has registered')
-    print(table([['NODE', 'CONTROL', 'UP', 'RTT', 'AVAILABLE', 'TOTAL', 'OPEN IMAGES'],
-      ...nodes.map((n) => [n.id, n.control, n.reachable ? 'yes' : 'no', n.rtt_ms !== undefined ? `${n.rtt_ms.toFixed(2)} ms` : '-',
+    print(table([['NODE', 'CONTROL', 'ALIVE', 'REACHABLE', 'RTT', 'AVAILABLE', 'TOTAL', 'OPEN IMAGES'],
+      ...nodes.map((n) => [n.id, n.control, n.alive ? 'yes' : 'no', n.reachable ? 'yes' : 'no', n.rtt_ms !== undefined ? `${n.rtt_ms.toFixed(2)} ms` : '-',
         n.capacity !== undefined ? formatSize(n.capacity.available) : '-', n.capacity !== undefined ? formatSize(n.capacity.total) : '-',
         (n.open_images ?? []).join(',') || '-'])]))
     return
