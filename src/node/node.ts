@@ -138,6 +138,10 @@ export class UkaiNode extends EventEmitter implements ReplicaProvider, ClusterCo
     await this.membership.waitValid(this.config.io_timeout * 1000)
   }
 
+  leaseIsValid (): boolean {
+    return this.membership.valid
+  }
+
   changeDeadline (): number {
     return Math.min(this.membership.validUntil, Date.now() + 60_000)
   }

@@ -7,7 +7,7 @@
  *   next one is tried (invariant 1). A read never changes sync state: a
  *   replica that cannot be read is unavailable, not stale;
  * - writes need the image's writer lease, cluster-wide: the first write
- *   takes it (writer-session.ts), and only its holder writes, changes the
+ *   takes it (writer-lease.ts), and only its holder writes, changes the
  *   dirty-block log, or marks replicas out of sync (invariant 6). Writes
  *   go to every in-sync location of every touched block in parallel and
  *   are acknowledged only when each has the data or has been durably
@@ -20,7 +20,7 @@
  */
 import { UkaiError, toUkaiError } from '../errors.js'
 import type { ImageMeta } from '../metadata/image.js'
-import { fenced, type ImageState, type MetadataStore, type WriterGrant, type WriterPurpose, type WriterRecord } from '../metadata/store.js'
+import { fenced, type ImageState, type MetadataStore, type WriterGrant, type WriterRecord } from '../metadata/store.js'
 import { RangeSet } from '../metadata/range-set.js'
 import type { FenceTable } from '../node/fences.js'
 import type { DiscardMode, Replica, ReplicaProvider } from '../replica/replica.js'
@@ -29,7 +29,8 @@ import type { NodeErrors } from './node-errors.js'
 import { DirtyLog, type LogOwner } from './dirty-log.js'
 import { RangeLock } from './range-lock.js'
 import { copyBlock, syncBlocks, type CopyContext, type Failure, type SyncProgress } from './resync.js'
-import { WriterSession } from './writer-session.js'
+import { WriterLease } from './writer-lease.js'
+import type { WriterSession } from './writer-session.js'
 
 export type { SyncProgress } from './resync.js'
 
@@ -50,6 +51,8 @@ export interface ClusterContext {
   leaseId: () => string
   /** Resolves once this node's lease is known valid; rejects otherwise (fail-stop). */
   leaseValid: () => Promise<void>
+  /** True while this node's lease is known valid (checked again right before a write goes out). */
+  leaseIsValid: () => boolean
   /** Until when (ms since the epoch) metadata changes may wait for an unreachable store. */
   changeDeadline: () => number
   /** Whether this node may fence `holder`, a live writer of the image. */
@@ -98,19 +101,26 @@ export class Volume {
   /** Flushes in progress (see flush). */
   private readonly flushing = new Set<Promise<void>>()
   private readonly dirty: DirtyLog
-  private session: WriterSession | undefined
-  private acquiring: Promise<WriterSession> | undefined
-  /** The session before `session` on this volume (released or fenced). */
-  private lastSession: WriterSession | undefined
-  private releasing: Promise<void> | undefined
+  private readonly lease: WriterLease
   readonly stats: IoStats
 
   constructor (meta: ImageMeta, ctx: VolumeContext) {
+    const volume = this
     this.name = meta.name
     this.current = meta
     this.ctx = ctx
     this.dirty = new DirtyLog(ctx.store, meta.name)
     this.stats = ctx.stats ?? newIoStats()
+    this.lease = new WriterLease({
+      name: this.name,
+      get meta () { return volume.current },
+      idle: () => this.writer === undefined && this.syncs === 0,
+      refresh: (m) => this.refresh(m),
+      adoptLog: (log) => this.dirty.adopt(log),
+      reconcile: async (s, blocks) => await this.reconcile(s, blocks),
+      trimLog: async (s) => await this.dirty.trim(this.owner(s), 0),
+      flush: async () => await this.flush()
+    }, ctx.store, ctx.cluster)
   }
 
   get meta (): ImageMeta { return this.current }
@@ -121,13 +131,13 @@ export class Volume {
   get openCount (): number { return this.readers + (this.writer === undefined ? 0 : 1) }
   get readerCount (): number { return this.readers }
   /** The writer generation this volume writes with, while it holds the lease. */
-  get generation (): number | undefined { return this.session?.held === true ? this.session.generation : undefined }
+  get generation (): number | undefined { return this.lease.current?.held === true ? this.lease.current.generation : undefined }
   /** True when this volume's writer was fenced (its open can write no more). */
-  get fenced (): boolean { return this.session?.state === 'fenced' }
+  get fenced (): boolean { return this.lease.fenced }
 
   /** True when `session` is one of this volume's writer sessions. */
   ownsSession (session: string): boolean {
-    return this.session?.id === session || this.lastSession?.id === session
+    return this.lease.owns(session)
   }
 
   /** Takes newer metadata from the store (a change made elsewhere). */
@@ -164,123 +174,21 @@ export class Volume {
 
   // ---- the writer lease ---------------------------------------------------
 
-  /** The session to write with: the held one, or a new grant of the lease. */
-  private async writerSession (purpose: WriterPurpose): Promise<WriterSession> {
-    for (;;) {
-      await this.releasing
-      const s = this.session
-      if (s?.state === 'fenced') s.check()
-      if (s?.held === true) {
-        await this.ctx.cluster.leaseValid()
-        return s
-      }
-      if (this.acquiring === undefined) {
-        this.acquiring = this.acquire(purpose).finally(() => { this.acquiring = undefined })
-      }
-      await this.acquiring
-    }
-  }
-
   private owner (s: WriterSession): LogOwner {
     return { guard: s.guard, until: () => this.ctx.cluster.changeDeadline() }
   }
 
   /**
-   * Takes the writer lease. Before the session writes anything: every
-   * replica of this node, then of the other nodes, refuses the previous
-   * generations, and the blocks the previous holder may have left
-   * different between replicas are reconciled (all of the dirty-block log
-   * unless the previous holder said which).
-   */
-  private async acquire (purpose: WriterPurpose): Promise<WriterSession> {
-    const c = this.ctx.cluster
-    const s = new WriterSession(this.name, purpose)
-    const t0 = performance.now()
-    this.session = s
-    let grant: WriterGrant
-    try {
-      grant = await this.ctx.store.acquireWriter(this.name, {
-        node: c.nodeId,
-        session: s.id,
-        purpose,
-        lease: c.leaseId(),
-        mayTakeOver: (holder, st) => c.mayTakeOver(holder, st)
-      }, { until: c.changeDeadline() })
-    } catch (err) {
-      if (this.session === s) this.session = undefined
-      throw err
-    }
-    s.hold(grant.generation, grant.guard)
-    try {
-      this.refresh(grant.state.meta)
-      await c.fences.raise(this.name, grant.generation)
-      const prev = grant.previous
-      const log = grant.state.dirty
-      let unsafe: RangeSet | undefined
-      if (prev !== undefined && this.lastSession?.id === prev.session) unsafe = this.lastSession.unsafe.clone()
-      else if (prev !== undefined || !log.isEmpty) unsafe = await c.fenceOthers(this.name, grant, this.current)
-      const reconcile = prev !== undefined && unsafe !== undefined ? unsafe : log
-      s.unsafe.addSet(reconcile)
-      this.dirty.adopt(log)
-      if (!reconcile.isEmpty) await this.reconcile(s, reconcile)
-      // What the log held is reconciled now, or was vouched for by its writer.
-      await this.dirty.trim(this.owner(s), 0)
-      if (prev !== undefined) {
-        c.notice(`image '${this.name}': took the writer lease over from node ${prev.node} (generation ${prev.generation} -> ${grant.generation}) ` +
-          `in ${(performance.now() - t0).toFixed(1)} ms, ${reconcile.size} block(s) reconciled`)
-      }
-      return s
-    } catch (err) {
-      // A session that could not reconcile must not write: it ends, and
-      // what it could not vouch for stays for the next one.
-      s.fence()
-      await this.ctx.store.releaseWriter(this.name, s.guard).catch(() => {})
-      if (this.session === s) {
-        this.lastSession = s
-        this.session = undefined
-      }
-      throw err
-    }
-  }
-
-  /**
-   * Ends this volume's session because a newer generation took the lease
-   * over (or this node lost its own, with no generation): no write of it
-   * lands from now on. Returns the sessions this volume knows that are
-   * older than `generation`, each with the blocks it cannot vouch for.
+   * Ends this volume's sessions older than `generation` (all, without
+   * one): no write of them lands from now on. Returns each with the blocks
+   * it cannot vouch for.
    */
   fenceSession (generation?: number): Array<{ session: string, unsafe: RangeSet }> {
-    const out: Array<{ session: string, unsafe: RangeSet }> = []
-    for (const s of [this.lastSession, this.session]) {
-      // A session still acquiring is fenced by the gates if it loses: its
-      // generation is not known yet.
-      if (s === undefined || s.state === 'acquiring' || s.state === 'released') continue
-      if (generation !== undefined && s.generation >= generation) continue
-      out.push({ session: s.id, unsafe: s.fence() })
-    }
-    return out
+    return this.lease.fence(generation)
   }
 
-  /** Gives the lease back when nothing writes any more: no writer open, no resync. */
   private async releaseIfIdle (): Promise<void> {
-    if (this.writer !== undefined || this.syncs > 0) return
-    const s = this.session
-    if (s === undefined) return
-    this.releasing = (async () => {
-      await this.acquiring?.catch(() => {})
-      if (s.held) {
-        await this.flush().catch(() => {})
-        await s.drained()
-        await this.dirty.trim(this.owner(s), 0).catch(() => {})
-        if (s.held) await this.ctx.store.releaseWriter(this.name, s.guard, { until: this.ctx.cluster.changeDeadline() }).catch(() => {})
-        if (s.held) s.state = 'released'
-      }
-      if (this.session === s) {
-        this.lastSession = s
-        this.session = undefined
-      }
-    })().finally(() => { this.releasing = undefined })
-    await this.releasing
+    await this.lease.releaseIfIdle()
   }
 
   /**
@@ -292,7 +200,7 @@ export class Volume {
     this.syncs++
     const before = this.reconciled
     try {
-      await this.writerSession('sync')
+      await this.lease.use('sync')
       return this.reconciled - before
     } finally {
       this.syncs--
@@ -400,8 +308,10 @@ export class Volume {
    * used_size grown.
    */
   private async writeRange (offset: number, length: number, grows: boolean, op: (r: Replica, p: Piece, generation: number) => Promise<void>): Promise<void> {
-    const s = await this.writerSession(this.writer !== undefined ? 'write' : 'sync')
+    const s = await this.lease.use(this.writer !== undefined ? 'write' : 'sync')
     await this.lock.with(offset, offset + length, async () => {
+      // The wait for the range lock may have outlasted the lease: fail-stop.
+      if (!this.ctx.cluster.leaseIsValid()) await this.ctx.cluster.leaseValid()
       const pieces = splitRange(offset, length, this.blockSize, this.size)
       const end = s.begin(pieces.map((p) => p.block))
       try {
@@ -585,7 +495,7 @@ export class Volume {
     }
     this.syncs++
     try {
-      const s = await this.writerSession(this.writer !== undefined ? 'write' : 'sync')
+      const s = await this.lease.use(this.writer !== undefined ? 'write' : 'sync')
       return await syncBlocks({
         image: this.name,
         replicas: this.ctx.replicas,
@@ -648,7 +558,7 @@ export class Volume {
     // this volume since it opened: an fsync must cover earlier writers too.
     const local = this.localReplica()
     if (local !== undefined && !pending.some(([l]) => l === local.location)) await local.flush(this.name)
-    const s = this.session
+    const s = this.lease.current
     if (failures.length > 0) {
       // Only a writer flushes what it wrote; without its lease it can mark nothing.
       if (s === undefined) throw new UkaiError('UKAI_ERR_FENCED', `image '${this.name}': a flush failed and this node no longer writes the image`)
@@ -679,7 +589,7 @@ export class Volume {
       throw new UkaiError('UKAI_ERR_PERMISSION', `image '${this.name}': truncate may only shrink used_size (${old}), not grow it to ${newSize}`)
     }
     await this.zero(newSize, old - newSize, true)
-    const s = await this.writerSession('write')
+    const s = await this.lease.use('write')
     await this.update(s, (meta) => {
       meta.usedSize = Math.min(meta.usedSize, newSize)
       return meta

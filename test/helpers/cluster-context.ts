@@ -14,6 +14,7 @@ export async function testCluster (store: MetadataStore, nodeId: string, fences 
     fences,
     leaseId: () => lease.id,
     leaseValid: async () => {},
+    leaseIsValid: () => true,
     changeDeadline: () => Date.now() + 10_000,
     mayTakeOver: () => false,
     fenceOthers: async () => undefined,
