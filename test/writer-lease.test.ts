@@ -366,3 +366,76 @@ describe('three nodes on etcd', { timeout: 300_000, skip: skipEtcd }, () => {
     assert.deepEqual(await cluster.checkReplicas('vm', model), [])
   })
 })
+
+describe('a node that loses its lease (etcd)', { timeout: 300_000, skip: skipEtcd }, () => {
+  let cluster: Cluster
+  let A: TestNode, B: TestNode
+
+  before(async () => {
+    cluster = await Cluster.start({ nodes: 2, nbd: [0, 1], etcd: true, config: { lease_ttl: 3, io_timeout: 2, retry_after: 30 } })
+    ;[A, B] = cluster.nodes as [TestNode, TestNode]
+    await cliOk(A, 'image', 'create', 'vm', '-s', '8M', '-b', '1M', '-l', A.id, '-l', B.id)
+  })
+  after(async () => { await cluster?.destroy() })
+
+  test('its lease ended behind its back: its writer is fenced for good, and it registers again', async () => {
+    const c = await nbd(A, 'vm')
+    try {
+      await c.write(0, Buffer.alloc(4096, 1))
+      const store = await cluster.store()
+      const alive = (await store.listNodes()).find((n) => n.info.id === A.id)!.alive!
+      await store.revokeLease(alive.lease)
+      // A notices at its next renewal, and comes back under a new lease.
+      const back = await until(async () => {
+        const n = (await store.listNodes()).find((x) => x.info.id === A.id)
+        return n?.alive !== undefined && n.alive.lease !== alive.lease ? n.alive : undefined
+      })
+      assert.equal(back.pid, A.pid)
+      assert.match(A.output, /lost its lease/)
+      // The writer key went with the old lease: this open's session is over.
+      await assert.rejects(c.write(4096, Buffer.alloc(4096, 2)))
+    } finally { await c.close() }
+    // A new open writes under the new lease.
+    const again = await nbd(A, 'vm')
+    try {
+      assert.equal(again.readOnly, false)
+      await again.write(4096, Buffer.alloc(4096, 3))
+      await again.flush()
+    } finally { await again.close() }
+    assert.ok((await nbdRead(B, 'vm', 4096, 4096)).equals(Buffer.alloc(4096, 3)))
+  })
+
+  test('etcd away for longer than the lease: writes stop rather than risk a second writer, and resume when it is back', async () => {
+    const c = await nbd(A, 'vm')
+    let failed = 0
+    let succeeded = 0
+    let stop = false
+    const loop = (async () => {
+      for (let i = 0; !stop; i++) {
+        try {
+          await c.write((i % 64) * 4096, Buffer.alloc(4096, i % 251))
+          succeeded++
+        } catch { failed++ }
+        await new Promise((r) => setTimeout(r, 20))
+      }
+    })()
+    try {
+      await until(async () => succeeded > 5 ? true : undefined)
+      await cluster.etcd!.stop()
+      // Longer than the lease (3 s) and the wait a write gives it (io_timeout 2 s).
+      await new Promise((r) => setTimeout(r, 7000))
+      const failedDuring = failed
+      await cluster.etcd!.launch()
+      const after = succeeded
+      await until(async () => succeeded > after + 5 ? true : undefined)
+      stop = true
+      await loop
+      assert.ok(failedDuring > 0, 'writes went on while the lease could not be renewed')
+      assert.equal(c.readOnly, false)
+    } finally {
+      stop = true
+      await loop
+      await c.close()
+    }
+  })
+})
