@@ -219,7 +219,7 @@ export class UkaiNode extends EventEmitter implements ReplicaProvider, ClusterCo
       throw new UkaiError('UKAI_ERR_INVALID_ARGUMENT', `image '${image}' has no writer generation ${generation} (the latest is ${st.generation})`)
     }
     await this.fences.raise(image, generation)
-    const sessions = this.volumes.get(image)?.volume.fenceSession(generation) ?? []
+    const sessions = this.fenceVolume(image, generation, `writer generation ${generation} took the image over`)
     return { sessions: sessions.map((s) => ({ session: s.session, unsafe: s.unsafe.toJSON() })) }
   }
 
@@ -233,10 +233,20 @@ export class UkaiNode extends EventEmitter implements ReplicaProvider, ClusterCo
     return { revision: now }
   }
 
+  /** Fences this node's sessions of `image` older than `generation` (all without one), saying so. */
+  private fenceVolume (image: string, generation: number | undefined, why: string): Array<{ session: string, unsafe: RangeSet }> {
+    const sessions = this.volumes.get(image)?.volume.fenceSession(generation) ?? []
+    if (sessions.length > 0) {
+      const unsafe = sessions.reduce((n, s) => n + s.unsafe.size, 0)
+      this.notice(`image '${image}': this node's writer is fenced (${why}); its writes are refused from now on, ${unsafe} block(s) left for the new writer to reconcile`)
+    }
+    return sessions
+  }
+
   /** This node's lease ended: every writer session on it is gone. */
   private leaseLost (): void {
     this.emit('warning', `node ${this.config.id} lost its lease with the metadata store; its writers are fenced`)
-    for (const { volume } of this.volumes.values()) volume.fenceSession()
+    for (const name of this.volumes.keys()) this.fenceVolume(name, undefined, 'this node lost its lease')
   }
 
   // ---- ReplicaProvider ----------------------------------------------------------------
@@ -337,7 +347,7 @@ export class UkaiNode extends EventEmitter implements ReplicaProvider, ClusterCo
     const w = st.writer
     if (w !== undefined && w.generation > this.fences.fenceOf(name)) {
       void this.fences.raise(name, w.generation)
-      if (volume !== undefined && !volume.ownsSession(w.session)) volume.fenceSession(w.generation)
+      if (volume !== undefined && !volume.ownsSession(w.session)) this.fenceVolume(name, w.generation, `node ${w.node} took the image over, generation ${w.generation}`)
     }
     if (had === undefined) this.emit('images')
   }
