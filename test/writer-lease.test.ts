@@ -310,6 +310,29 @@ describe('three nodes on etcd', { timeout: 300_000, skip: skipEtcd }, () => {
     }
   })
 
+  test('a location removed through one node is never read again by another node that has the image open', async () => {
+    // Image 'pl' on B and C; A holds no replica and reads remotely, from the one it measures closer.
+    await cliOk(B, 'image', 'create', 'pl', '-s', '4M', '-b', '1M', '-l', B.id, '-l', C.id)
+    const reader = await nbd(A, 'pl')
+    try {
+      const buf = Buffer.alloc(4 * MB)
+      for (let i = 0; i < 10; i++) await reader.read(0, buf)
+      const stats = async (): Promise<Record<string, number>> => (await A.api<{ readsFrom: Record<string, number> }>('GET', '/v1/images/pl/stats')).body.readsFrom
+      const before = await stats()
+      // The location A reads from most goes, through the other node.
+      const [gone, stays] = (before[B.id] ?? 0) >= (before[C.id] ?? 0) ? [B, C] : [C, B]
+      assert.ok((before[gone.id] ?? 0) >= 20, JSON.stringify(before))
+      const r = await stays.api('DELETE', '/v1/images/pl/locations', { location: gone.id })
+      assert.equal(r.status, 200, JSON.stringify(r.body))
+      // A, which has the image open, applied it before the call returned: its very next read counts.
+      for (let i = 0; i < 20; i++) await reader.read(0, buf)
+      const end = await stats()
+      assert.equal((end[gone.id] ?? 0) - (before[gone.id] ?? 0), 0, 'A read from the removed location')
+      assert.equal((end[stays.id] ?? 0) - (before[stays.id] ?? 0), 80)
+    } finally { await reader.close() }
+    await cliOk(B, 'image', 'destroy', 'pl')
+  })
+
   test('a sync asked of a node that does not write the image runs on the writer\'s node', async () => {
     const writer = await nbd(A, 'vm')
     try {
