@@ -10,11 +10,12 @@ import { createHash, randomBytes } from 'node:crypto'
 import { spawn } from 'node:child_process'
 import { once } from 'node:events'
 import { open, stat, writeFile } from 'node:fs/promises'
-import { join, resolve } from 'node:path'
+import { join } from 'node:path'
 import { Cluster } from './helpers/cluster.js'
 import { run, type TestNode } from './helpers/node-process.js'
 import { NbdClient } from '../src/peer/nbd-client.js'
 import { prng } from './helpers/assertions.js'
+import { nbdWriterScript } from './helpers/writers.js'
 
 const MB = 1_000_000
 const BLOCK = MB
@@ -201,21 +202,7 @@ describe('three-node cluster', { timeout: 300_000 }, () => {
         try { writeSync(fd, randomBytes(len), 0, len, off) } catch { process.exit(0) }
       }
     `)
-    const nbdWriter = join(cluster.dir, 'nbd-writer.mjs')
-    await writeFile(nbdWriter, `
-      import { randomBytes } from 'node:crypto'
-      const { NbdClient } = await import(${JSON.stringify(resolve('dist/src/peer/nbd-client.js'))})
-      const c = await NbdClient.connect({ path: process.argv[2] }, 'mix', { timeoutMs: 30000 })
-      process.stdout.write('writing\\n')
-      const one = async () => {
-        for (;;) {
-          const len = 4096 + Math.floor(Math.random() * 300000)
-          const off = Math.floor(Math.random() * (8000000 - len))
-          await c.write(off, randomBytes(len))
-        }
-      }
-      await Promise.all(Array.from({ length: 32 }, one)).catch(() => process.exit(0))
-    `)
+    const nbdWriter = await nbdWriterScript(cluster.dir, 'mix', 8_000_000)
     for (let round = 0; round < 4; round++) {
       const child = round % 2 === 0
         ? spawn(process.execPath, [nbdWriter, A.nbdSocket!], { stdio: ['ignore', 'pipe', 'inherit'] })

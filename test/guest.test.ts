@@ -22,9 +22,10 @@ import { setTimeout as sleep } from 'node:timers/promises'
 import { TestNode, freePort, run } from './helpers/node-process.js'
 import { makeTmpDir } from './helpers/tmp.js'
 import {
-  IO_ERROR_RE, buildGuest, checkRecords, compareDiskWithLog, expectedRecord, guestAvailable, guestCmdline, parseGuestLog, type Guest, type GuestLog
+  IO_ERROR_RE, buildGuest, checkRecords, compareDiskWithLog, expectedRecord, guestAvailable, guestCmdline, parseGuestLog, type Guest
 } from './helpers/guest.js'
 import { Qemu, type MigrationResult, type QemuDisk } from './helpers/qemu.js'
+import { assertClean, waitForRounds } from './helpers/guest-console.js'
 
 const IMAGE = 'vm'
 const IMAGE_SIZE = 64 * 2 ** 20
@@ -84,26 +85,6 @@ async function readDisk (node: TestNode, kind: Kind): Promise<Buffer> {
     assert.equal(bytesRead, want)
     return buf
   } finally { await fh.close() }
-}
-
-/** Polls the console until an `ok` line of seq >= minSeq (after `from`); fails at once on a guest or kernel I/O error. */
-async function waitForRounds (vm: Qemu, minSeq: number, timeoutMs: number, from = 0): Promise<GuestLog> {
-  const deadline = Date.now() + timeoutMs
-  for (;;) {
-    const log = parseGuestLog(vm.serial.slice(from))
-    if (log.errors.length > 0 || log.ioErrors.length > 0) {
-      assert.fail(`${vm.name}: errors on the console:\n${[...log.errors, ...log.ioErrors].slice(0, 10).join('\n')}`)
-    }
-    if (log.oks.some((s) => s >= minSeq)) return log
-    if (!vm.running) assert.fail(`${vm.name}: QEMU exited (${String(vm.exitCode ?? vm.exitSignal)}):\n${vm.stderr}\n${vm.serial.slice(-2000)}`)
-    if (Date.now() > deadline) assert.fail(`${vm.name}: no ok line of seq >= ${minSeq} in ${timeoutMs} ms; last output:\n${vm.serial.slice(-2000)}`)
-    await sleep(100)
-  }
-}
-
-function assertClean (log: GuestLog, what: string): void {
-  assert.deepEqual(log.errors, [], `${what}: UKAI-GUEST error lines`)
-  assert.deepEqual(log.ioErrors, [], `${what}: kernel I/O error lines`)
 }
 
 /** Pauses `vm`, checks every record on the disk against the guest's whole console output (`text()`, read once paused), resumes it. */

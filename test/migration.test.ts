@@ -30,10 +30,11 @@ import { join } from 'node:path'
 import { setTimeout as sleep } from 'node:timers/promises'
 import { Cluster } from './helpers/cluster.js'
 import { etcdMissing } from './helpers/etcd.js'
-import { buildGuest, checkRecords, compareDiskWithLog, guestAvailable, guestCmdline, parseGuestLog, type Guest, type GuestLog } from './helpers/guest.js'
+import { buildGuest, checkRecords, compareDiskWithLog, guestAvailable, guestCmdline, parseGuestLog, type Guest } from './helpers/guest.js'
 import { describeFigures, measureMigration } from './helpers/migration.js'
 import { freePort, type TestNode } from './helpers/node-process.js'
 import { Qemu, type QemuDisk } from './helpers/qemu.js'
+import { assertClean, waitForRounds } from './helpers/guest-console.js'
 
 const MB = 2 ** 20
 const LEASE = { lease_ttl: 4, io_timeout: 2, retry_after: 30 }
@@ -68,26 +69,6 @@ type Kind = 'nbd' | 'fuse'
 
 function diskOf (node: TestNode, kind: Kind, image: string): QemuDisk {
   return kind === 'nbd' ? { nbd: { socket: node.nbdSocket!, export: image } } : { file: join(node.mountpoint!, image) }
-}
-
-/** Polls the console (after `from`) until an `ok` line of seq >= minSeq; fails at once on a guest or kernel I/O error. */
-async function waitForRounds (vm: Qemu, minSeq: number, timeoutMs: number, from = 0): Promise<GuestLog> {
-  const deadline = Date.now() + timeoutMs
-  for (;;) {
-    const log = parseGuestLog(vm.serial.slice(from))
-    if (log.errors.length > 0 || log.ioErrors.length > 0) {
-      assert.fail(`${vm.name}: errors on the console:\n${[...log.errors, ...log.ioErrors].slice(0, 10).join('\n')}`)
-    }
-    if (log.oks.some((s) => s >= minSeq)) return log
-    if (!vm.running) assert.fail(`${vm.name}: QEMU exited (${String(vm.exitCode ?? vm.exitSignal)}):\n${vm.stderr}\n${vm.serial.slice(-2000)}`)
-    if (Date.now() > deadline) assert.fail(`${vm.name}: no ok line of seq >= ${minSeq} in ${timeoutMs} ms; last output:\n${vm.serial.slice(-2000)}`)
-    await sleep(100)
-  }
-}
-
-function assertClean (log: GuestLog, what: string): void {
-  assert.deepEqual(log.errors, [], `${what}: UKAI-GUEST error lines`)
-  assert.deepEqual(log.ioErrors, [], `${what}: kernel I/O error lines`)
 }
 
 /** Polls until no node has the image open and nobody holds its writer lease (a FUSE release reaches the node after close returns). */

@@ -22,13 +22,14 @@ import assert from 'node:assert/strict'
 import { spawn } from 'node:child_process'
 import { once } from 'node:events'
 import { open, stat, writeFile } from 'node:fs/promises'
-import { join, resolve } from 'node:path'
+import { join } from 'node:path'
 import { randomBytes } from 'node:crypto'
 import { Cluster } from './helpers/cluster.js'
 import { etcdMissing } from './helpers/etcd.js'
 import { CLI, freePort, run, type TestNode } from './helpers/node-process.js'
 import { NbdClient } from '../src/peer/nbd-client.js'
 import { prng } from './helpers/assertions.js'
+import { nbdWriterScript } from './helpers/writers.js'
 
 const MB = 2 ** 20
 const LEASE = { lease_ttl: 4, io_timeout: 2, retry_after: 30 }
@@ -213,21 +214,7 @@ describe('a read-open elsewhere and writer crashes (etcd)', { timeout: 300_000, 
   after(async () => { await cluster?.destroy() })
 
   test('opening the image on B while A writes leaves A\'s log alone; after kill -9 of A in-sync replicas never differ', async () => {
-    const writer = join(cluster.dir, 'writer.mjs')
-    await writeFile(writer, `
-      import { randomBytes } from 'node:crypto'
-      const { NbdClient } = await import(${JSON.stringify(resolve('dist/src/peer/nbd-client.js'))})
-      const c = await NbdClient.connect({ path: process.argv[2] }, 'vm', { timeoutMs: 30000 })
-      process.stdout.write('writing\\n')
-      const one = async () => {
-        for (;;) {
-          const len = 4096 + Math.floor(Math.random() * 300000)
-          const off = Math.floor(Math.random() * (8388608 - len))
-          await c.write(off, randomBytes(len))
-        }
-      }
-      await Promise.all(Array.from({ length: 32 }, one)).catch(() => process.exit(0))
-    `)
+    const writer = await nbdWriterScript(cluster.dir, 'vm', 8 * MB)
     for (let round = 0; round < 4; round++) {
       const child = spawn(process.execPath, [writer, A.nbdSocket!], { stdio: ['ignore', 'pipe', 'inherit'] })
       const closed = once(child, 'close')

@@ -27,6 +27,7 @@ import { promises as fsp, watch as fsWatch, realpathSync, type FSWatcher } from 
 import { connect, createServer, type Server } from 'node:net'
 import { join } from 'node:path'
 import { UkaiError } from '../errors.js'
+import { KeyedQueue } from '../util/keyed-queue.js'
 import {
   compareMatches, shardOf, type Compare, type CoreSupports, type KeyValue, type Lease, type MetadataCore,
   type RangeResult, type TxnOp, type TxnResult, type WatchEvent, type WatchHandlers, type Watcher
@@ -85,7 +86,8 @@ export class FileCore implements MetadataCore {
   readonly instanceId: string
   private readonly instance: Server
   private tempCounter = 0
-  private readonly queues = new Map<string, Promise<unknown>>()
+  /** Transactions (file) or updates (store) of one key in this process run one at a time. */
+  private readonly queues = new KeyedQueue()
   private readonly ownLeases = new Map<string, Server>()
   /** Leases of other processes found dead: they never come back. */
   private readonly deadLeases = new Set<string>()
@@ -239,7 +241,7 @@ export class FileCore implements MetadataCore {
       throw new UkaiError('UKAI_ERR_INTERNAL', `a transaction of the file metadata store must touch one shard, not ${[...shards].join(', ') || 'none'}`)
     }
     const shard = [...shards][0]!
-    return await this.serial(shard, async () => await this.locked(shard, async () => {
+    return await this.queues.run(shard, async () => await this.locked(shard, async () => {
       const doc = await this.readShard(shard)
       const live = await this.liveKeys(doc)
       const ok = compares.every((c) => compareMatches(c, live.filter((kv) => c.prefix === true ? kv.key.startsWith(c.key) : kv.key === c.key)))
@@ -266,15 +268,6 @@ export class FileCore implements MetadataCore {
     }))
   }
 
-  /** Transactions of one shard in this process run one at a time. */
-  private async serial<T> (shard: string, fn: () => Promise<T>): Promise<T> {
-    const prev = this.queues.get(shard) ?? Promise.resolve()
-    const run = prev.then(fn, fn)
-    const tail = run.catch(() => {})
-    this.queues.set(shard, tail)
-    void tail.then(() => { if (this.queues.get(shard) === tail) this.queues.delete(shard) })
-    return await run
-  }
 
   /** Runs `fn` holding the shard's lock against other processes. */
   private async locked<T> (shard: string, fn: () => Promise<T>): Promise<T> {
@@ -400,7 +393,7 @@ export class FileCore implements MetadataCore {
     this.watchers.clear()
     this.fsWatcher?.close()
     this.fsWatcher = undefined
-    await Promise.allSettled([...this.queues.values()])
+    await this.queues.idle()
     for (const id of [...this.ownLeases.keys()]) await this.revokeLease(id)
     await closeServer(this.instance)
   }

@@ -23,6 +23,7 @@
 import { hostname } from 'node:os'
 import { randomUUID } from 'node:crypto'
 import { UkaiError, imageNotFound } from '../errors.js'
+import { KeyedQueue } from '../util/keyed-queue.js'
 import type { Compare, KeyValue, Lease, MetadataCore, TxnOp, Watcher } from './core.js'
 import { ImageMeta, validateImage } from './image.js'
 import {
@@ -160,7 +161,8 @@ export class MetadataStore {
   readonly core: MetadataCore
   private readonly defaultPort: number
   private readonly retryMs: number
-  private readonly queues = new Map<string, Promise<unknown>>()
+  /** Transactions (file) or updates (store) of one key in this process run one at a time. */
+  private readonly queues = new KeyedQueue()
 
   constructor (core: MetadataCore, defaultPort: number, options: { retryMs?: number } = {}) {
     this.core = core
@@ -195,14 +197,6 @@ export class MetadataStore {
     if (attempt > 3) await sleep(Math.random() * Math.min(50, attempt * 2))
   }
 
-  private async serial<T> (name: string, fn: () => Promise<T>): Promise<T> {
-    const prev = this.queues.get(name) ?? Promise.resolve()
-    const run = prev.then(fn, fn)
-    const tail = run.catch(() => {})
-    this.queues.set(name, tail)
-    void tail.then(() => { if (this.queues.get(name) === tail) this.queues.delete(name) })
-    return await run
-  }
 
   // ---- images -----------------------------------------------------------
 
@@ -273,7 +267,7 @@ export class MetadataStore {
     const name = meta.name
     const incarnation = randomUUID()
     const keys = encodeImageKeys(meta, incarnation, new Date().toISOString())
-    return await this.serial(name, async () => await this.retrying(async () => {
+    return await this.queues.run(name, async () => await this.retrying(async () => {
       for (let attempt = 0; ; attempt++) {
         await this.raced(attempt)
         const { kvs } = await this.core.range(imagePrefix(name))
@@ -308,7 +302,7 @@ export class MetadataStore {
    */
   async update (name: string, change: (meta: ImageMeta) => ImageMeta | Promise<ImageMeta>, options: ChangeOptions = {}): Promise<ImageMeta> {
     validateImageName(name)
-    return await this.serial(name, async () => await this.retrying(async () => {
+    return await this.queues.run(name, async () => await this.retrying(async () => {
       for (let attempt = 0; ; attempt++) {
         await this.raced(attempt)
         const st = await this.requireState(name)
@@ -348,7 +342,7 @@ export class MetadataStore {
    */
   async delete (name: string, options: ChangeOptions = {}): Promise<void> {
     validateImageName(name)
-    await this.serial(name, async () => {
+    await this.queues.run(name, async () => {
       let gone = false
       await this.retrying(async () => {
         for (let attempt = 0; ; attempt++) {
@@ -428,7 +422,7 @@ export class MetadataStore {
    */
   async acquireWriter (name: string, req: WriterRequest, options: ChangeOptions = {}): Promise<WriterGrant> {
     validateImageName(name)
-    return await this.serial(name, async () => await this.retrying(async () => {
+    return await this.queues.run(name, async () => await this.retrying(async () => {
       for (let attempt = 0; ; attempt++) {
         await this.raced(attempt)
         const st = await this.requireState(name)
