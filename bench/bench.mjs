@@ -4,7 +4,8 @@
  *
  * One run, one machine: UKAI side by side with the local file, bindfs,
  * qemu-nbd and nbdkit on the same bytes, warm in the page cache, then
- * resync, metadata and memory measures. Results: bench/results/latest.md,
+ * resync, metadata and memory measures; the metadata and propagation
+ * phases run on the embedded store and again on an etcd started for them. Results: bench/results/latest.md,
  * latest.svg and latest.json (full runs only), raw fio JSON and logs in
  * bench/results/raw/<time>/ (kept out of git).
  *
@@ -22,6 +23,7 @@ import { fileURLToPath } from 'node:url'
 import { parseArgs } from 'node:util'
 import { ratioChart } from './lib/chart.mjs'
 import { makeReferenceFile, populateBlocks, residency, warm } from './lib/data.mjs'
+import { BenchEtcd } from './lib/etcd.mjs'
 import { WORKLOADS } from './lib/fio.mjs'
 import { peakRss } from './lib/memory.mjs'
 import { metadataCost, propagation } from './lib/metadata.mjs'
@@ -42,7 +44,8 @@ const MIB = 2 ** 20
 
 const USAGE = `usage: node bench/bench.mjs [options]
   --quick            development run: 1 s runs, 1 pair, 256 MiB, no ramp (not published)
-  --only LIST        phases, comma-separated: ${PHASES.join(',')} (default: all)
+  --only LIST        phases, comma-separated: ${PHASES.join(',')} (default: all);
+                     metadata and propagation run on the embedded store and on an etcd started for them
   --workloads LIST   ${WORKLOADS.map((w) => w.id).join(',')}
   --pairs LIST       ${PAIRS.map((p) => p.id).join(',')}
   --size SIZE        data size in MiB or with G suffix (default 2G; --quick 256M)
@@ -85,6 +88,7 @@ async function machine (dir) {
       'qemu-nbd': (await text('qemu-nbd', ['--version'])).split('\n')[0],
       nbdkit: await text('nbdkit', ['--version']),
       bindfs: await text('bindfs', ['--version']),
+      etcd: await BenchEtcd.version() ?? 'not installed',
       kernel: release()
     }
   }
@@ -289,25 +293,64 @@ async function main () {
       for (const name of Object.values(images)) await a.api('DELETE', `/v1/images/${name}`).catch((err) => log(`destroying ${name}: ${err.message}`))
     }
 
-    const phase = async (name, fn) => {
+    // `key`: where the results go (the phase's name unless it runs again on another backend).
+    const phase = async (name, fn, key = name, nodeB = b) => {
       if (!phases.includes(name)) return
-      log(`${name}`)
+      log(`${key}`)
       try {
-        results[name] = await fn()
+        results[key] = await fn()
       } catch (err) {
-        results[name] = { error: err.message }
-        log(`  ${name} failed: ${err.message}`)
+        results[key] = { error: err.message }
+        log(`  ${key} failed: ${err.message}`)
         // A failed phase may leave node B stopped.
-        if (b.daemon === undefined) await b.start().catch(() => {})
+        if (nodeB.daemon === undefined) await nodeB.start().catch(() => {})
       }
     }
+    const metadataOpts = { dist: join(build, 'dist'), changes: quick ? 10 : 50, creations: quick ? 2 : 5, crossChecks: quick ? 10 : 30, log }
     await phase('resync', async () => await resyncRate({ a, b, reference, size, blockSize, rounds, dir: localDir, log }))
     await phase('delta', async () => await deltaResync({ a, b, reference, size, blockSize, rawDir, log }))
-    await phase('metadata', async () => await metadataCost({ a, b, dist: join(build, 'dist'), changes: quick ? 10 : 50, creations: quick ? 2 : 5, log }))
-    await phase('propagation', async () => await propagation({ a, b, repeats: quick ? 5 : 20, log }))
+    await phase('metadata', async () => await metadataCost({ a, b, ...metadataOpts }))
+    await phase('propagation', async () => await propagation({ a, b, dist: join(build, 'dist'), repeats: quick ? 5 : 20, log }))
     if (needsCluster) {
       await a.stop()
       await b.stop()
+    }
+
+    // The same two phases with nodes A and B on etcd: one etcd member on
+    // loopback, its data directory in the temporary directory (the same
+    // disk as everything else), started for these phases only.
+    const etcdPhases = phases.filter((p) => p === 'metadata' || p === 'propagation')
+    if (etcdPhases.length > 0) {
+      const etcd = new BenchEtcd(join(tmp, 'etcd'), join(rawDir, 'etcd.log'))
+      const prefix = 'ukai-bench'
+      const node = (n, d) => new UkaiNode({ name: n, dir: join(tmp, d), metadataRoot: join(tmp, `${d}-metadata-unused`), cli, env: nodeEnv, metadataServers: etcd.servers, metadataPrefix: prefix })
+      let ea, eb
+      try {
+        log('etcd: one member on 127.0.0.1 for the metadata and propagation phases on etcd')
+        await etcd.start()
+        const fsOf = (await run('findmnt', ['-n', '-o', 'FSTYPE,SOURCE', '-T', etcd.dataDir], { allowFail: true })).stdout.trim().replace(/\s+/, ' on ')
+        results.meta.etcd = { version: info.versions.etcd, url: etcd.url, dataDir: etcd.dataDir, fs: fsOf, prefix }
+        log(`  etcd ${info.versions.etcd} (pid ${etcd.pid}) at ${etcd.url}, data dir ${etcd.dataDir} (${fsOf})${/^tmpfs/.test(fsOf) ? ': tmpfs, its fsyncs cost nothing; not representative' : ''}`)
+        ea = node('A-etcd', 'node-a-etcd')
+        eb = node('B-etcd', 'node-b-etcd')
+        await ea.configure()
+        await eb.configure()
+        log(`starting UKAI nodes A and B on etcd (${ea.id}, ${eb.id}; metadata_prefix ${prefix})`)
+        await ea.start()
+        await eb.start()
+        await phase('metadata', async () => await metadataCost({ a: ea, b: eb, etcd, ...metadataOpts }), 'metadataEtcd', eb)
+        await phase('propagation', async () => await propagation({ a: ea, b: eb, dist: join(build, 'dist'), repeats: quick ? 5 : 20, log }), 'propagationEtcd', eb)
+      } catch (err) {
+        log(`  etcd pair failed: ${err.message}`)
+        for (const p of etcdPhases) {
+          const k = `${p}Etcd`
+          if (results[k] === undefined) results[k] = { error: err.message }
+        }
+      } finally {
+        await ea?.stop()
+        await eb?.stop()
+        await etcd.stop()
+      }
     }
     await phase('memory', async () => {
       const c = new UkaiNode({ name: 'C', dir: join(tmp, 'node-c'), metadataRoot: join(tmp, 'metadata-c'), cli, env: nodeEnv })

@@ -29,10 +29,13 @@ export function verdicts (r) {
   if (r.delta?.scenarios !== undefined) {
     for (const s of r.delta.scenarios) out.push({ what: `delta resync after an outage: ${s.label}`, target: '≤ 1.1× bytes written', value: fmtRatio(s.ratio), met: s.ratio <= 1.1 })
   } else out.push({ what: 'delta resync after an outage', target: '≤ 1.1× bytes written', value: 'not measured', met: undefined })
-  if (r.metadata?.changeMs !== undefined) {
-    const m = median(r.metadata.changeMs)
-    out.push({ what: 'one sync-state change persisted, file store (1 TiB image, 1 MiB blocks), median', target: '< 10 ms', value: fmtMs(m), met: m < 10 })
-  } else out.push({ what: 'one sync-state change persisted, file store', target: '< 10 ms', value: 'not measured', met: undefined })
+  for (const [md, where] of [[r.metadata, 'embedded file store'], [r.metadataEtcd, 'etcd']]) {
+    const what = `one sync-state change persisted, ${where} (1 TiB image, 1 MiB blocks), median`
+    if (md?.changeMs !== undefined) {
+      const m = median(md.changeMs)
+      out.push({ what, target: '< 10 ms', value: fmtMs(m), met: m < 10 })
+    } else out.push({ what, target: '< 10 ms', value: 'not measured', met: undefined })
+  }
   return out
 }
 
@@ -85,11 +88,17 @@ export function markdownReport (r) {
   L.push('## Machine', '')
   for (const [k, v] of Object.entries(m.machine)) L.push(`- ${k}: ${v}`)
   L.push(`- UKAI under test: ${m.ukai}`)
+  if (m.etcd !== undefined) {
+    L.push(`- etcd (metadata and propagation phases on etcd): ${m.etcd.version}, one member on ${m.etcd.url} with etcd's defaults (the WAL fsynced on every commit), data directory ${m.etcd.dataDir} (${m.etcd.fs}${/^tmpfs/.test(m.etcd.fs ?? '') ? ': tmpfs, fsyncs cost nothing, not representative' : ', the same disk as the block files and the embedded store'}); nodes A and B of that pair with \`metadata_servers\` on it, \`metadata_prefix\` ${m.etcd.prefix}`)
+  }
   L.push('')
   L.push('## Method', '')
   L.push(`- Data: one reference file of ${fmtBytes(m.size)} of random bytes; UKAI images of the same size (${fmtBytes(m.blockSize)} blocks) hold the same bytes in their block files. All of it lives on ${m.fs}.`)
   L.push(`- Warm page cache: every data file (the reference file, every block file of every node) was read once end to end before the workloads; before each workload fincore(1) checked residency and the files were read again if anything had left the cache. Residency before each workload: ${(m.warm ?? []).map((x) => `${x.workload} ${(x.resident / x.size * 100).toFixed(1)}% of ${fmtBytes(x.size)}${x.rewarmed ? ' (re-read)' : ''}`).join(', ') || 'n/a'}.`)
   L.push(`- fio ${m.versions.fio}: ${m.runtime} s per run after ${m.ramp} s of ramp (not counted), one job, \`--norandommap --randrepeat=1\`; sequential read/write \`bs=1M iodepth=4\`; random read/write \`bs=4k iodepth=16\`. Files: \`ioengine=libaio\`, the local file through the page cache (\`direct=0\`), FUSE files with O_DIRECT (\`direct=1\`, as a hypervisor with \`cache=none\`; every request reaches the FUSE daemon, whose backing files are warm). NBD targets: fio's \`nbd\` engine (libnbd) on a unix socket. Writes are not fsynced; sync(1) runs before every run so none pays for the previous one's dirty pages.`)
+  if (r.metadata !== undefined || r.metadataEtcd !== undefined || r.propagation !== undefined || r.propagationEtcd !== undefined) {
+    L.push('- Metadata and propagation: measured twice, with nodes A and B sharing the embedded store (one metadata_root, one shard file per image) and with a second pair A and B on the etcd above (`metadata_servers`), never both pairs at once. Changes are made in the benchmark process with the store code of the build under test, on the pair\'s backend, while both nodes watch it; each figure comes with simpler cross-checks of the same cost. What each row measures: bench/README.md, "Beyond throughput".')
+  }
   L.push(`- Fairness: each UKAI figure is paired with its peer in alternating runs (A B A B …, ${m.rounds} pair${m.rounds === 1 ? '' : 's'}); the figure is the median of the per-pair ratios A/B, with their min–max. The peers serve the same reference file; all servers run during all workloads (idle when not measured).`)
   L.push('')
   L.push('## Throughput: UKAI / peer', '')
@@ -149,21 +158,10 @@ export function markdownReport (r) {
       L.push(`| delta resync after node B's outage, ${s.label} (${fmtBytes(r.delta.blockSize)} blocks) | copied ${fmtBytes(s.copied)} (${s.blocksOutOfSync} block(s) out of sync) in ${fmtMs(s.ms)} | written during the outage: ${fmtBytes(s.written)} | ${fmtRatio(s.ratio)} | ≤ 1.1×: ${verdictText(v.find((x) => x.what.endsWith(s.label)))} |`)
     }
   } else L.push(`| delta resync | not measured: ${esc1(r.delta?.error)} | | | ≤ 1.1× |`)
-  if (r.metadata?.createMs !== undefined) {
-    const md = r.metadata
-    L.push(`| 1 TiB image, 1 MiB blocks (${md.blocks.toLocaleString('en-US')} blocks, 2 locations), file store: creation | ${fmtMs(median(md.createMs))} (${fmtMs(min(md.createMs))}–${fmtMs(max(md.createMs))}, ${md.createMs.length} runs) | | | |`)
-    L.push(`| … bytes stored | ${fmtBytes(md.storedBytes)} (${md.storedBytes} bytes) | the original's per-block JSON: ${fmtBytes(md.seedBytes)} | ${fmt(md.seedBytes / md.storedBytes)}× smaller | |`)
-    L.push(`| … one sync-state change persisted (update + fsync + rename + directory fsync) | median ${fmtMs(median(md.changeMs))}, max ${fmtMs(max(md.changeMs))} (${md.changeMs.length} changes) | | | < 10 ms: ${verdictText(find('one sync-state change'))} |`)
-    L.push(`| … the same with 10,000 scattered out-of-sync blocks (${fmtBytes(md.fragmentedBytes)} stored) | median ${fmtMs(median(md.fragmentedChangeMs))}, max ${fmtMs(max(md.fragmentedChangeMs))} | | | |`)
-    L.push(`| … etcd backend | ${md.etcd} | | | |`)
-  } else L.push(`| metadata cost | not measured: ${esc1(r.metadata?.error)} | | | < 10 ms |`)
-  if (r.propagation?.appear !== undefined) {
-    const a = r.propagation.appear.map((x) => x.afterRequestMs)
-    const aa = r.propagation.appear.map((x) => x.afterAckMs)
-    const d = r.propagation.vanish.map((x) => x.afterRequestMs)
-    L.push(`| propagation of a metadata change, node A → node B (image created through A's API until B's mount serves it; ${a.length} runs) | median ${fmtMs(median(a))}, max ${fmtMs(max(a))} from the request (${fmtMs(median(aa))} after A's answer) | | | |`)
-    L.push(`| … image destroyed through A until B's mount stops serving it | median ${fmtMs(median(d))}, max ${fmtMs(max(d))} | | | |`)
-  } else L.push(`| propagation | not measured: ${esc1(r.propagation?.error)} | | | |`)
+  metadataRows(L, r.metadata, 'embedded file store', find('one sync-state change persisted, embedded'))
+  metadataRows(L, r.metadataEtcd, 'etcd', find('one sync-state change persisted, etcd'))
+  propagationRows(L, r.propagation, 'embedded file store')
+  propagationRows(L, r.propagationEtcd, 'etcd, over its watches')
   if (r.memory?.peakRss !== undefined) {
     const mm = r.memory
     L.push(`| peak RSS of a node serving ${mm.images} open images (1 GiB each, NBD, random 4 KiB I/O on all at once; ${mm.openMax} open at the same time) | ${fmtBytes(mm.peakRss)} (VmHWM) | idle node: ${fmtBytes(mm.idleRss)}; with the images created, closed: ${fmtBytes(mm.createdRss)} | ${fmtBytes((mm.peakRss - mm.idleRss) / mm.images)} per open image | |`)
@@ -177,6 +175,67 @@ export function markdownReport (r) {
   L.push(`Met: ${v.filter((x) => x.met === true).length}; missed: ${v.filter((x) => x.met === false).length}; not measured: ${v.filter((x) => x.met === undefined).length}. What limits each missed target and what would lift it: [bench/README.md](../README.md#targets-missed-what-limits-them).`)
   L.push('')
   return L.join('\n')
+}
+
+/** The metadata cost rows of one backend (results of bench/lib/metadata.mjs metadataCost). */
+function metadataRows (L, md, where, verdict) {
+  if (md?.createMs === undefined) {
+    L.push(`| metadata cost, ${where} | not measured: ${esc1(md?.error)} | | | < 10 ms per sync-state change |`)
+    return
+  }
+  const keys = (k) => k === undefined ? '' : `${k.count} keys, ${fmtBytes(k.bytes)} of keys + values (${k.bytes} bytes), largest ${fmtBytes(k.largest)}`
+  L.push(`| 1 TiB image, 1 MiB blocks (${md.blocks.toLocaleString('en-US')} blocks, 2 locations), ${where}: creation through node A's API | ${fmtMs(median(md.createMs))} (${fmtMs(min(md.createMs))}–${fmtMs(max(md.createMs))}, ${md.createMs.length} runs) | | | |`)
+  const stored = md.keys === undefined ? `${fmtBytes(md.storedBytes)} (${md.storedBytes} bytes)` : keys(md.keys) + (md.shardFileBytes !== undefined ? `; shard file ${fmtBytes(md.shardFileBytes)}` : '')
+  L.push(`| … bytes stored | ${stored} | the original's per-block JSON: ${fmtBytes(md.seedBytes)}${md.seedMs !== undefined ? `, exported in ${fmtMs(md.seedMs)}` : ''} | ${fmt(md.seedBytes / md.storedBytes)}× smaller | |`)
+  // Results of runs before the metadata core (one JSON file per image) carry no backend.
+  const how = md.backend === 'etcd' ? 'one range read + one etcd transaction, committed with its WAL fsync'
+    : md.backend === 'file' ? 'read + one shard file replaced: write, fsync, rename, directory fsync' : 'update + fsync + rename + directory fsync of the image\'s file'
+  L.push(`| … one sync-state change persisted (\`MetadataStore.update\`: ${how})${md.backend === undefined ? '' : ', back to back while nodes A and B re-read the last one'} | median ${fmtMs(median(md.changeMs))}, max ${fmtMs(max(md.changeMs))} (${md.changeMs.length} changes) | | | < 10 ms median: ${verdictText(verdict ?? { met: undefined })} |`)
+  if (md.cpuPerChangeMs !== undefined) {
+    const total = Object.values(md.cpuPerChangeMs).reduce((x, y) => x + y, 0)
+    L.push(`| … CPU time per back-to-back change, from /proc (${md.cpus} CPUs; ${fmtMs(md.wallPerChangeMs)} of wall time per change) | ${Object.entries(md.cpuPerChangeMs).map(([k, v]) => `${k} ${fmtMs(v)}`).join(', ')}; ${fmtMs(total)} in all | | | |`)
+  }
+  if (md.spacedChangeMs !== undefined) {
+    L.push(`| … the same, each change ${md.spacingMs} ms after the last (the nodes idle) | median ${fmtMs(median(md.spacedChangeMs))}, max ${fmtMs(max(md.spacedChangeMs))} (${md.spacedChangeMs.length} changes) | | | |`)
+  }
+  const fk = md.fragmentedKeys === undefined ? `${fmtBytes(md.fragmentedBytes)} stored` : keys(md.fragmentedKeys) + (md.fragmentedShardFileBytes !== undefined ? `; shard file ${fmtBytes(md.fragmentedShardFileBytes)}` : '')
+  const spacedF = md.fragmentedSpacedChangeMs === undefined ? '' : `; spaced: median ${fmtMs(median(md.fragmentedSpacedChangeMs))}, max ${fmtMs(max(md.fragmentedSpacedChangeMs))}`
+  L.push(`| … the same with 10,000 scattered out-of-sync blocks (${fk}) | back to back: median ${fmtMs(median(md.fragmentedChangeMs))}, max ${fmtMs(max(md.fragmentedChangeMs))} (${md.fragmentedChangeMs.length} changes)${spacedF} | | | |`)
+  if (typeof md.etcd === 'string') L.push(`| … etcd backend | ${md.etcd} | | | |`)
+  const c = md.crossCheck
+  if (c !== undefined) {
+    const parts = []
+    if (c.unwatchedChangeMs !== undefined) parts.push(`the same back-to-back changes of the same image where no node watches (${md.backend === 'etcd' ? 'another metadata_prefix on the same etcd' : 'another metadata_root on the same disk'}): median ${fmtMs(median(c.unwatchedChangeMs))}, max ${fmtMs(max(c.unwatchedChangeMs))}${c.unwatchedWriterCpuMs !== undefined ? `, the writer's CPU time ${fmtMs(c.unwatchedWriterCpuMs)} per change` : ''}`)
+    parts.push(`one bare put of a ${fmtBytes(c.valueBytes)} value through the core (no read, no compare): median ${fmtMs(median(c.barePutMs))}, max ${fmtMs(max(c.barePutMs))}`)
+    if (c.rawFsyncMs !== undefined) parts.push(`raw write + fsync + rename + directory fsync in the same directory: median ${fmtMs(median(c.rawFsyncMs))}`)
+    if (c.walFsync !== undefined) parts.push(`etcd's own WAL fsyncs during the ${c.walFsync.changes} timed changes: ${c.walFsync.count}, mean ${fmtMs(c.walFsync.meanMs)}`)
+    if (c.gatewayPutMs !== undefined) parts.push(`put through etcd's JSON gateway (plain HTTP, no UKAI code): median ${fmtMs(median(c.gatewayPutMs))}, a read the same way ${fmtMs(median(c.gatewayRangeMs))}`)
+    if (c.etcdctlPutMs !== undefined) parts.push(`\`etcdctl put\` loop: median ${fmtMs(median(c.etcdctlPutMs))}, \`etcdctl get\` loop ${fmtMs(median(c.etcdctlGetMs))} (each a new process, whose start dominates; difference ${fmtMs(median(c.etcdctlPutMs) - median(c.etcdctlGetMs))}: the commit is within that noise)`)
+    L.push(`| … cross-check of the change's cost (${c.barePutMs.length} runs of each simpler measure) | ${parts.join('; ')} | | | |`)
+  }
+}
+
+/** The propagation rows of one backend (results of bench/lib/metadata.mjs propagation). */
+function propagationRows (L, p, where) {
+  if (p?.appear === undefined) {
+    L.push(`| propagation, ${where} | not measured: ${esc1(p?.error)} | | | |`)
+    return
+  }
+  const a = p.appear.map((x) => x.afterRequestMs)
+  const aa = p.appear.map((x) => x.afterAckMs)
+  const d = p.vanish.map((x) => x.afterRequestMs)
+  L.push(`| propagation node A → node B, ${where}: image created through A's API until B's mount serves it (${a.length} runs) | median ${fmtMs(median(a))}, max ${fmtMs(max(a))} from the request (${fmtMs(median(aa))} after A's answer) | | | |`)
+  L.push(`| … image destroyed through A until B's mount stops serving it | median ${fmtMs(median(d))}, max ${fmtMs(max(d))} | | | |`)
+  const s = p.syncState?.changes
+  if (s !== undefined && s.length > 0) {
+    const req = s.map((x) => x.afterRequestMs)
+    const f = (xs) => `median ${fmtMs(median(xs))}, max ${fmtMs(max(xs))}`
+    const after = s.map((x) => x.afterAckMs)
+    const afterTxt = median(after) <= 0 ? `B had it before the writer's own call returned in most changes: ${f(after)} after it returned` : `${f(after)} after the update returned`
+    L.push(`| … sync-state change made through the store (as the writer does) until B's volume uses it (B's reads of the block switch replica; ${s.length} changes, out of sync and back) | ${f(req)} from the update's start, the update itself ${f(s.map((x) => x.updateMs))}; ${afterTxt}; not before ${fmtMs(median(s.map((x) => x.appliedAfterRequestMinMs)))} (median; resolution one read through B, ${fmtMs(median(s.map((x) => x.readMs)))}) | checks: the next read counted against the expected replica in B's own I/O statistics ${p.syncState.statsOk ?? 'n/a'} of ${s.length} times; B's \`refresh {revision}\` answered at the change's revision or later ${p.syncState.refreshOk} of ${s.length} times (median ${fmtMs(median(s.map((x) => x.refreshMs)))}) | | |`)
+  } else if (p.syncState?.error !== undefined) {
+    L.push(`| … sync-state change until B's volume uses it | not measured: ${esc1(p.syncState.error)} | | | |`)
+  }
 }
 
 function esc1 (s) {

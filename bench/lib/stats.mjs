@@ -41,6 +41,7 @@ export function fmtBytes (n) {
 
 export function fmtMs (ms) {
   if (!Number.isFinite(ms)) return 'n/a'
+  if (ms < 0) return `−${fmtMs(-ms)}`
   if (ms < 1) return `${(ms * 1000).toFixed(0)} µs`
   if (ms < 1000) return `${ms.toFixed(ms < 10 ? 2 : 1)} ms`
   return `${(ms / 1000).toFixed(2)} s`

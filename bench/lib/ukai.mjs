@@ -2,8 +2,9 @@
  * UKAI nodes for the benchmark: real `ukai server` processes on loopback,
  * each with its own config, image_root, ports, FUSE mount and NBD socket,
  * sharing one metadata_root (how the embedded store forms a cluster on
- * one machine). Images are created with the `ukai` command and driven
- * through the control API, as an operator would.
+ * one machine) or, with `metadataServers`, one etcd (`metadata_servers`,
+ * `metadata_prefix`). Images are created with the `ukai` command and
+ * driven through the control API, as an operator would.
  */
 import { cp, mkdir, symlink, writeFile, readFile } from 'node:fs/promises'
 import { createServer } from 'node:net'
@@ -35,10 +36,13 @@ export async function freePort () {
 
 export class UkaiNode {
   /**
-   * @param {{ name: string, dir: string, metadataRoot: string, cli: string, mount?: boolean, env?: Record<string, string> }} o
+   * @param {{ name: string, dir: string, metadataRoot: string, cli: string, mount?: boolean, env?: Record<string, string>, metadataServers?: string[], metadataPrefix?: string }} o
    */
   constructor (o) {
     this.name = o.name
+    /** etcd client URLs; empty: the embedded store under metadataRoot. */
+    this.metadataServers = o.metadataServers ?? []
+    this.metadataPrefix = o.metadataPrefix ?? 'ukai'
     /** Extra environment of the server process (experiments: UV_USE_IO_URING, UV_THREADPOOL_SIZE). */
     this.env = o.env ?? {}
     this.dir = o.dir
@@ -55,6 +59,8 @@ export class UkaiNode {
   }
 
   get id () { return `127.0.0.1:${this.proxyPort}` }
+  /** 'etcd' or 'file': the metadata backend the node's config names. */
+  get backend () { return this.metadataServers.length > 0 ? 'etcd' : 'file' }
   get pid () { return this.daemon?.pid }
 
   /** Writes the node's config (ports chosen once, kept across restarts). */
@@ -68,6 +74,7 @@ export class UkaiNode {
       control_port: this.controlPort,
       proxy_port: this.proxyPort,
       id: this.id,
+      ...(this.metadataServers.length > 0 ? { metadata_servers: this.metadataServers, metadata_prefix: this.metadataPrefix } : {}),
       // A node stopped on purpose (the outage test) is tried again soon.
       retry_after: 1
     }, null, 2) + '\n')
