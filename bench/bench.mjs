@@ -27,6 +27,7 @@ import { BenchEtcd } from './lib/etcd.mjs'
 import { WORKLOADS } from './lib/fio.mjs'
 import { peakRss } from './lib/memory.mjs'
 import { metadataCost, propagation } from './lib/metadata.mjs'
+import { migrationPause } from './lib/migration.mjs'
 import { cleanup, run } from './lib/proc.mjs'
 import { profileResync, profileRuns, writeProfileReport } from './lib/profile.mjs'
 import { markdownReport, verdicts } from './lib/report.mjs'
@@ -38,7 +39,7 @@ import { UkaiNode, snapshotBuild } from './lib/ukai.mjs'
 
 const HERE = dirname(fileURLToPath(import.meta.url))
 const REPO = resolve(HERE, '..')
-const PHASES = ['throughput', 'resync', 'delta', 'metadata', 'propagation', 'memory']
+const PHASES = ['throughput', 'resync', 'delta', 'metadata', 'propagation', 'migration', 'memory']
 const GIB = 2 ** 30
 const MIB = 2 ** 20
 
@@ -319,7 +320,7 @@ async function main () {
     // The same two phases with nodes A and B on etcd: one etcd member on
     // loopback, its data directory in the temporary directory (the same
     // disk as everything else), started for these phases only.
-    const etcdPhases = phases.filter((p) => p === 'metadata' || p === 'propagation')
+    const etcdPhases = phases.filter((p) => p === 'metadata' || p === 'propagation' || p === 'migration')
     if (etcdPhases.length > 0) {
       const etcd = new BenchEtcd(join(tmp, 'etcd'), join(rawDir, 'etcd.log'))
       const prefix = 'ukai-bench'
@@ -340,10 +341,11 @@ async function main () {
         await eb.start()
         await phase('metadata', async () => await metadataCost({ a: ea, b: eb, etcd, ...metadataOpts }), 'metadataEtcd', eb)
         await phase('propagation', async () => await propagation({ a: ea, b: eb, dist: join(build, 'dist'), repeats: quick ? 5 : 20, log }), 'propagationEtcd', eb)
+        await phase('migration', async () => await migrationPause({ dist: join(build, 'dist'), tmp, rawDir, a: ea, b: eb, pairs: quick ? 1 : 3, log }), 'migration', eb)
       } catch (err) {
         log(`  etcd pair failed: ${err.message}`)
         for (const p of etcdPhases) {
-          const k = `${p}Etcd`
+          const k = p === 'migration' ? p : `${p}Etcd`
           if (results[k] === undefined) results[k] = { error: err.message }
         }
       } finally {

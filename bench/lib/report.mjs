@@ -162,6 +162,7 @@ export function markdownReport (r) {
   metadataRows(L, r.metadataEtcd, 'etcd', find('one sync-state change persisted, etcd'))
   propagationRows(L, r.propagation, 'embedded file store')
   propagationRows(L, r.propagationEtcd, 'etcd, over its watches')
+  migrationRows(L, r.migration)
   if (r.memory?.peakRss !== undefined) {
     const mm = r.memory
     L.push(`| peak RSS of a node serving ${mm.images} open images (1 GiB each, NBD, random 4 KiB I/O on all at once; ${mm.openMax} open at the same time) | ${fmtBytes(mm.peakRss)} (VmHWM) | idle node: ${fmtBytes(mm.idleRss)}; with the images created, closed: ${fmtBytes(mm.createdRss)} | ${fmtBytes((mm.peakRss - mm.idleRss) / mm.images)} per open image | |`)
@@ -236,6 +237,18 @@ function propagationRows (L, p, where) {
   } else if (p.syncState?.error !== undefined) {
     L.push(`| … sync-state change until B's volume uses it | not measured: ${esc1(p.syncState.error)} | | | |`)
   }
+}
+
+function migrationRows (L, mg) {
+  if (mg?.ukaiSummary === undefined) {
+    L.push(`| live migration's added pause | not measured: ${esc1(mg?.error)} | | | |`)
+    return
+  }
+  const u = mg.ukaiSummary
+  const q = mg.peerSummary
+  const range = (xs, k) => { const v = xs.map((x) => x[k]).filter((x) => x !== undefined); return v.length === 0 ? '' : ` (${fmtMs(min(v))}–${fmtMs(max(v))})` }
+  L.push(`| live migration of a guest VM while it writes (QEMU TCG, 4 KiB O_DIRECT writes read back; two nodes on etcd, each QEMU on its node's NBD export; ${mg.ukai.length} migrations A ⇄ B): the guest-visible stall, the longest gap between two of its rounds around the handover | median ${fmtMs(u.stallMs)}${range(mg.ukai, 'stallMs')}; a normal round ${fmtMs(u.typicalGapMs)} | both QEMUs on one \`qemu-nbd --shared=2\` export of a raw file (${mg.peer.length} migrations): median ${fmtMs(q.stallMs)}${range(mg.peer, 'stallMs')}; a normal round ${fmtMs(q.typicalGapMs)} | ${fmtRatio(u.stallMs / q.stallMs)} of qemu-nbd's | |`)
+  L.push(`| … QEMU's downtime and total time; UKAI's takeover of the writer lease (the destination's first write: grant, fences, reconciliation) | UKAI: downtime ${fmtMs(u.downtimeMs)}, total ${fmtMs(u.totalTimeMs)}, takeover ${fmtMs(u.takeoverMs)}${range(mg.ukai, 'takeoverMs')} | qemu-nbd: downtime ${fmtMs(q.downtimeMs)}, total ${fmtMs(q.totalTimeMs)} | | |`)
 }
 
 function esc1 (s) {
