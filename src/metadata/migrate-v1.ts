@@ -54,6 +54,7 @@ export async function migrateV1 (root: string, store: MetadataStore, defaultPort
   }
   // Old node registrations and lock files mean nothing to the new layout.
   await fsp.rm(join(root, 'nodes'), { recursive: true, force: true })
+  await fsp.rmdir(join(root, 'dirty')).catch(() => {})
   for (const f of await fsp.readdir(root)) if (/^\..*\.lock$/.test(f)) await fsp.rm(join(root, f), { force: true })
   return moved
 }
