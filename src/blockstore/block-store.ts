@@ -8,7 +8,14 @@
  *   (we never invent zeros for data we should have).
  * - File handles stay open in an LRU (never open/close per I/O) and all
  *   I/O is positional.
- * - flush() fsyncs every file of the image written since the last flush.
+ * - flush() fsyncs every file of the image written since the last flush,
+ *   including files whose handle was evicted meanwhile (their fsync is
+ *   awaited, and its error reported, by the flush). The first flush of an
+ *   image in a process fsyncs every file of it: an earlier process may
+ *   have written and acknowledged what it never synced.
+ * - An fsync that failed is never forgotten: the kernel may have dropped
+ *   the dirty pages, so a retried fsync would succeed on lost data. Every
+ *   later flush of the image fails until the image is destroyed here.
  */
 import * as fs from 'node:fs'
 import { join } from 'node:path'
@@ -55,6 +62,12 @@ export class BlockStore {
   // Insertion order is recency order: a use re-inserts the entry.
   private readonly handles = new Map<string, Handle>()
   private readonly opening = new Map<string, Promise<Handle>>()
+  /** fsyncs of evicted handles still running, per image: a flush waits for them. */
+  private readonly evicting = new Map<string, Set<Promise<void>>>()
+  /** Images whose every file was synced by this process (see flush). */
+  private readonly syncedAll = new Set<string>()
+  /** Per image, the first fsync that failed (see the module comment). */
+  private readonly failed = new Map<string, Error>()
 
   constructor (root: string, blocknameFormat: string, options: BlockStoreOptions = {}) {
     this.root = root
@@ -83,8 +96,10 @@ export class BlockStore {
 
   /** Removes every block file of the image on this node. */
   async destroy (image: string): Promise<void> {
-    await this.closeImage(image)
+    await this.closeImage(image).catch(() => {})
     await fs.promises.rm(this.imageDir(image), { recursive: true, force: true })
+    this.failed.delete(image)
+    this.syncedAll.delete(image)
   }
 
   /** Reads `buf.length` bytes of block `block` at `offset`; holes and missing files read as zeros. */
@@ -153,17 +168,51 @@ export class BlockStore {
     } finally { this.release(h) }
   }
 
-  /** fsyncs every block file of the image written since its last flush. */
+  /** fsyncs every block file of the image written since its last flush (see the module comment). */
   async flush (image: string): Promise<void> {
-    const pending: Array<Promise<void>> = []
+    const pending: Array<Promise<void>> = [...(this.evicting.get(image) ?? [])]
     for (const h of this.handles.values()) {
       if (h.image === image && h.dirty && h.fd >= 0) {
         h.dirty = false
         h.users++
-        pending.push(pFsync(h.fd).catch((err) => { h.dirty = true; throw err }).finally(() => this.release(h)))
+        pending.push(this.sync(image, h.fd).finally(() => this.release(h)))
       }
     }
+    if (!this.syncedAll.has(image)) pending.push(this.syncEverything(image))
     await Promise.all(pending)
+    const failed = this.failed.get(image)
+    if (failed !== undefined) {
+      throw new UkaiError('UKAI_ERR_IO', `image '${image}': an fsync of its block files on this node failed (${failed.message}); what it held may be lost`, { image })
+    }
+  }
+
+  /** fdatasync of one file; a failure is remembered for the image. */
+  private async sync (image: string, fd: number): Promise<void> {
+    try {
+      await pFsync(fd)
+    } catch (err) {
+      if (!this.failed.has(image)) this.failed.set(image, err as Error)
+    }
+  }
+
+  /** fsyncs every block file of the image and its directory, once per process. */
+  private async syncEverything (image: string): Promise<void> {
+    const dir = this.imageDir(image)
+    let names: string[]
+    try {
+      names = await fs.promises.readdir(dir)
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return
+      throw err
+    }
+    for (const f of names) {
+      let fd: number
+      try { fd = await pOpen(join(dir, f), fs.constants.O_RDONLY) } catch { continue }
+      try { await this.sync(image, fd) } finally { await pClose(fd).catch(() => {}) }
+    }
+    const dfd = await pOpen(dir, fs.constants.O_RDONLY)
+    try { await this.sync(image, dfd) } finally { await pClose(dfd).catch(() => {}) }
+    if (!this.failed.has(image)) this.syncedAll.add(image)
   }
 
   /** Flushes and closes every handle of the image. */
@@ -260,9 +309,20 @@ export class BlockStore {
     if (this.handles.get(h.key) !== h) return
     this.handles.delete(h.key)
     if (h.fd < 0) return
-    // A dirty file is synced before its handle goes, or a later flush of
-    // the image would miss it.
-    if (h.dirty) await pFsync(h.fd)
+    // A dirty file is synced before its handle goes, and a flush that
+    // starts meanwhile waits for that sync (and fails with it).
+    if (h.dirty) {
+      let set = this.evicting.get(h.image)
+      if (set === undefined) { set = new Set(); this.evicting.set(h.image, set) }
+      const p = this.sync(h.image, h.fd)
+      set.add(p)
+      try {
+        await p
+      } finally {
+        set.delete(p)
+        if (set.size === 0) this.evicting.delete(h.image)
+      }
+    }
     await pClose(h.fd)
   }
 }
