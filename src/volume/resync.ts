@@ -5,7 +5,7 @@
  * image's writer session and write with its generation, so a node that
  * lost the lease cannot copy stale data over a newer writer's.
  */
-import { toUkaiError } from '../errors.js'
+import { toUkaiError, type ErrorCode } from '../errors.js'
 import type { ImageMeta } from '../metadata/image.js'
 import { RangeSet } from '../metadata/range-set.js'
 import type { Replica, ReplicaProvider } from '../replica/replica.js'
@@ -18,6 +18,28 @@ export interface Failure {
   reason: string
   /** The replica refused the writer's generation: another node writes the image now. */
   fenced?: boolean
+  /**
+   * The location could not be reached (no answer, a lost connection, a
+   * timeout), as opposed to answering with an error (ENOSPC, EIO): it may
+   * have died, and lost what it had not flushed.
+   */
+  transport?: boolean
+  code?: ErrorCode
+}
+
+/** The failure of `location` for `block`, classified (see Failure). */
+export function failure (block: number, location: string, replica: Replica | undefined, err: unknown, prefix = ''): Failure {
+  if (replica === undefined) return { block, location, reason: `${prefix}location unreachable or in the error state`, transport: true }
+  const e = toUkaiError(err)
+  return {
+    block,
+    location,
+    reason: prefix + e.message,
+    code: e.code,
+    ...(e.code === 'UKAI_ERR_FENCED' ? { fenced: true } : {}),
+    // A peer's answer carries its NBD error; anything else from a peer is the connection's.
+    ...(!replica.isLocal && e.details?.nbdError === undefined && e.code !== 'UKAI_ERR_FENCED' ? { transport: true } : {})
+  }
 }
 
 export interface CopyContext {
@@ -41,16 +63,15 @@ export async function copyBlock (ctx: CopyContext, block: number, source: Replic
   const live = new Map<string, Replica>()
   for (const t of targets) {
     const r = ctx.replicas.replicaFor(t)
-    if (r === undefined) failures.push({ block, location: t, reason: 'location unreachable' })
+    if (r === undefined) failures.push(failure(block, t, undefined, undefined))
     else live.set(t, r)
   }
   if (live.size === 0) return failures
   const length = ctx.meta.blockLength(block)
   const allocated = Math.min(length, await source.allocatedLength(ctx.image, block))
   const fail = (location: string, err: unknown): void => {
+    failures.push(failure(block, location, live.get(location), err))
     live.delete(location)
-    const e = toUkaiError(err)
-    failures.push({ block, location, reason: e.message, ...(e.code === 'UKAI_ERR_FENCED' ? { fenced: true } : {}) })
   }
   // Read the next chunk while the previous one is being written.
   let next: Promise<Buffer> | undefined
@@ -166,11 +187,11 @@ async function syncBatch (ctx: SyncContext, batch: number[], progress: SyncProgr
         await r.flush(ctx.image)
       } catch (err) {
         flushFailed.add(loc)
-        for (const c of copied) if (c.targets.includes(loc)) failures.push({ block: c.block, location: loc, reason: `flush failed: ${toUkaiError(err).message}` })
+        for (const c of copied) if (c.targets.includes(loc)) failures.push(failure(c.block, loc, ctx.replicas.replicaFor(loc), err, 'flush failed: '))
       }
     }))
     for (const f of failures) {
-      ctx.errors.fail(f.location, f.reason)
+      if (f.transport === true) ctx.errors.fail(f.location, f.reason)
       progress.failed.push({ block: f.block, location: f.location, reason: f.reason })
     }
     const done = copied.map((c) => ({ block: c.block, targets: c.targets.filter((t) => !flushFailed.has(t)) })).filter((c) => c.targets.length > 0)

@@ -33,6 +33,8 @@ interface RigOptions {
   usedSize?: number
   /** Which locations count as this node (isLocal); both by default. */
   local?: string[]
+  /** The image's locations (both by default). */
+  locations?: string[]
 }
 
 interface Rig {
@@ -69,8 +71,7 @@ async function makeRig (opts: RigOptions): Promise<Rig> {
     replicas.set(loc, local.includes(loc) ? r : asRemote(r))
   }
   const meta = new ImageMeta({ name: IMG, size: opts.size, blockSize: opts.blockSize, usedSize: opts.usedSize ?? 0 })
-  meta.addLocation(A, 0, meta.blockCount, true)
-  meta.addLocation(B, 0, meta.blockCount, true)
+  for (const loc of opts.locations ?? [A, B]) meta.addLocation(loc, 0, meta.blockCount, true)
   await store.create(meta)
   const errors = new NodeErrors(60)
   const context = async (): Promise<VolumeContext> => ({ store, replicas: { replicaFor: (l) => replicas.get(l) }, errors, cluster: await testCluster(store, A, fences) })
@@ -395,7 +396,8 @@ describe('Volume replicas', () => {
       assert.ok(r.buf.equals(data.subarray(1000, 2000)))
       assert.equal(rig.vol.stats.readsFrom[A], 1)
       assert.equal(rig.vol.stats.readsFrom[B], undefined)
-      assert.deepEqual(rig.errors.list().map((e) => e.location), [B])
+      // A replica that answers with an error is not a node gone away: no error state.
+      assert.deepEqual(rig.errors.list(), [])
       // A read proves a replica unavailable, not stale: its state stays.
       let stored = await rig.store.require(IMG)
       assert.deepEqual(stored.replicasOf(1), [{ location: A, inSync: true }, { location: B, inSync: true }])
@@ -406,8 +408,7 @@ describe('Volume replicas', () => {
       assert.deepEqual(stored.replicasOf(3), [{ location: A, inSync: true }, { location: B, inSync: false }])
       assert.deepEqual(rig.vol.meta.replicasOf(3), stored.replicasOf(3))
       assert.equal((await readAll(rig.vol, 3100, 3)).buf.subarray(0, 3).toString(), 'new')
-      assert.deepEqual(rig.errors.list().map((e) => e.location), [B])
-      assert.equal(rig.errors.isFailed(B), true)
+      assert.deepEqual(rig.errors.list(), [])
     })
   })
 
@@ -424,9 +425,8 @@ describe('Volume replicas', () => {
       const stored = await rig.store.require(IMG)
       assert.deepEqual(stored.replicasOf(1), [{ location: A, inSync: true }, { location: B, inSync: false }])
       for (const b of [0, 2, 3]) assert.deepEqual(stored.replicasOf(b).map((x) => x.inSync), [true, true], `block ${b}`)
-      const failed = rig.errors.list()
-      assert.deepEqual(failed.map((e) => e.location), [B])
-      assert.match(failed[0]!.reason, /no data for image 'vm1'/)
+      // B answered (with an error): it is not in the error state.
+      assert.deepEqual(rig.errors.list(), [])
       assert.equal((await readAll(rig.vol, 1500, 9)).buf.subarray(0, 9).toString(), 'only on A')
 
       // B comes back (empty); the out-of-sync block is not written there, the in-sync ones are.
@@ -516,6 +516,100 @@ describe('Volume replicas', () => {
   test('extents without a local replica report everything as data', async () => {
     await withRig({ size: 3000, blockSize: 1000, usedSize: 3000, local: [] }, async (rig) => {
       assert.deepEqual(await rig.vol.extents(0, 3000), [{ offset: 0, length: 3000, hole: false, zero: false }])
+    })
+  })
+})
+
+/** An errno error as node:fs raises it. */
+const errno = (code: string): NodeJS.ErrnoException => Object.assign(new Error(`${code}: from the test`), { code })
+
+/** Replica `loc` of the rig, with some operations replaced. */
+function patch (rig: Rig, loc: string, ops: Partial<Record<'write' | 'flush', (...args: never[]) => Promise<void>>>): void {
+  const r = rig.replicas.get(loc)!
+  const props: PropertyDescriptorMap = {}
+  for (const [k, v] of Object.entries(ops)) props[k] = { value: v }
+  rig.replicas.set(loc, Object.create(r, props) as Replica)
+}
+
+describe('Volume: local write failures lose nothing acknowledged (issue 9)', () => {
+  test('ENOSPC on the only copy: the writer gets ENOSPC, no block changes state, other reads go on', async () => {
+    await withRig({ size: 4000, blockSize: 1000, locations: [A] }, async (rig) => {
+      await rig.vol.write(0, bytes(3000, 1))
+      const real = rig.replicas.get(A)!
+      let full = true
+      patch(rig, A, { write: (async (image: string, block: number, offset: number, data: Buffer, g: number) => {
+        if (full && block === 1) throw errno('ENOSPC')
+        await real.write(image, block, offset, data, g)
+      }) as never })
+      await rejectsWith(rig.vol.write(1500, Buffer.alloc(100, 9)), 'UKAI_ERR_NO_SPACE')
+      const stored = await rig.store.require(IMG)
+      for (let b = 0; b < 4; b++) assert.deepEqual(stored.replicasOf(b), [{ location: A, inSync: true }], `block ${b}`)
+      assert.deepEqual(rig.errors.list(), [], 'an answer of ENOSPC is not a node gone away')
+      assert.ok((await readAll(rig.vol, 0, 3000)).buf.subarray(0, 3000).equals(bytes(3000, 1)), 'acknowledged data still reads back')
+      // Space again: the same write goes through.
+      full = false
+      await rig.vol.write(1500, Buffer.alloc(100, 9))
+      assert.ok((await readAll(rig.vol, 1500, 100)).buf.subarray(0, 100).equals(Buffer.alloc(100, 9)))
+    })
+  })
+
+  test('ENOSPC on one of two copies: only the block it missed goes out of sync there, and its node is not put in the error state', async () => {
+    await withRig({ size: 4000, blockSize: 1000, local: [A] }, async (rig) => {
+      await rig.vol.write(0, bytes(4000, 2))
+      const real = rig.replicas.get(B)!
+      // B is a peer: its ENOSPC comes back as the NBD error of its answer.
+      patch(rig, B, { write: (async (image: string, block: number, offset: number, data: Buffer, g: number) => {
+        if (block === 2) throw new UkaiError('UKAI_ERR_NO_SPACE', 'NBD_CMD_WRITE failed on the NBD server: NBD_ENOSPC', { nbdError: 28 })
+        await real.write(image, block, offset, data, g)
+      }) as never })
+      await rig.vol.write(2100, Buffer.alloc(10, 7))
+      const stored = await rig.store.require(IMG)
+      assert.deepEqual(stored.replicasOf(2), [{ location: A, inSync: true }, { location: B, inSync: false }])
+      for (const b of [0, 1, 3]) assert.deepEqual(stored.replicasOf(b).map((x) => x.inSync), [true, true], `block ${b} written before and not flushed`)
+      assert.deepEqual(rig.errors.list(), [])
+    })
+  })
+
+  test('a write no copy took fails with the copies\' error; of two copies one keeps the block, none is lost', async () => {
+    await withRig({ size: 4000, blockSize: 1000 }, async (rig) => {
+      await rig.vol.write(0, bytes(4000, 3))
+      for (const loc of [A, B]) patch(rig, loc, { write: (async () => { throw errno('ENOSPC') }) as never })
+      await rejectsWith(rig.vol.write(500, Buffer.alloc(10)), 'UKAI_ERR_NO_SPACE')
+      const states = (await rig.store.require(IMG)).replicasOf(0)
+      assert.equal(states.filter((r) => r.inSync).length, 1, JSON.stringify(states))
+      for (const b of [1, 2, 3]) assert.deepEqual((await rig.store.require(IMG)).replicasOf(b).map((x) => x.inSync), [true, true])
+    })
+  })
+
+  test('a flush that could not record a failed replica fails, and so does its retry, until the failure is recorded', async () => {
+    await withRig({ size: 4000, blockSize: 1000, local: [A] }, async (rig) => {
+      await rig.vol.write(0, bytes(2000, 4))
+      const real = rig.replicas.get(B)!
+      patch(rig, B, { flush: (async () => { throw errno('EIO') }) as never })
+      // The store refuses the first change after this (a metadata store away).
+      const update = rig.store.update.bind(rig.store)
+      let refuse = true
+      rig.store.update = (async (...args: Parameters<typeof update>) => {
+        if (refuse) { refuse = false; throw new UkaiError('UKAI_ERR_METADATA_UNAVAILABLE', 'from the test') }
+        return await update(...args)
+      }) as typeof update
+      await rejectsWith(rig.vol.flush(), 'UKAI_ERR_METADATA_UNAVAILABLE')
+      assert.deepEqual((await rig.store.require(IMG)).replicasOf(0).map((x) => x.inSync), [true, true])
+      // The retried flush flushes B again, and records that it failed.
+      await rig.vol.flush()
+      const stored = await rig.store.require(IMG)
+      for (const b of [0, 1]) assert.deepEqual(stored.replicasOf(b), [{ location: A, inSync: true }, { location: B, inSync: false }], `block ${b}`)
+      void real
+    })
+  })
+
+  test('the only copy cannot be flushed: the flush fails, and keeps failing', async () => {
+    await withRig({ size: 4000, blockSize: 1000, locations: [A] }, async (rig) => {
+      await rig.vol.write(0, bytes(1000, 5))
+      patch(rig, A, { flush: (async () => { throw errno('EIO') }) as never })
+      await rejectsWith(rig.vol.flush(), 'UKAI_ERR_IO', /only in-sync copy of block 0 could not be flushed/)
+      await rejectsWith(rig.vol.flush(), 'UKAI_ERR_IO')
+      assert.deepEqual((await rig.store.require(IMG)).replicasOf(0), [{ location: A, inSync: true }])
     })
   })
 })

@@ -28,7 +28,7 @@ import { splitRange, type Piece } from './block-math.js'
 import type { NodeErrors } from './node-errors.js'
 import { DirtyLog, type LogOwner } from './dirty-log.js'
 import { RangeLock } from './range-lock.js'
-import { copyBlock, syncBlocks, type CopyContext, type Failure, type SyncProgress } from './resync.js'
+import { copyBlock, failure, syncBlocks, type CopyContext, type Failure, type SyncProgress } from './resync.js'
 import { WriterLease } from './writer-lease.js'
 import type { WriterSession } from './writer-session.js'
 
@@ -239,7 +239,10 @@ export class Volume {
         this.stats.readsFrom[replica.location] = (this.stats.readsFrom[replica.location] ?? 0) + 1
         return
       } catch (err) {
-        this.ctx.errors.fail(replica.location, toUkaiError(err).message)
+        // A node that does not answer is skipped for a while; a replica
+        // that answers with an error (a bad block file) only for this read.
+        const f = failure(p.block, replica.location, replica, err)
+        if (f.transport === true) this.ctx.errors.fail(replica.location, f.reason)
       }
     }
   }
@@ -340,7 +343,7 @@ export class Volume {
         if (!inSync) continue
         const r = this.ctx.errors.isFailed(location) ? undefined : this.ctx.replicas.replicaFor(location)
         if (r === undefined) {
-          failures.push({ block: p.block, location, reason: 'location unreachable or in the error state' })
+          failures.push(failure(p.block, location, undefined, undefined))
           continue
         }
         jobs.push(op(r, p).then(() => {
@@ -349,9 +352,9 @@ export class Volume {
           if (set === undefined) { set = new RangeSet(); this.unflushed.set(location, set) }
           set.add(p.block, p.block + 1)
         }, (err) => {
-          const e = toUkaiError(err)
-          if (e.code === 'UKAI_ERR_FENCED') refused = e
-          else failures.push({ block: p.block, location, reason: e.message })
+          const f = failure(p.block, location, r, err)
+          if (f.fenced === true) refused = toUkaiError(err)
+          else failures.push(f)
         }))
       }
     }
@@ -363,45 +366,90 @@ export class Volume {
       throw refused
     }
     const lost = [...reached].filter(([, n]) => n === 0).map(([b]) => b)
+    // Where some in-sync location took the write, the ones that did not
+    // are marked out of sync; where none did, nothing is (below).
+    await this.recordFailures(s, failures.filter((f) => !lost.includes(f.block)))
     if (lost.length > 0) {
-      // Nothing has the data: the write fails. Locations that did not get
-      // it are still marked, they may hold part of it.
-      await this.recordFailures(s, failures).catch(() => {})
-      throw new UkaiError('UKAI_ERR_UNAVAILABLE',
-        `image '${this.name}': no in-sync location of block ${lost[0]} took the write (${failures.map((f) => `${f.location}: ${f.reason}`).join('; ')})`,
+      // No in-sync location took the write: it fails, and the block keeps
+      // its state (its last copies are not given up for a write that was
+      // never acknowledged). Copies that may now differ (a write that
+      // failed half way) are settled: one keeps the block, the others are
+      // marked out of sync.
+      await this.settleUnwritten(s, lost).catch(() => {})
+      const mine = failures.filter((f) => lost.includes(f.block))
+      const codes = new Set(mine.map((f) => f.code))
+      const noSpace = codes.size === 1 && codes.has('UKAI_ERR_NO_SPACE')
+      throw new UkaiError(noSpace ? 'UKAI_ERR_NO_SPACE' : 'UKAI_ERR_UNAVAILABLE',
+        `image '${this.name}': no in-sync location of block ${lost[0]} took the write (${mine.map((f) => `${f.location}: ${f.reason}`).join('; ')})`,
         { image: this.name, block: lost[0] })
     }
-    await this.recordFailures(s, failures)
   }
 
   /**
-   * Puts failed locations in the error state, durably marks their blocks
-   * out of sync (as this session's change), and waits until every node
-   * that has the image open has seen the marks.
+   * Blocks a write reached on none of their in-sync locations: with two or
+   * more, the copies may differ now (written half way); all but the one
+   * reads would prefer are marked out of sync.
    */
-  private async recordFailures (s: WriterSession, failures: Failure[]): Promise<void> {
-    if (failures.length === 0) return
-    // A location that failed may also have lost what it had not flushed
-    // yet (a node that died loses its page cache): those blocks go too.
+  private async settleUnwritten (s: WriterSession, blocks: number[]): Promise<void> {
+    const drop: Array<[string, number]> = []
+    for (const b of blocks) {
+      const inSync = this.current.replicasOf(b).filter((r) => r.inSync)
+      if (inSync.length < 2) continue
+      const keep = (this.chooseReader(b)?.location) ?? inSync[0]!.location
+      for (const r of inSync) if (r.location !== keep) drop.push([r.location, b])
+    }
+    if (drop.length === 0) return
+    await this.update(s, (meta) => {
+      for (const [loc, b] of drop) meta.setSync(loc, b, b + 1, false)
+      return meta
+    })
+    await this.ctx.cluster.publish(this.name, this.current.revision)
+  }
+
+  /**
+   * Durably marks failed locations out of sync for what they missed (as
+   * this session's change), puts the ones that did not answer in the error
+   * state, and waits until every node that has the image open has seen the
+   * marks. A location that did not answer may have died and lost what it
+   * had not flushed: those blocks go too. A block is never marked out of
+   * sync on its last in-sync location; such failures are returned.
+   */
+  private async recordFailures (s: WriterSession, failures: Failure[]): Promise<Failure[]> {
+    if (failures.length === 0) return []
     const lost = new Map<string, RangeSet>()
     for (const f of failures) {
-      this.ctx.errors.fail(f.location, f.reason)
+      if (f.transport === true) this.ctx.errors.fail(f.location, f.reason)
       let set = lost.get(f.location)
       if (set === undefined) {
-        set = this.unflushed.get(f.location) ?? new RangeSet()
+        set = f.transport === true ? (this.unflushed.get(f.location)?.clone() ?? new RangeSet()) : new RangeSet()
         lost.set(f.location, set)
       }
       set.add(f.block, f.block + 1)
     }
+    const failedAt = (location: string, b: number): boolean => lost.get(location)?.has(b) === true
+    const kept: Failure[] = []
+    let marked = false
     await this.update(s, (meta) => {
+      kept.length = 0
+      marked = false
       for (const [location, blocks] of lost) {
-        for (const [b, e] of blocks.ranges()) meta.setSync(location, b, e, false)
+        for (const b of blocks.values()) {
+          const others = meta.replicasOf(b).some((r) => r.inSync && r.location !== location && !failedAt(r.location, b))
+          if (others) {
+            meta.setSync(location, b, b + 1, false)
+            marked = true
+          } else {
+            const f = failures.find((x) => x.location === location && x.block === b)
+            if (f !== undefined) kept.push(f)
+          }
+        }
       }
       return meta
     })
     // Only once the marks are durable are the unflushed blocks forgotten.
-    for (const location of lost.keys()) this.unflushed.delete(location)
-    await this.ctx.cluster.publish(this.name, this.current.revision)
+    for (const [location, blocks] of lost) this.unflushed.get(location)?.removeSet(blocks)
+    if (marked) await this.ctx.cluster.publish(this.name, this.current.revision)
+    return kept
   }
 
   /** A metadata change of the session: guarded by its lease; a refusal ends the session. */
@@ -551,18 +599,33 @@ export class Volume {
         if (r === undefined) throw new Error('location unreachable')
         await r.flush(this.name)
       } catch (err) {
-        for (const b of blocks.values()) failures.push({ block: b, location, reason: `flush failed: ${toUkaiError(err).message}` })
+        for (const b of blocks.values()) failures.push(failure(b, location, r, err, 'flush failed: '))
       }
     }))
-    // Local block files are synced even when nothing was written through
-    // this volume since it opened: an fsync must cover earlier writers too.
-    const local = this.localReplica()
-    if (local !== undefined && !pending.some(([l]) => l === local.location)) await local.flush(this.name)
     const s = this.lease.current
-    if (failures.length > 0) {
-      // Only a writer flushes what it wrote; without its lease it can mark nothing.
-      if (s === undefined) throw new UkaiError('UKAI_ERR_FENCED', `image '${this.name}': a flush failed and this node no longer writes the image`)
-      await this.recordFailures(s, failures)
+    try {
+      // Local block files are synced even when nothing was written through
+      // this volume since it opened: an fsync must cover earlier writers too.
+      const local = this.localReplica()
+      if (local !== undefined && !pending.some(([l]) => l === local.location)) await local.flush(this.name)
+      if (failures.length > 0) {
+        // Only a writer flushes what it wrote; without its lease it can mark nothing.
+        if (s === undefined) throw new UkaiError('UKAI_ERR_FENCED', `image '${this.name}': a flush failed and this node no longer writes the image`)
+        const kept = await this.recordFailures(s, failures)
+        if (kept.length > 0) {
+          throw new UkaiError('UKAI_ERR_IO', `image '${this.name}': the only in-sync copy of block ${kept[0]!.block} could not be flushed (${kept[0]!.reason}); what it held may be lost`,
+            { image: this.name, block: kept[0]!.block })
+        }
+      }
+    } catch (err) {
+      // Not flushed: a retried flush tries (and fails, and reports) again.
+      for (const [location, blocks] of pending) {
+        if (!failures.some((f) => f.location === location)) continue
+        let set = this.unflushed.get(location)
+        if (set === undefined) { set = new RangeSet(); this.unflushed.set(location, set) }
+        set.addSet(blocks)
+      }
+      throw err
     }
     // The dirty-block log is an activity log: hot blocks stay in it, so a
     // steady writer does not pay a metadata write per flush.
