@@ -46,8 +46,6 @@ async function checkPorts (config: Config): Promise<void> {
 export async function runServer (config: Config, options: ServerOptions): Promise<number> {
   await checkPorts(config)
   const node = await UkaiNode.start(config, log)
-  node.on('warning', (msg: string) => log(`warning: ${msg}`))
-  node.on('notice', (msg: string) => log(msg))
   const control = new ControlServer(node)
   const nbdServers: Closable[] = []
   let fuse: FuseMount | undefined

@@ -7,8 +7,20 @@
  * raising it returns only when every older write already inside has
  * finished. So once every location's gate is raised, nothing an old
  * writer sends can land anywhere (DESIGN.md invariant 6).
+ *
+ * Within a generation, a writer's connections to a peer also count
+ * *epochs*: after a request to the peer timed out (or its connection
+ * broke), the writer goes on with a new epoch, and the peer's gate refuses
+ * the old epoch's writes from the first new-epoch connection on. A write
+ * the writer gave up on (a peer that was stopped, then resumed) can never
+ * land after what the writer did next (a resync of that block).
  */
 import { UkaiError } from '../errors.js'
+
+/** Epochs per generation in a gate's number: generation * EPOCHS + epoch. */
+export const EPOCHS = 2 ** 20
+
+const describe = (n: number): string => n % EPOCHS === 0 ? `generation ${n / EPOCHS}` : `generation ${Math.floor(n / EPOCHS)} epoch ${n % EPOCHS}`
 
 class Gate {
   /** Lowest generation allowed to write. */
@@ -19,7 +31,7 @@ class Gate {
   enter (generation: number, image: string): () => void {
     if (generation < this.fence) {
       throw new UkaiError('UKAI_ERR_FENCED',
-        `image '${image}': a write of writer generation ${generation} was refused: generation ${this.fence} has taken over`, { image })
+        `image '${image}': a write of writer ${describe(generation)} was refused: ${describe(this.fence)} has taken over`, { image })
     }
     this.inflight.set(generation, (this.inflight.get(generation) ?? 0) + 1)
     let left = false
@@ -63,17 +75,17 @@ export class FenceTable {
 
   /** The lowest generation that may write to this node's replica of `image`. */
   fenceOf (image: string): number {
-    return this.gates.get(image)?.fence ?? 0
+    return Math.floor((this.gates.get(image)?.fence ?? 0) / EPOCHS)
   }
 
-  /** Admits one write of `generation`; the returned function ends it. Throws UKAI_ERR_FENCED for an older generation. */
-  enter (image: string, generation: number): () => void {
-    return this.gate(image).enter(generation, image)
+  /** Admits one write of `generation` (and `epoch`); the returned function ends it. Throws UKAI_ERR_FENCED for an older one. */
+  enter (image: string, generation: number, epoch = 0): () => void {
+    return this.gate(image).enter(generation * EPOCHS + epoch, image)
   }
 
-  /** Refuses generations older than `generation` from now on; resolves once none is writing. */
-  async raise (image: string, generation: number): Promise<void> {
-    await this.gate(image).raise(generation)
+  /** Refuses older generations (and epochs) from now on; resolves once none is writing. */
+  async raise (image: string, generation: number, epoch = 0): Promise<void> {
+    await this.gate(image).raise(generation * EPOCHS + epoch)
   }
 
   /** Forgets an image (destroyed; a new one of the same name counts generations anew). */

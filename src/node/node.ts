@@ -96,7 +96,7 @@ export class UkaiNode extends EventEmitter implements ReplicaProvider, ClusterCo
    * Opens the metadata store, joins the cluster (refused, changing
    * nothing, when a live node has this id) and loads every image.
    */
-  static async start (config: Config, log: (m: string) => void = () => {}): Promise<UkaiNode> {
+  static async start (config: Config, log?: (m: string) => void): Promise<UkaiNode> {
     const store = await openStore(config, false)
     let membership: NodeMembership
     try {
@@ -114,6 +114,11 @@ export class UkaiNode extends EventEmitter implements ReplicaProvider, ClusterCo
       throw err
     }
     const node = new UkaiNode(config, store, membership)
+    if (log !== undefined) {
+      // From the start on: what loading the images finds is told too.
+      node.on('warning', (m: string) => log(`warning: ${m}`))
+      node.on('notice', (m: string) => log(m))
+    }
     membership.on('lost', () => node.leaseLost())
     membership.on('rejoined', () => { for (const name of node.volumes.keys()) node.recordOpens(name) })
     try {
@@ -122,11 +127,53 @@ export class UkaiNode extends EventEmitter implements ReplicaProvider, ClusterCo
         onReset: () => { void node.reloadAll() }
       })
       await node.reloadAll()
+      await node.checkLocalReplicas()
     } catch (err) {
       await node.close()
       throw err
     }
     return node
+  }
+
+  /**
+   * At start: an image placed on this node whose directory is missing has
+   * lost this node's replica (wiped, or never made: the node was down when
+   * the image was created). Its blocks here are marked out of sync where
+   * another in-sync copy exists (a resync brings them back) and the
+   * directory is made. Where this node holds a block's only in-sync copy,
+   * nothing is invented: the directory stays missing, so those blocks read
+   * as errors rather than zeros, and the operator is told.
+   */
+  private async checkLocalReplicas (): Promise<void> {
+    for (const name of this.imageNames()) {
+      const meta = this.known.get(name)?.meta
+      const loc = meta === undefined ? undefined : [...meta.locations.keys()].find((l) => isLocalLocation(this.config, l))
+      if (meta === undefined || loc === undefined || await this.blocks.has(name)) continue
+      const mine = meta.locations.get(loc)!
+      let sole = 0
+      const updated = await this.store.update(name, (m) => {
+        sole = 0
+        const st = m.locations.get(loc)
+        if (st === undefined) return m
+        for (const [s, e] of st.blocks.ranges()) {
+          for (let b = s; b < e; b++) {
+            if (st.outOfSync.has(b)) continue
+            if (m.replicasOf(b).some((r) => r.inSync && r.location !== loc)) m.setSync(loc, b, b + 1, false)
+            else sole++
+          }
+        }
+        return m
+      }).catch((err) => { this.emit('warning', `image '${name}': marking this node's missing replica out of sync: ${toUkaiError(err).message}`); return undefined })
+      if (updated === undefined) continue
+      await this.reload(name)
+      await this.publish(name, updated.revision)
+      if (sole === 0) {
+        await this.blocks.allocate(name)
+        this.emit('warning', `image '${name}': this node's replica was missing (${this.blocks.imageDir(name)}); its ${mine.blocks.size} block(s) are out of sync here until 'ukai sync ${name}'`)
+      } else {
+        this.emit('warning', `image '${name}': this node's replica is missing (${this.blocks.imageDir(name)}) and holds the only in-sync copy of ${sole} block(s): they read as errors; nothing was made up`)
+      }
+    }
   }
 
   // ---- ClusterContext -------------------------------------------------------------

@@ -15,16 +15,19 @@ import { NbdClient, type NbdTarget } from './nbd-client.js'
 
 export const REPLICA_EXPORT_PREFIX = 'replica/'
 
-/** The export a peer serves a replica under: read-only, or for the writer of `generation`. */
-export function replicaExportName (image: string, generation?: number): string {
-  return generation === undefined ? `${REPLICA_EXPORT_PREFIX}${image}` : `${REPLICA_EXPORT_PREFIX}${image}@${generation}`
+/** The export a peer serves a replica under: read-only, or for the writer of `generation` (and `epoch`, see fences.ts). */
+export function replicaExportName (image: string, generation?: number, epoch = 0): string {
+  if (generation === undefined) return `${REPLICA_EXPORT_PREFIX}${image}`
+  return `${REPLICA_EXPORT_PREFIX}${image}@${generation}${epoch > 0 ? `.${epoch}` : ''}`
 }
 
-/** The image and generation an export name asks for, or undefined when it is no replica export. */
-export function parseReplicaExport (name: string): { image: string, generation: number | undefined } | undefined {
-  const m = /^replica\/([^@/]+)(?:@([1-9][0-9]{0,15}))?$/.exec(name)
+/** The image, generation and epoch an export name asks for, or undefined when it is no replica export. */
+export function parseReplicaExport (name: string): { image: string, generation: number | undefined, epoch: number } | undefined {
+  const m = /^replica\/([^@/]+)(?:@([1-9][0-9]{0,12})(?:\.([1-9][0-9]{0,5}))?)?$/.exec(name)
   if (m === null) return undefined
-  return { image: m[1]!, generation: m[2] === undefined ? undefined : Number(m[2]) }
+  const epoch = m[3] === undefined ? 0 : Number(m[3])
+  if (epoch >= 2 ** 20) return undefined
+  return { image: m[1]!, generation: m[2] === undefined ? undefined : Number(m[2]), epoch }
 }
 
 export interface RemoteReplicaOptions {
@@ -44,6 +47,12 @@ export class RemoteReplica implements Replica {
   private readonly options: RemoteReplicaOptions
   /** Pools per export name. */
   private readonly pools = new Map<string, Pool>()
+  /**
+   * Per image, the epoch of this writer's connections (fences.ts): raised
+   * when a request to the peer went unanswered, so that nothing sent
+   * before can land after what is sent next.
+   */
+  private readonly epochs = new Map<string, number>()
   /** Smoothed request latency in ms (undefined until measured). */
   rtt: number | undefined
 
@@ -65,7 +74,7 @@ export class RemoteReplica implements Replica {
 
   /** A connection of the pool for `image` (for the writer of `generation`, if given). */
   private async client (image: string, generation?: number): Promise<NbdClient> {
-    const name = replicaExportName(image, generation)
+    const name = replicaExportName(image, generation, generation === undefined ? 0 : this.epochs.get(image) ?? 0)
     let pool = this.pools.get(name)
     if (pool === undefined) {
       // A new generation's pool: the older one's connections are refused from now on.
@@ -106,15 +115,37 @@ export class RemoteReplica implements Replica {
 
   async write (image: string, block: number, offset: number, data: Buffer, generation: number): Promise<void> {
     const at = this.base(image, block) + offset
-    const c = await this.client(image, generation)
-    await this.timed(async () => await c.write(at, data))
+    await this.writing(image, generation, async (c) => await this.timed(async () => await c.write(at, data)))
   }
 
   async discard (image: string, block: number, offset: number, length: number, mode: DiscardMode, generation: number): Promise<void> {
     const at = this.base(image, block) + offset
+    await this.writing(image, generation, async (c) => {
+      if (mode === 'trim') await c.trim(at, length)
+      else await c.writeZeroes(at, length, mode === 'zero-allocated')
+    })
+  }
+
+  /**
+   * Runs a writing request. When the peer does not answer it (a timeout,
+   * a broken connection: not an error answer), the writer's next
+   * connection to the peer is of a new epoch: whatever of this request is
+   * still on its way is refused there from then on.
+   */
+  private async writing (image: string, generation: number, fn: (c: NbdClient) => Promise<void>): Promise<void> {
     const c = await this.client(image, generation)
-    if (mode === 'trim') await c.trim(at, length)
-    else await c.writeZeroes(at, length, mode === 'zero-allocated')
+    try {
+      await fn(c)
+    } catch (err) {
+      if ((err as UkaiError).details?.nbdError === undefined) {
+        const was = this.epochs.get(image) ?? 0
+        if (replicaExportName(image, generation, was) === c.exportName) {
+          this.epochs.set(image, Math.min(was + 1, 2 ** 20 - 1))
+          void this.closePool(c.exportName)
+        }
+      }
+      throw err
+    }
   }
 
   async flush (image: string): Promise<void> {

@@ -35,14 +35,14 @@ export class ReplicaExports implements ExportProvider {
   /** Replica exports are not listed: peers know what they ask for. */
   list (): string[] { return [] }
 
-  private held (name: string): { image: string, generation: number | undefined, meta: ImageMeta, here: LocationState } | undefined {
+  private held (name: string): { image: string, generation: number | undefined, epoch: number, meta: ImageMeta, here: LocationState } | undefined {
     const parsed = parseReplicaExport(name)
     if (parsed === undefined) return undefined
-    const { image, generation } = parsed
+    const { image, generation, epoch } = parsed
     const meta = this.node.imageMeta(image)
     if (meta === undefined) return undefined
     for (const [loc, st] of meta.locations) {
-      if (isLocalLocation(this.node.config, loc)) return { image, generation, meta, here: st }
+      if (isLocalLocation(this.node.config, loc)) return { image, generation, epoch, meta, here: st }
     }
     return undefined
   }
@@ -62,15 +62,20 @@ export class ReplicaExports implements ExportProvider {
         throw new UkaiError('UKAI_ERR_FENCED',
           `image '${h.image}': writer generation ${h.generation} does not hold the writer lease (${st.writer === undefined ? 'nobody does' : `generation ${st.writer.generation} of node ${st.writer.node} does`})`)
       }
-      await this.node.fences.raise(h.image, h.generation)
+      // The writer's new epoch: its earlier connections' writes are refused from now on.
+      await this.node.fences.raise(h.image, h.generation, h.epoch)
     }
-    // A replica placed here by another node is allocated on first contact.
-    if (!await this.node.blocks.has(h.image)) await this.node.blocks.allocate(h.image)
+    // A missing replica is never made up here (it would read as zeros for
+    // blocks the metadata says are in sync): the peer's request fails, and
+    // the writer marks what it writes out of sync; reads go elsewhere.
+    if (!await this.node.blocks.has(h.image)) {
+      throw new UkaiError('UKAI_ERR_NOT_FOUND', `the replica of image '${h.image}' on node ${this.node.config.id} is missing (${this.node.blocks.imageDir(h.image)})`)
+    }
     return {
       name,
       size: h.meta.size,
       readOnly: h.generation === undefined,
-      backend: new ReplicaBackend(this.node, h.image, h.generation ?? 0),
+      backend: new ReplicaBackend(this.node, h.image, h.generation ?? 0, h.epoch),
       close: async () => {}
     }
   }
@@ -80,19 +85,21 @@ class ReplicaBackend implements NbdBackend {
   private readonly node: UkaiNode
   private readonly blocks: BlockStore
   private readonly image: string
-  /** The writer generation this connection writes for (0: read-only). */
+  /** The writer generation (0: read-only) and epoch this connection writes for. */
   private readonly generation: number
+  private readonly epoch: number
 
-  constructor (node: UkaiNode, image: string, generation: number) {
+  constructor (node: UkaiNode, image: string, generation: number, epoch: number) {
     this.node = node
     this.blocks = node.blocks
     this.image = image
     this.generation = generation
+    this.epoch = epoch
   }
 
-  /** Runs a write of this connection's generation through the fence. */
+  /** Runs a write of this connection's generation and epoch through the fence. */
   private async fenced<T> (fn: () => Promise<T>): Promise<T> {
-    const leave = this.node.fences.enter(this.image, this.generation)
+    const leave = this.node.fences.enter(this.image, this.generation, this.epoch)
     try { return await fn() } finally { leave() }
   }
 

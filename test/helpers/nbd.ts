@@ -23,6 +23,7 @@ import {
 import { parseReplyHeader } from '../../src/frontends/nbd/replies.js'
 import { encodeRequest, type NbdRequest } from '../../src/frontends/nbd/requests.js'
 import { NbdServer, type NbdServerOptions } from '../../src/frontends/nbd/server.js'
+import type { ExportProvider } from '../../src/frontends/nbd/exports.js'
 
 let nextPort = 31000 + Math.floor(Math.random() * 20000)
 
@@ -37,14 +38,18 @@ export interface NbdFixture {
   cleanup: () => Promise<void>
 }
 
-/** A node with its images' block files under a temp dir, and an NBD server on a unix socket there. */
-export async function startNbd (options: NbdServerOptions = {}): Promise<NbdFixture> {
+/**
+ * A node with its images' block files under a temp dir, and an NBD server
+ * on a unix socket there; `exportsFor` serves other exports of the node
+ * (its replica exports) instead of its images.
+ */
+export async function startNbd (options: NbdServerOptions & { exportsFor?: (node: UkaiNode) => ExportProvider } = {}): Promise<NbdFixture> {
   const dir = await mkdtemp(join(tmpdir(), 'ukai-nbd-'))
   const port = nextPort++
   // The node listens on neither port: they only name it.
   const config = parseConfig({ image_root: 'images', metadata_root: 'metadata', id: `127.0.0.1:${port}`, proxy_port: port, control_port: port + 1 }, dir)
   const node = await UkaiNode.start(config)
-  const server = new NbdServer(node, options)
+  const server = new NbdServer(node, options.exportsFor === undefined ? options : { ...options, exports: options.exportsFor(node) })
   const socket = join(dir, 'nbd.sock')
   try {
     await server.listen(socket)
