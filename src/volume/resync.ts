@@ -52,13 +52,22 @@ export interface CopyContext {
 /** Bytes read and written at a time when a block is copied. */
 const COPY_CHUNK = 4 * 2 ** 20
 
+/** Takes the write lock of a byte range of the image; resolves with its release. */
+export type RangeLocker = (start: number, end: number) => Promise<() => void>
+
 /**
  * Copies block `block` from `source` to `targets` so they end byte-for-
  * byte equal (holes stay holes past the source's allocated length), and
  * flushes the targets unless `flush` is false (the caller flushes a batch).
  * Returns the targets that failed.
+ *
+ * With `lock`, each chunk is copied under the write lock of its own byte
+ * range (at most two chunks locked at a time: the one being written and
+ * the one read ahead), for a caller whose writes reach the targets while
+ * the copy runs (a resync): a write waits for one chunk's copy at most.
+ * Without, the caller holds the whole block.
  */
-export async function copyBlock (ctx: CopyContext, block: number, source: Replica, targets: string[], onBytes?: (n: number) => void, flush = true): Promise<Failure[]> {
+export async function copyBlock (ctx: CopyContext, block: number, source: Replica, targets: string[], onBytes?: (n: number) => void, flush = true, lock?: RangeLocker): Promise<Failure[]> {
   const failures: Failure[] = []
   const live = new Map<string, Replica>()
   for (const t of targets) {
@@ -67,32 +76,58 @@ export async function copyBlock (ctx: CopyContext, block: number, source: Replic
     else live.set(t, r)
   }
   if (live.size === 0) return failures
+  const base = block * ctx.meta.blockSize
   const length = ctx.meta.blockLength(block)
-  const allocated = Math.min(length, await source.allocatedLength(ctx.image, block))
   const fail = (location: string, err: unknown): void => {
     failures.push(failure(block, location, live.get(location), err))
     live.delete(location)
   }
-  // Read the next chunk while the previous one is being written.
-  let next: Promise<Buffer> | undefined
-  const readChunk = async (off: number): Promise<Buffer> => {
-    const buf = Buffer.allocUnsafe(Math.min(COPY_CHUNK, allocated - off))
-    await source.read(ctx.image, block, off, buf)
-    return buf
-  }
-  if (allocated > 0) next = readChunk(0)
-  for (let off = 0; off < allocated; off += COPY_CHUNK) {
-    const buf = await next!
-    next = off + COPY_CHUNK < allocated ? readChunk(off + COPY_CHUNK) : undefined
+  const hold = async (start: number, end: number): Promise<() => void> =>
+    lock === undefined ? () => {} : await lock(base + start, base + end)
+  const writeAll = async (off: number, buf: Buffer): Promise<void> => {
     await Promise.all([...live].map(async ([loc, r]) => await r.write(ctx.image, block, off, buf, ctx.generation).catch((err) => fail(loc, err))))
     onBytes?.(buf.length)
   }
-  await Promise.all([...live].map(async ([loc, r]) => {
+  // Chunk by chunk, each read while the one before is being written.
+  let allocated = Math.min(length, await source.allocatedLength(ctx.image, block))
+  const readChunk = async (off: number): Promise<{ buf: Buffer, release: () => void }> => {
+    const release = await hold(off, Math.min(off + COPY_CHUNK, allocated))
     try {
-      if (allocated < length) await r.discard(ctx.image, block, allocated, length - allocated, 'zero', ctx.generation)
-      if (flush) await r.flush(ctx.image)
-    } catch (err) { fail(loc, err) }
-  }))
+      const buf = Buffer.allocUnsafe(Math.min(COPY_CHUNK, allocated - off))
+      await source.read(ctx.image, block, off, buf)
+      return { buf, release }
+    } catch (err) { release(); throw err }
+  }
+  let next = allocated > 0 ? readChunk(0) : undefined
+  let off = 0
+  for (; off < allocated; off += COPY_CHUNK) {
+    const { buf, release } = await next!
+    try {
+      next = off + COPY_CHUNK < allocated ? readChunk(off + COPY_CHUNK) : undefined
+      await writeAll(off, buf)
+    } finally { release() }
+  }
+  // The tail, under one lock: the source may have grown meanwhile (its
+  // writes reached the targets too, but past where the copy looked).
+  const release = await hold(off, length)
+  try {
+    allocated = Math.min(length, await source.allocatedLength(ctx.image, block))
+    for (; off < allocated; off += COPY_CHUNK) {
+      const buf = Buffer.allocUnsafe(Math.min(COPY_CHUNK, allocated - off))
+      await source.read(ctx.image, block, off, buf)
+      await writeAll(off, buf)
+    }
+    await Promise.all([...live].map(async ([loc, r]) => {
+      try {
+        if (allocated < length) await r.discard(ctx.image, block, allocated, length - allocated, 'zero', ctx.generation)
+      } catch (err) { fail(loc, err) }
+    }))
+  } finally { release() }
+  if (flush) {
+    await Promise.all([...live].map(async ([loc, r]) => {
+      try { await r.flush(ctx.image) } catch (err) { fail(loc, err) }
+    }))
+  }
   return failures
 }
 
@@ -112,6 +147,13 @@ export interface SyncContext extends Omit<CopyContext, 'meta'> {
   chooseSource: (block: number) => Replica | undefined
   /** Enters the writer session for a copy to `blocks` (throws once fenced). */
   begin: (blocks: number[]) => () => void
+  /**
+   * From now on the writer's writes to `block` reach `targets` too (while
+   * they are out of sync); returns what ends that. A target a mirrored
+   * write failed on is named by `mirrorFailed` afterwards.
+   */
+  mirror: (block: number, targets: string[]) => () => void
+  mirrorFailed: (block: number) => ReadonlySet<string>
   /** Stores the copied replicas as in sync, as the writer session. */
   markInSync: (done: Array<{ block: number, targets: string[] }>) => Promise<void>
   /** A replica refused the session's generation: ends the session; the error to throw. */
@@ -125,12 +167,16 @@ const SYNC_BATCH_BYTES = 512 * 2 ** 20
 
 /**
  * Copies every out-of-sync replica of blocks [start, end) from an in-sync
- * one. Blocks go in batches: every block of a batch holds the write lock
- * of its byte range until its new state is stored, so a write to it waits
- * and then reaches the re-synced replica too. Blocks are copied
- * SYNC_PARALLEL at a time; then each target is flushed once and the
- * batch is marked in sync in one metadata update, so an interrupted sync
- * resumes at the batch where it stopped.
+ * one while the image is written. Blocks go in batches, SYNC_PARALLEL
+ * blocks copied at a time. Before a block's copy starts, the writer's
+ * writes to it reach its targets too (they are mirrored); the copy takes
+ * the write lock of one chunk at a time, so a write overlapping a chunk
+ * either lands before that chunk is copied (and is copied with it) or
+ * after (and is mirrored). Then each target is flushed once, and the batch
+ * is marked in sync in one metadata update, under the write locks of its
+ * blocks (a write waits for that update only), except targets a mirrored
+ * write failed on. An interrupted sync resumes at the batch where it
+ * stopped.
  */
 export async function syncBlocks (ctx: SyncContext, start: number, end: number, onProgress?: (p: SyncProgress) => void): Promise<SyncProgress> {
   const todo = new RangeSet()
@@ -148,13 +194,9 @@ export async function syncBlocks (ctx: SyncContext, start: number, end: number, 
 }
 
 async function syncBatch (ctx: SyncContext, batch: number[], progress: SyncProgress, onProgress?: (p: SyncProgress) => void): Promise<void> {
-  const releases: Array<() => void> = []
+  const mirrors: Array<() => void> = []
+  const leave = ctx.begin(batch)
   try {
-    for (const block of batch) {
-      const bstart = block * ctx.meta().blockSize
-      releases.push(await ctx.lock.acquire(bstart, bstart + ctx.meta().blockLength(block)))
-    }
-    releases.push(ctx.begin(batch))
     const copied: Array<{ block: number, targets: string[] }> = []
     const failures: Failure[] = []
     const queue = batch.slice()
@@ -167,7 +209,9 @@ async function syncBatch (ctx: SyncContext, batch: number[], progress: SyncProgr
           if (source === undefined) {
             progress.failed.push({ block, reason: 'no in-sync location reachable' })
           } else {
-            const failed = await copyBlock({ ...ctx, meta }, block, source, targets, (n) => { progress.bytes += n }, false)
+            mirrors.push(ctx.mirror(block, targets))
+            const failed = await copyBlock({ ...ctx, meta }, block, source, targets, (n) => { progress.bytes += n }, false,
+              async (start, end) => await ctx.lock.acquire(start, end))
             failures.push(...failed)
             copied.push({ block, targets: targets.filter((t) => !failed.some((f) => f.location === t)) })
           }
@@ -194,10 +238,29 @@ async function syncBatch (ctx: SyncContext, batch: number[], progress: SyncProgr
       if (f.transport === true) ctx.errors.fail(f.location, f.reason)
       progress.failed.push({ block: f.block, location: f.location, reason: f.reason })
     }
-    const done = copied.map((c) => ({ block: c.block, targets: c.targets.filter((t) => !flushFailed.has(t)) })).filter((c) => c.targets.length > 0)
-    for (const c of done) for (const loc of c.targets) ctx.errors.succeed(loc)
-    if (done.length > 0) await ctx.markInSync(done)
+    // The update under the blocks' write locks: no write runs between the
+    // check of what the mirrored writes missed and the new state.
+    const releases: Array<() => void> = []
+    try {
+      for (const c of copied) {
+        const start = c.block * ctx.meta().blockSize
+        releases.push(await ctx.lock.acquire(start, start + ctx.meta().blockLength(c.block)))
+      }
+      const done = copied
+        .map((c) => ({ block: c.block, targets: c.targets.filter((t) => !flushFailed.has(t) && !ctx.mirrorFailed(c.block).has(t)) }))
+        .filter((c) => c.targets.length > 0)
+      for (const c of copied) {
+        for (const t of ctx.mirrorFailed(c.block)) if (c.targets.includes(t)) progress.failed.push({ block: c.block, location: t, reason: 'a write to it failed during the copy' })
+      }
+      for (const c of done) for (const loc of c.targets) ctx.errors.succeed(loc)
+      if (done.length > 0) await ctx.markInSync(done)
+    } finally {
+      // In sync (or not): the writes stop being mirrored, then go on.
+      for (const m of mirrors.splice(0)) m()
+      for (const release of releases) release()
+    }
   } finally {
-    for (const release of releases) release()
+    for (const m of mirrors) m()
+    leave()
   }
 }

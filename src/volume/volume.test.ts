@@ -613,3 +613,70 @@ describe('Volume: local write failures lose nothing acknowledged (issue 9)', () 
     })
   })
 })
+
+describe('Volume: resync while the image is written (issue 9)', () => {
+  /** A rig whose B replicas are all out of sync (a location just added), with B's writes held at a gate. */
+  async function outOfSyncRig (rig: Rig): Promise<{ open: () => void, held: Promise<void> }> {
+    await rig.vol.write(0, bytes(16 * 1000, 7))
+    await rig.store.update(IMG, (m) => { m.setSync(B, 0, m.blockCount, false); return m })
+    rig.vol.refresh(await rig.store.require(IMG))
+    const real = rig.replicas.get(B)!
+    let open!: () => void
+    const gate = new Promise<void>((resolve) => { open = resolve })
+    let entered!: () => void
+    const held = new Promise<void>((resolve) => { entered = resolve })
+    patch(rig, B, { write: (async (image: string, block: number, offset: number, data: Buffer, g: number) => {
+      entered()
+      await gate
+      await real.write(image, block, offset, data, g)
+    }) as never })
+    return { open, held }
+  }
+
+  test('a write to a block the resync has not reached does not wait for the resync', async () => {
+    await withRig({ size: 16 * 1000, blockSize: 1000, local: [A] }, async (rig) => {
+      const { open, held } = await outOfSyncRig(rig)
+      const sync = rig.vol.sync(0, 16)
+      await held
+      // Blocks 0 and 1 are being copied, stuck at B; block 15 is not reached yet.
+      const write = rig.vol.write(15 * 1000 + 10, Buffer.from('guest'))
+      const done = await Promise.race([write.then(() => true), new Promise((resolve) => setTimeout(() => resolve(false), 2000))])
+      open()
+      await sync
+      await write
+      assert.equal(done, true, 'the write waited for the resync of other blocks')
+      const stored = await rig.store.require(IMG)
+      for (let b = 0; b < 16; b++) assert.deepEqual(stored.replicasOf(b).map((x) => x.inSync), [true, true], `block ${b}`)
+      await checkReplicas(rig)
+    })
+  })
+
+  test('writes during a resync, to every block and at every moment, leave identical replicas', async () => {
+    await withRig({ size: 16 * 1000, blockSize: 1000, local: [A] }, async (rig) => {
+      const { open } = await outOfSyncRig(rig)
+      const model = Buffer.from(bytes(16 * 1000, 7))
+      const sync = rig.vol.sync(0, 16)
+      // While B is held: writes to separate ranges, some waiting for the chunk being copied.
+      const writes: Array<Promise<void>> = []
+      for (let i = 0; i < 16; i++) {
+        const off = i * 1000 + 100 + (i % 3) * 200
+        const data = bytes(300, 100 + i)
+        writes.push(rig.vol.write(off, data).then(() => { data.copy(model, off) }))
+      }
+      await new Promise((resolve) => setTimeout(resolve, 50))
+      open()
+      // Then overlapping ones, one at a time (the model's order is the volume's).
+      for (let i = 0; i < 30; i++) {
+        const off = (i * 397) % (16 * 1000 - 300)
+        const data = bytes(300, 200 + i)
+        await rig.vol.write(off, data)
+        data.copy(model, off)
+      }
+      await sync
+      await Promise.all(writes)
+      const stored = await rig.store.require(IMG)
+      for (let b = 0; b < 16; b++) assert.deepEqual(stored.replicasOf(b).map((x) => x.inSync), [true, true], `block ${b}`)
+      await checkReplicas(rig, model)
+    })
+  })
+})

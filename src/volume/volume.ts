@@ -102,6 +102,10 @@ export class Volume {
   private readonly flushing = new Set<Promise<void>>()
   private readonly dirty: DirtyLog
   private readonly lease: WriterLease
+  /** Out-of-sync replicas being resynced, per block: writes reach them too (resync.ts). */
+  private readonly mirrored = new Map<number, Map<string, number>>()
+  /** Per block, the resync targets a mirrored write failed on. */
+  private readonly mirrorFailures = new Map<number, Set<string>>()
   readonly stats: IoStats
 
   constructor (meta: ImageMeta, ctx: VolumeContext) {
@@ -337,10 +341,17 @@ export class Volume {
     const reached = new Map<number, number>()
     const jobs: Array<Promise<void>> = []
     let refused: UkaiError | undefined
+    const wrote = (location: string, block: number): void => {
+      let set = this.unflushed.get(location)
+      if (set === undefined) { set = new RangeSet(); this.unflushed.set(location, set) }
+      set.add(block, block + 1)
+    }
     for (const p of pieces) {
       reached.set(p.block, 0)
+      const inSyncHere = new Set<string>()
       for (const { location, inSync } of this.current.replicasOf(p.block)) {
         if (!inSync) continue
+        inSyncHere.add(location)
         const r = this.ctx.errors.isFailed(location) ? undefined : this.ctx.replicas.replicaFor(location)
         if (r === undefined) {
           failures.push(failure(p.block, location, undefined, undefined))
@@ -348,13 +359,31 @@ export class Volume {
         }
         jobs.push(op(r, p).then(() => {
           reached.set(p.block, reached.get(p.block)! + 1)
-          let set = this.unflushed.get(location)
-          if (set === undefined) { set = new RangeSet(); this.unflushed.set(location, set) }
-          set.add(p.block, p.block + 1)
+          wrote(location, p.block)
         }, (err) => {
           const f = failure(p.block, location, r, err)
           if (f.fenced === true) refused = toUkaiError(err)
           else failures.push(f)
+        }))
+      }
+      // Replicas being resynced get the write too; one they miss is not
+      // marked in sync by that resync (they are out of sync already).
+      for (const location of this.mirrored.get(p.block)?.keys() ?? []) {
+        if (inSyncHere.has(location)) continue
+        const missed = (): void => {
+          let set = this.mirrorFailures.get(p.block)
+          if (set === undefined) { set = new Set(); this.mirrorFailures.set(p.block, set) }
+          set.add(location)
+        }
+        const r = this.ctx.replicas.replicaFor(location)
+        if (r === undefined) { missed(); continue }
+        jobs.push(op(r, p).then(() => wrote(location, p.block), (err) => {
+          const f = failure(p.block, location, r, err)
+          if (f.fenced === true) refused = toUkaiError(err)
+          else {
+            missed()
+            if (f.transport === true) this.ctx.errors.fail(location, f.reason)
+          }
         }))
       }
     }
@@ -553,6 +582,8 @@ export class Volume {
         errors: this.ctx.errors,
         chooseSource: (block) => this.chooseReader(block),
         begin: (blocks) => s.begin(blocks),
+        mirror: (block, targets) => this.mirror(block, targets),
+        mirrorFailed: (block) => this.mirrorFailures.get(block) ?? new Set(),
         markInSync: async (done) => await this.update(s, (meta) => {
           for (const c of done) for (const loc of c.targets) meta.setSync(loc, c.block, c.block + 1, true)
           return meta
@@ -562,6 +593,29 @@ export class Volume {
     } finally {
       this.syncs--
       await this.releaseIfIdle()
+    }
+  }
+
+  /** Writes to `block` reach `targets` too until the returned function is called (see resync.ts). */
+  private mirror (block: number, targets: string[]): () => void {
+    let m = this.mirrored.get(block)
+    if (m === undefined) { m = new Map(); this.mirrored.set(block, m) }
+    for (const t of targets) m.set(t, (m.get(t) ?? 0) + 1)
+    let ended = false
+    return () => {
+      if (ended) return
+      ended = true
+      const now = this.mirrored.get(block)
+      if (now === undefined) return
+      for (const t of targets) {
+        const n = (now.get(t) ?? 1) - 1
+        if (n === 0) now.delete(t)
+        else now.set(t, n)
+      }
+      if (now.size === 0) {
+        this.mirrored.delete(block)
+        this.mirrorFailures.delete(block)
+      }
     }
   }
 
