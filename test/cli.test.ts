@@ -23,20 +23,20 @@ describe('ukai CLI', () => {
   after(async () => { await rm(dir, { recursive: true, force: true }) })
 
   test('image create, list, info and destroy', async () => {
-    let r = await ukai('image', 'create', 'vm1', '-s', '8G', '-b', '50M', '-l', '127.0.0.1:22222', '-l', '10.0.0.2', '-h', 'hv1', '-h', 'hv2')
+    let r = await ukai('image', 'create', 'vm1', '-s', '8G', '-b', '64M', '-l', '127.0.0.1:22222', '-l', '10.0.0.2', '-h', 'hv1', '-h', 'hv2')
     assert.equal(r.code, 0, r.stderr)
-    assert.match(r.stdout, /created image 'vm1': 8 GiB in 164 blocks of 50 MiB/)
+    assert.match(r.stdout, /created image 'vm1': 8 GiB in 128 blocks of 64 MiB/)
     r = await ukai('image', 'list', '--json')
     const list = JSON.parse(r.stdout)
     assert.deepEqual(list.map((s: { name: string }) => s.name), ['vm1'])
     assert.deepEqual(list[0].locations, ['127.0.0.1:22222', '10.0.0.2'])
     assert.deepEqual(list[0].hypervisors, ['hv1', 'hv2'])
     r = await ukai('image', 'info', 'vm1')
-    assert.match(r.stdout, /block size: +50 MiB \(164 blocks\)/)
-    assert.match(r.stdout, /10\.0\.0\.2 +blocks 0-163 +out of sync -/)
+    assert.match(r.stdout, /block size: +64 MiB \(128 blocks\)/)
+    assert.match(r.stdout, /10\.0\.0\.2 +blocks 0-127 +out of sync -/)
     r = await ukai('image', 'info', 'vm1', '--format', 'ukai')
     const doc = JSON.parse(r.stdout)
-    assert.equal(doc.blocks.length, 164)
+    assert.equal(doc.blocks.length, 128)
     assert.deepEqual(doc.blocks[0], { '127.0.0.1:22222': { sync_status: 0 }, '10.0.0.2': { sync_status: 0 } })
     // The local location's directory was allocated; the remote one is not ours.
     assert.deepEqual(await readdir(join(dir, 'img')), ['vm1'])
@@ -102,16 +102,46 @@ describe('ukai CLI', () => {
       [['image', 'create', 'x', '-s', '1M', '--colour'], /Unknown option '--colour'/],
       [['image', 'info'], /takes NAME/],
       [['image', 'frobnicate'], /unknown image command/],
-      [['launch'], /unknown command/]
+      [['launch'], /unknown command/],
+      // Block sizes: powers of two from 4K (issue 9: 1-byte blocks made 20,000 files of one write).
+      [['image', 'create', 'x', '-s', '1M', '-b', '1'], /block_size 1 must be a power of two from 4096/],
+      [['image', 'create', 'x', '-s', '1M', '-b', '3'], /must be a power of two/],
+      [['image', 'create', 'x', '-s', '8M', '-b', '3000000'], /block_size 3000000 must be a power of two/],
+      [['image', 'create', 'x', '-s', '1000'], /block_size 4096 is larger than size 1000/],
+      // One line, not the whole usage (issue 9: -s -1 printed 24 lines).
+      [['image', 'create', 'x', '-s', '-1'], /argument is ambiguous/],
+      [['image', 'create', 'x', '--size=-1'], /'-1' is not a size/]
     ]
     for (const [args, message] of cases) {
       const r = await ukai(...args)
       assert.equal(r.code, 2, `${args.join(' ')}: ${r.stderr}`)
       assert.match(r.stderr, message)
+      assert.equal(r.stderr.trim().split('\n').length, 1, `${args.join(' ')}: one line: ${r.stderr}`)
     }
+    // A small image without -b gets the default halved to fit.
+    const small = await ukai('image', 'create', 'small', '-s', '5M')
+    assert.equal(small.code, 0, small.stderr)
+    assert.match(small.stdout, /in 2 blocks of 4 MiB/)
     const missing = await ukai('image', 'info', 'nope')
     assert.equal(missing.code, 3)
     assert.match(missing.stderr, /image 'nope' not found/)
+  })
+
+  test('an import of an image no replica can serve, or of tiny blocks, or nested without end, is refused with one line, exit 2', async () => {
+    const docs: Array<[string, RegExp]> = [
+      [JSON.stringify({ name: 'lost', size: 8192, block_size: 4096, blocks: [{ h: { synced: true } }, { h: { synced: false }, i: { sync_status: 2 } }] }), /block 1 has no in-sync replica/],
+      [JSON.stringify({ name: 'tiny', size: 3, block_size: 1, blocks: [{ h: { synced: true } }, { h: { synced: true } }, { h: { synced: true } }] }), /'block_size' 1 is smaller than 4096/],
+      [`{"name":"deep","size":4096,"block_size":4096,"blocks":[${'['.repeat(100000)}${']'.repeat(100000)}]}`, /block 0: must be an object/]
+    ]
+    for (const [text, message] of docs) {
+      const file = join(dir, 'doc.json')
+      await writeFile(file, text)
+      const r = await ukai('image', 'import-metadata', file)
+      assert.equal(r.code, 2, r.stderr)
+      assert.match(r.stderr, message)
+      assert.equal(r.stderr.trim().split('\n').length, 1, r.stderr)
+    }
+    assert.doesNotMatch((await ukai('image', 'list')).stdout, /lost|tiny|deep/)
   })
 
   test('a bad config is an error naming the key, exit 2', async () => {
@@ -120,7 +150,11 @@ describe('ukai CLI', () => {
       [{ control_port: 'x' }, /config key 'control_port': must be an integer port/],
       [{ proxy_port: 70000 }, /config key 'proxy_port'/],
       [{ blockname_format: '%s' }, /config key 'blockname_format'/],
-      [{ image_root: '' }, /config key 'image_root'/]
+      [{ image_root: '' }, /config key 'image_root'/],
+      // image_root and metadata_root apart (issue 9: equal ones were taken, then 'image create' said "already exists").
+      [{ image_root: 'same', metadata_root: 'same' }, /config key 'metadata_root': must not be image_root/],
+      [{ image_root: 'm/images', metadata_root: 'm' }, /config key 'metadata_root': must not/],
+      [{ default_block_size: '3000' }, /config key 'default_block_size': must be a power of two/]
     ]
     for (const [doc, message] of cases) {
       const file = join(dir, 'bad-config.json')

@@ -4,6 +4,8 @@
  * (optionally with a fixed prefix and suffix of safe characters) is
  * accepted, so a format can never produce a path separator.
  */
+import { show } from '../util/show.js'
+
 const FORMAT = /^([A-Za-z0-9._-]*)%0(\d{1,2})d([A-Za-z0-9._-]*)$/
 
 export type BlockNamer = (index: number) => string
@@ -11,7 +13,7 @@ export type BlockNamer = (index: number) => string
 export function parseBlockNameFormat (format: string): BlockNamer {
   const m = FORMAT.exec(format)
   if (m === null) {
-    throw new Error(`blockname_format ${JSON.stringify(format)} is not of the form "%0Nd" (for example "%016d")`)
+    throw new Error(`blockname_format ${show(format)} is not of the form "%0Nd" (for example "%016d")`)
   }
   const prefix = m[1]!
   const width = Number(m[2])

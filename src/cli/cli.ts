@@ -7,7 +7,7 @@
 import { readFile } from 'node:fs/promises'
 import { parseArgs, type ParseArgsConfig } from 'node:util'
 import { loadConfig, type Config } from '../config/config.js'
-import { ControlClient, callStream, isNotRunning } from '../control/client.js'
+import { ControlClient, RawJson, callStream, isNotRunning } from '../control/client.js'
 import { UkaiError, invalidArgument, toUkaiError } from '../errors.js'
 import { BlockStore } from '../blockstore/block-store.js'
 import { ImageService, describe, parseInfoFormat, summarise, type ImageSummary } from '../node/images.js'
@@ -16,6 +16,7 @@ import type { NodeStatus } from '../node/directory.js'
 import { formatSize, parseSize } from '../util/size.js'
 import type { SyncProgress } from '../volume/volume.js'
 import { runServer } from './server.js'
+import { jsonError, show } from '../util/show.js'
 
 const USAGE = `usage: ukai [--config PATH] COMMAND ...
 
@@ -49,13 +50,16 @@ function parse (args: string[], options: Options): { values: Record<string, unkn
     const r = parseArgs({ args, options: { ...options, config: { type: 'string' }, help: { type: 'boolean' } }, allowPositionals: true, strict: true })
     return { values: r.values as Record<string, unknown>, positionals: r.positionals }
   } catch (err) {
-    throw invalidArgument(`${(err as Error).message.replace(/\. To specify.*$/s, '')}\n\n${USAGE}`)
+    // One line: parseArgs explains an ambiguous value over three.
+    const first = (err as Error).message.split('\n')[0]!.replace(/\.$/, '')
+    const hint = /ambiguous/.test(first) ? ": a value starting with '-' is given as --OPTION=VALUE" : ''
+    throw invalidArgument(`${first}${hint} (see 'ukai --help')`)
   }
 }
 
 function expect (positionals: string[], names: string[], command: string): string[] {
   if (positionals.length !== names.length) {
-    throw invalidArgument(`'ukai ${command}' takes ${names.length === 0 ? 'no arguments' : names.join(' ')}, got ${positionals.length === 0 ? 'none' : positionals.map((p) => JSON.stringify(p)).join(' ')}`)
+    throw invalidArgument(`'ukai ${command}' takes ${names.length === 0 ? 'no arguments' : names.join(' ')}, got ${positionals.length === 0 ? 'none' : positionals.map((p) => show(p)).join(' ')}`)
   }
   return positionals
 }
@@ -117,11 +121,12 @@ async function imageCommand (args: string[], configPath: string | undefined): Pr
       const text = file === '-' ? await readStdin() : await readFile(file!, 'utf8').catch((err) => { throw invalidArgument(`cannot read ${file!}: ${(err as Error).message}`) })
       let doc: unknown
       try { doc = JSON.parse(text) } catch (err) {
-        throw new UkaiError('UKAI_ERR_INVALID_METADATA', `${file!} is not valid JSON: ${(err as Error).message}`)
+        throw new UkaiError('UKAI_ERR_INVALID_METADATA', `${file!} is not valid JSON (${jsonError(err)})`)
       }
       const config = loadConfig(configPath)
       const s = await withImages(config,
-        async (c) => await c.call<ImageSummary>('POST', '/v1/images/import', doc),
+        // The text as it is: a document nested too deeply to serialise again is the node's to refuse.
+        async (c) => await c.call<ImageSummary>('POST', '/v1/images/import', new RawJson(text)),
         async (svc) => summarise(await svc.importMetadata(doc)))
       print(`imported image '${s.name}': ${formatSize(s.size)} in ${s.blocks} blocks on ${s.locations.join(', ')}`)
       return
@@ -214,7 +219,7 @@ async function imageCommand (args: string[], configPath: string | undefined): Pr
       return
     }
     default:
-      throw invalidArgument(`unknown image command ${JSON.stringify(sub ?? '')}\n\n${USAGE}`)
+      throw invalidArgument(`unknown image command ${show(sub ?? '')} (see 'ukai --help')`)
   }
 }
 
@@ -243,7 +248,7 @@ async function nodesCommand (args: string[], configPath: string | undefined): Pr
         (n.open_images ?? []).join(',') || '-'])]))
     return
   }
-  if (sub !== 'errors') throw invalidArgument(`unknown nodes command ${JSON.stringify(sub ?? '')}\n\n${USAGE}`)
+  if (sub !== 'errors') throw invalidArgument(`unknown nodes command ${show(sub ?? '')} (see 'ukai --help')`)
   const { values, positionals } = parse(rest, { json: { type: 'boolean' } })
   expect(positionals, [], 'nodes errors')
   const config = loadConfig(configPath)
@@ -264,7 +269,7 @@ async function nodesCommand (args: string[], configPath: string | undefined): Pr
 function blockRangeArgs (values: Record<string, unknown>): { start?: number, end?: number } {
   const block = (v: unknown, what: string): number | undefined => {
     if (v === undefined) return undefined
-    if (!/^\d+$/.test(v as string)) throw invalidArgument(`${what} must be a block number, got ${JSON.stringify(v)}`)
+    if (!/^\d+$/.test(v as string)) throw invalidArgument(`${what} must be a block number, got ${show(v)}`)
     return Number(v)
   }
   const start = block(values.start, '-s START')
@@ -377,7 +382,7 @@ export async function main (argv: string[]): Promise<number> {
       case 'sync': await syncCommand(args, configPath); return 0
       case 'version': print('ukai 0.1.0'); return 0
       default:
-        throw invalidArgument(`unknown command ${JSON.stringify(command)}\n\n${USAGE}`)
+        throw invalidArgument(`unknown command ${show(command)} (see 'ukai --help')`)
     }
   } catch (err) {
     const e = toUkaiError(err)

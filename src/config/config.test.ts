@@ -274,10 +274,18 @@ describe('loadConfig', () => {
         assert.ok(err instanceof UkaiError)
         assert.equal(err.code, 'UKAI_ERR_INVALID_CONFIG')
         assert.equal(err.mapping.exit, 2)
-        assert.match(err.message, /^config file .*bad is not valid JSON: /)
+        assert.match(err.message, /^config file .*bad is not valid JSON \(invalid JSON/)
         return true
       })
     }
+    // The message never quotes the file (issue 10: a config path linked to /etc/shadow printed part of it).
+    const secret = join(dir, 'secret')
+    await writeFile(secret, 'root:$6$S3CR3T:19000:0:99999:7:::\n')
+    assert.throws(() => loadConfig(secret), (err: unknown) => {
+      assert.ok(err instanceof UkaiError)
+      assert.doesNotMatch(err.message, /root|S3CR3T|\$6\$/)
+      return true
+    })
   })
 
   test('a file with a bad key fails with the key named', async (t) => {

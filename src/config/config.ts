@@ -11,6 +11,7 @@ import { UkaiError } from '../errors.js'
 import { parseBlockNameFormat } from '../blockstore/block-name.js'
 import { canonicalLocation } from '../metadata/names.js'
 import { parseSize } from '../util/size.js'
+import { jsonError, show } from '../util/show.js'
 
 export const DEFAULT_CONFIG_PATH = '/etc/ukai/config'
 
@@ -65,17 +66,17 @@ const path: Checker = (v, key, base) => {
 }
 const port: Checker = (v, key) => {
   if (typeof v !== 'number' || !Number.isInteger(v) || v < 1 || v > 65535) {
-    throw fail(key, `must be an integer port number 1-65535, got ${JSON.stringify(v)}`)
+    throw fail(key, `must be an integer port number 1-65535, got ${show(v)}`)
   }
   return v
 }
 const address: Checker = (v, key) => {
-  if (typeof v !== 'string' || !/^[A-Za-z0-9.:_[\]-]+$/.test(v)) throw fail(key, `must be a host name or IP address, got ${JSON.stringify(v)}`)
+  if (typeof v !== 'string' || !/^[A-Za-z0-9.:_[\]-]+$/.test(v)) throw fail(key, `must be a host name or IP address, got ${show(v)}`)
   return v
 }
 const seconds: Checker = (v, key) => {
   if (typeof v !== 'number' || !Number.isFinite(v) || v <= 0 || v > 86400) {
-    throw fail(key, `must be a number of seconds greater than 0 and at most 86400, got ${JSON.stringify(v)}`)
+    throw fail(key, `must be a number of seconds greater than 0 and at most 86400, got ${show(v)}`)
   }
   return v
 }
@@ -85,33 +86,39 @@ const blockNameFormat: Checker = (v, key) => {
   return v
 }
 const backend: Checker = (v, key) => {
-  if (v !== 'file' && v !== 'etcd') throw fail(key, `must be "file" or "etcd", got ${JSON.stringify(v)}`)
+  if (v !== 'file' && v !== 'etcd') throw fail(key, `must be "file" or "etcd", got ${show(v)}`)
   return v
 }
 const servers: Checker = (v, key) => {
   if (!Array.isArray(v) || !v.every((u) => typeof u === 'string' && /^https?:\/\/[A-Za-z0-9.[\]:-]+(:\d{1,5})?\/?$/.test(u))) {
-    throw fail(key, `must be a list of etcd client URLs such as ["http://10.0.0.1:2379"], got ${JSON.stringify(v)}`)
+    throw fail(key, `must be a list of etcd client URLs such as ["http://10.0.0.1:2379"], got ${show(v)}`)
   }
   return (v as string[]).map((u) => u.replace(/\/$/, ''))
 }
 const prefix: Checker = (v, key) => {
   if (typeof v !== 'string' || !/^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/.test(v)) {
-    throw fail(key, `must be 1-64 letters, digits, '.', '_' or '-', got ${JSON.stringify(v)}`)
+    throw fail(key, `must be 1-64 letters, digits, '.', '_' or '-', got ${show(v)}`)
   }
   return v
 }
 const ttl: Checker = (v, key) => {
   if (typeof v !== 'number' || !Number.isInteger(v) || v < 2 || v > 3600) {
-    throw fail(key, `must be a whole number of seconds from 2 to 3600, got ${JSON.stringify(v)}`)
+    throw fail(key, `must be a whole number of seconds from 2 to 3600, got ${show(v)}`)
   }
   return v
 }
 const byteSize: Checker = (v, key) => {
-  if (typeof v === 'number' && Number.isSafeInteger(v) && v > 0) return v
-  if (typeof v === 'string') {
-    try { return parseSize(v, key) } catch (err) { throw fail(key, (err as Error).message) }
-  }
-  throw fail(key, `must be a positive size in bytes or a string such as "64M", got ${JSON.stringify(v)}`)
+  let n: number
+  if (typeof v === 'number' && Number.isSafeInteger(v) && v > 0) n = v
+  else if (typeof v === 'string') {
+    try { n = parseSize(v, key) } catch (err) { throw fail(key, (err as Error).message) }
+  } else throw fail(key, `must be a positive size in bytes or a string such as "64M", got ${show(v)}`)
+  return n
+}
+const blockSize: Checker = (v, key, base) => {
+  const n = byteSize(v, key, base) as number
+  if (n < 4096 || !Number.isInteger(Math.log2(n)) || n > 2 ** 30) throw fail(key, `must be a power of two from 4K to 1G, got ${show(v)}`)
+  return n
 }
 
 const KEYS: Record<string, { check: Checker, as?: keyof Config }> = {
@@ -130,7 +137,7 @@ const KEYS: Record<string, { check: Checker, as?: keyof Config }> = {
   metadata_servers: { check: servers },
   metadata_prefix: { check: prefix },
   lease_ttl: { check: ttl },
-  default_block_size: { check: byteSize }
+  default_block_size: { check: blockSize }
 }
 
 export function defaultConfig (): Config {
@@ -186,7 +193,7 @@ export function parseConfig (raw: unknown, base: string, source?: string): Confi
     try {
       canonicalLocation(given.id as string, config.proxy_port)
     } catch {
-      throw fail('id', `must be this node's address as "host" or "host:port", got ${JSON.stringify(given.id)}`)
+      throw fail('id', `must be this node's address as "host" or "host:port", got ${show(given.id)}`)
     }
   }
   if (config.metadata_servers.length > 0) {
@@ -196,6 +203,15 @@ export function parseConfig (raw: unknown, base: string, source?: string): Confi
     config.metadata_backend = 'etcd'
   } else if (config.metadata_backend === 'etcd') {
     throw fail('metadata_backend', 'is "etcd" but metadata_servers names no etcd server')
+  }
+  if (config.metadata_servers.length === 0) {
+    // The embedded store and the block files must not share a directory:
+    // an image named "shards" would be the store's files.
+    const a = config.image_root.replace(/\/+$/, '') + '/'
+    const b = config.metadata_root.replace(/\/+$/, '') + '/'
+    if (a.startsWith(b) || b.startsWith(a)) {
+      throw fail('metadata_root', `must not be image_root or contain it or lie inside it (image_root ${config.image_root}, metadata_root ${config.metadata_root})`)
+    }
   }
   if (config.control_port === config.proxy_port && config.control_address === config.proxy_address) {
     throw fail('control_port', `must differ from proxy_port (${config.proxy_port})`)
@@ -222,7 +238,7 @@ export function loadConfig (path?: string): Config {
   try {
     raw = JSON.parse(text)
   } catch (err) {
-    throw new UkaiError('UKAI_ERR_INVALID_CONFIG', `config file ${file} is not valid JSON: ${(err as Error).message}`, { path: file })
+    throw new UkaiError('UKAI_ERR_INVALID_CONFIG', `config file ${file} is not valid JSON (${jsonError(err)})`, { path: file })
   }
   return parseConfig(raw, dirname(resolve(file)), resolve(file))
 }

@@ -5,6 +5,11 @@
 import { request } from 'node:http'
 import { CODES, UkaiError, type ErrorCode } from '../errors.js'
 
+/** A request body that is JSON text already, sent as it is. */
+export class RawJson {
+  constructor (readonly text: string) {}
+}
+
 export class ControlClient {
   readonly host: string
   readonly port: number
@@ -18,7 +23,7 @@ export class ControlClient {
   }
 
   async call<T = unknown> (method: string, path: string, body?: unknown): Promise<T> {
-    const payload = body === undefined ? undefined : Buffer.from(JSON.stringify(body))
+    const payload = body === undefined ? undefined : Buffer.from(body instanceof RawJson ? body.text : JSON.stringify(body))
     return await new Promise<T>((resolve, reject) => {
       const req = request({
         host: this.host,

@@ -10,6 +10,7 @@ import { UkaiError, invalidArgument, toUkaiError } from '../errors.js'
 import { describe, describeState, parseInfoFormat, summarise } from '../node/images.js'
 import type { UkaiNode } from '../node/node.js'
 import { ControlClient, callStream } from './client.js'
+import { jsonError, show } from '../util/show.js'
 
 /** Largest request body: a per-block export of a large image is big. */
 export const MAX_BODY = 256 * 2 ** 20
@@ -46,14 +47,14 @@ function counterBody (body: unknown, key: string): number {
   const b = body as Record<string, unknown>
   for (const k of Object.keys(b)) if (k !== key) throw invalidArgument(`unknown field '${k}'`, { key: k })
   const v = b[key]
-  if (typeof v !== 'number' || !Number.isSafeInteger(v) || v < 1) throw invalidArgument(`'${key}' must be a positive integer, got ${JSON.stringify(v)}`, { key })
+  if (typeof v !== 'number' || !Number.isSafeInteger(v) || v < 1) throw invalidArgument(`'${key}' must be a positive integer, got ${show(v)}`, { key })
   return v
 }
 
 function optionalBlock (body: Record<string, unknown>, key: string): number | undefined {
   const v = body[key]
   if (v === undefined) return undefined
-  if (typeof v !== 'number' || !Number.isSafeInteger(v) || v < 0) throw invalidArgument(`'${key}' must be a block number (an integer >= 0), got ${JSON.stringify(v)}`, { key })
+  if (typeof v !== 'number' || !Number.isSafeInteger(v) || v < 0) throw invalidArgument(`'${key}' must be a block number (an integer >= 0), got ${show(v)}`, { key })
   return v
 }
 
@@ -208,7 +209,7 @@ async function readBody (req: IncomingMessage): Promise<unknown> {
   try {
     return JSON.parse(Buffer.concat(chunks).toString('utf8'))
   } catch (err) {
-    throw invalidArgument(`request body is not valid JSON: ${(err as Error).message}`)
+    throw invalidArgument(`request body is not valid JSON (${jsonError(err)})`)
   }
 }
 

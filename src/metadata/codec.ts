@@ -16,6 +16,7 @@ import { UkaiError } from '../errors.js'
 import { ImageMeta, validateImage, type LocationState } from './image.js'
 import { validateImageName } from './names.js'
 import { RangeSet, type Range } from './range-set.js'
+import { show } from '../util/show.js'
 
 export const STORED_FORMAT_VERSION = 1
 
@@ -76,7 +77,7 @@ function decodeRanges (v: unknown, where: string): RangeSet {
   const set = new RangeSet()
   for (const r of v) {
     if (!Array.isArray(r) || r.length !== 2 || !r.every((x) => Number.isSafeInteger(x) && x >= 0) || r[0] >= r[1]) {
-      throw invalid(`${where}: ${JSON.stringify(r)} is not a range [start, end) with 0 <= start < end`)
+      throw invalid(`${where}: ${show(r)} is not a range [start, end) with 0 <= start < end`)
     }
     set.add(r[0], r[1])
   }
@@ -86,7 +87,7 @@ function decodeRanges (v: unknown, where: string): RangeSet {
 export function decodeStored (doc: unknown, defaultPort: number): ImageMeta {
   if (!isObject(doc)) throw invalid('stored metadata must be a JSON object')
   if (doc.format !== STORED_FORMAT_VERSION) {
-    throw invalid(`stored metadata format ${JSON.stringify(doc.format)} is not supported (expected ${STORED_FORMAT_VERSION})`)
+    throw invalid(`stored metadata format ${show(doc.format)} is not supported (expected ${STORED_FORMAT_VERSION})`)
   }
   // 'generation' is what version 1 of this format called 'revision'.
   checkKeys(doc, ['format', 'name', 'size', 'block_size', 'used_size', 'hypervisors', 'generation', 'revision', 'locations'], 'stored metadata')
@@ -132,14 +133,14 @@ function decodeReplicaState (st: unknown, where: string): boolean {
   checkKeys(st, ['synced', 'sync_status'], where)
   if ('synced' in st && 'sync_status' in st) throw invalid(`${where}: give either 'synced' or 'sync_status', not both`)
   if ('synced' in st) {
-    if (typeof st.synced !== 'boolean') throw invalid(`${where}: 'synced' must be true or false, got ${JSON.stringify(st.synced)}`)
+    if (typeof st.synced !== 'boolean') throw invalid(`${where}: 'synced' must be true or false, got ${show(st.synced)}`)
     return st.synced
   }
   if ('sync_status' in st) {
     // 0 = in sync, 1 = syncing (never durable: treated as out of sync), 2 = out of sync.
     if (st.sync_status === 0) return true
     if (st.sync_status === 1 || st.sync_status === 2) return false
-    throw invalid(`${where}: unknown sync_status ${JSON.stringify(st.sync_status)} (0 in sync, 1 syncing, 2 out of sync)`)
+    throw invalid(`${where}: unknown sync_status ${show(st.sync_status)} (0 in sync, 1 syncing, 2 out of sync)`)
   }
   throw invalid(`${where}: state has neither 'synced' nor 'sync_status'`)
 }
@@ -155,7 +156,7 @@ export function importPerBlock (doc: unknown, defaultPort: number): ImageMeta {
   for (const key of ['size', 'block_size'] as const) {
     const v = doc[key]
     if (typeof v !== 'number' || !Number.isSafeInteger(v) || v <= 0) {
-      throw invalid(`image '${name}': '${key}' must be a positive integer, got ${JSON.stringify(v)}`, { key })
+      throw invalid(`image '${name}': '${key}' must be a positive integer, got ${show(v)}`, { key })
     }
   }
   const size = doc.size as number

@@ -32,6 +32,7 @@ import {
   compareMatches, shardOf, type Compare, type CoreSupports, type KeyValue, type Lease, type MetadataCore,
   type RangeResult, type TxnOp, type TxnResult, type WatchEvent, type WatchHandlers, type Watcher
 } from './core.js'
+import { jsonError } from '../util/show.js'
 
 interface StoredKey { v: string, c: number, m: number, ver: number, l?: string }
 interface ShardDoc { shard: string, revision: number, keys: Record<string, StoredKey> }
@@ -157,7 +158,7 @@ export class FileCore implements MetadataCore {
     try {
       doc = JSON.parse(text) as ShardDoc
     } catch (err) {
-      throw new UkaiError('UKAI_ERR_INVALID_METADATA', `metadata file ${join(this.dir, file)} is not valid JSON: ${(err as Error).message}`)
+      throw new UkaiError('UKAI_ERR_INVALID_METADATA', `metadata file ${join(this.dir, file)} is not valid JSON (${jsonError(err)})`)
     }
     if (typeof doc !== 'object' || doc === null || typeof doc.shard !== 'string' || !Number.isSafeInteger(doc.revision) ||
       typeof doc.keys !== 'object' || doc.keys === null) {

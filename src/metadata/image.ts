@@ -9,6 +9,7 @@
 import { UkaiError } from '../errors.js'
 import { validateImageName, validateLocation } from './names.js'
 import { RangeSet } from './range-set.js'
+import { show } from '../util/show.js'
 
 export interface LocationState {
   /** Blocks this location holds a replica of. */
@@ -114,13 +115,51 @@ const invalid = (message: string, details?: Record<string, unknown>): UkaiError 
 
 function positiveInteger (v: unknown, key: string, name: string): number {
   if (typeof v !== 'number' || !Number.isSafeInteger(v) || v <= 0) {
-    throw invalid(`image '${name}': '${key}' must be a positive integer, got ${JSON.stringify(v)}`, { key })
+    throw invalid(`image '${name}': '${key}' must be a positive integer, got ${show(v)}`, { key })
   }
   return v
 }
 
 /** Largest number of blocks an image may have: keeps seed exports and block names sane. */
 export const MAX_BLOCKS = 2 ** 32
+
+/**
+ * Smallest block size: a block is a file, and smaller blocks only cost
+ * (a 64 KiB write to 1-byte blocks would touch 65,536 files).
+ */
+export const MIN_BLOCK_SIZE = 4096
+
+/**
+ * The rules for an image that comes from outside (an import, the
+ * original's metadata): its blocks at least MIN_BLOCK_SIZE (the
+ * original's block sizes need not be powers of two: 50,000,000 stays
+ * fine), and every block readable, with at least one in-sync replica.
+ */
+export function validateImported (meta: ImageMeta): ImageMeta {
+  if (meta.blockSize < MIN_BLOCK_SIZE) {
+    throw invalid(`image '${meta.name}': 'block_size' ${meta.blockSize} is smaller than ${MIN_BLOCK_SIZE}`, { key: 'block_size' })
+  }
+  for (let b = 0; b < meta.blockCount;) {
+    const inSync = meta.replicasOf(b).some((r) => r.inSync)
+    if (!inSync) throw invalid(`image '${meta.name}': block ${b} has no in-sync replica: its data is nowhere`, { key: 'blocks', block: b })
+    b = nextBoundary(meta, b)
+  }
+  return meta
+}
+
+/** The next block after `b` where some location's state may change (ranges make this fast on large images). */
+function nextBoundary (meta: ImageMeta, b: number): number {
+  let next = meta.blockCount
+  for (const st of meta.locations.values()) {
+    for (const set of [st.blocks, st.outOfSync]) {
+      for (const [s, e] of set.ranges()) {
+        if (s > b && s < next) next = s
+        if (e > b && e < next) next = e
+      }
+    }
+  }
+  return next
+}
 
 /**
  * Checks every rule of the model; throws UKAI_ERR_INVALID_METADATA with the
@@ -132,7 +171,7 @@ export function validateImage (meta: ImageMeta, defaultPort: number): ImageMeta 
   positiveInteger(meta.size, 'size', name)
   positiveInteger(meta.blockSize, 'block_size', name)
   if (typeof meta.usedSize !== 'number' || !Number.isSafeInteger(meta.usedSize) || meta.usedSize < 0) {
-    throw invalid(`image '${name}': 'used_size' must be a non-negative integer, got ${JSON.stringify(meta.usedSize)}`, { key: 'used_size' })
+    throw invalid(`image '${name}': 'used_size' must be a non-negative integer, got ${show(meta.usedSize)}`, { key: 'used_size' })
   }
   if (meta.usedSize > meta.size) {
     throw invalid(`image '${name}': 'used_size' ${meta.usedSize} is larger than 'size' ${meta.size}`, { key: 'used_size' })

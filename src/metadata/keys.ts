@@ -20,6 +20,7 @@
 import { UkaiError } from '../errors.js'
 import { ImageMeta, type LocationState } from './image.js'
 import { RangeSet, type Range } from './range-set.js'
+import { jsonError, show } from '../util/show.js'
 
 /** Blocks per location segment key. */
 export const SEGMENT_BLOCKS = 65536
@@ -105,7 +106,7 @@ function parseJson (text: string, name: string, key: string): unknown {
   try {
     return JSON.parse(text)
   } catch (err) {
-    throw corrupt(name, `key ${key} is not valid JSON: ${(err as Error).message}`)
+    throw corrupt(name, `key ${key} is not valid JSON (${jsonError(err)})`)
   }
 }
 
@@ -113,7 +114,7 @@ function decodeRanges (v: unknown, lo: number, hi: number, name: string, key: st
   if (!Array.isArray(v)) throw corrupt(name, `key ${key}: expected a list of ranges`)
   for (const r of v) {
     if (!Array.isArray(r) || r.length !== 2 || !r.every((x) => Number.isSafeInteger(x)) || r[0] < lo || r[1] > hi || r[0] >= r[1]) {
-      throw corrupt(name, `key ${key}: ${JSON.stringify(r)} is not a range of blocks within [${lo}, ${hi})`)
+      throw corrupt(name, `key ${key}: ${show(r)} is not a range of blocks within [${lo}, ${hi})`)
     }
   }
   return v as Range[]

@@ -5,6 +5,7 @@
  * refused here, before any file is touched (DESIGN.md invariant 7).
  */
 import { UkaiError } from '../errors.js'
+import { show } from '../util/show.js'
 
 /** Letters, digits, '.', '_', '-'; starts with a letter or digit; at most 128. */
 const IMAGE_NAME = /^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$/
@@ -12,7 +13,7 @@ const IMAGE_NAME = /^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$/
 export function validateImageName (name: unknown): string {
   if (typeof name !== 'string' || !IMAGE_NAME.test(name)) {
     throw new UkaiError('UKAI_ERR_INVALID_NAME',
-      `invalid image name ${JSON.stringify(name)}: use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit`,
+      `invalid image name ${show(name)}: use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit`,
       { image: name })
   }
   return name
@@ -29,7 +30,7 @@ export interface Address { host: string, port: number }
  */
 export function parseLocation (location: unknown, defaultPort: number): Address {
   if (typeof location !== 'string') {
-    throw new UkaiError('UKAI_ERR_INVALID_NAME', `invalid location ${JSON.stringify(location)}: not a string`)
+    throw new UkaiError('UKAI_ERR_INVALID_NAME', `invalid location ${show(location)}: not a string`)
   }
   let host = location
   let port = defaultPort
@@ -40,7 +41,7 @@ export function parseLocation (location: unknown, defaultPort: number): Address 
   }
   if (!(HOSTNAME.test(host) || IPV6.test(host)) || port < 1 || port > 65535) {
     throw new UkaiError('UKAI_ERR_INVALID_NAME',
-      `invalid location ${JSON.stringify(location)}: expected host or host:port (port 1-65535)`, { location })
+      `invalid location ${show(location)}: expected host or host:port (port 1-65535)`, { location })
   }
   return { host, port }
 }

@@ -32,6 +32,7 @@ import {
 } from './keys.js'
 import { canonicalLocation, validateImageName } from './names.js'
 import { RangeSet } from './range-set.js'
+import { jsonError, show } from '../util/show.js'
 
 export type WriterPurpose = 'write' | 'sync'
 
@@ -141,7 +142,7 @@ const DEFAULT_RETRY_MS = 30_000
 function validateNodeInfo (r: NodeInfo): NodeInfo {
   if (typeof r.id !== 'string' || !/^[A-Za-z0-9.:_[\]-]{1,300}$/.test(r.id) || typeof r.control_address !== 'string' ||
     !Number.isInteger(r.control_port) || r.control_port < 1 || r.control_port > 65535 || typeof r.started !== 'string') {
-    throw new UkaiError('UKAI_ERR_INVALID_ARGUMENT', `invalid node record ${JSON.stringify(r)}`)
+    throw new UkaiError('UKAI_ERR_INVALID_ARGUMENT', `invalid node record ${show(r)}`)
   }
   return r
 }
@@ -547,7 +548,7 @@ export function describeUsers (st: ImageState): string | undefined {
 function decodeDirty (text: string, name: string): RangeSet {
   let doc: unknown
   try { doc = JSON.parse(text) } catch (err) {
-    throw new UkaiError('UKAI_ERR_INVALID_METADATA', `dirty-block log of image '${name}' is not valid JSON: ${(err as Error).message}`)
+    throw new UkaiError('UKAI_ERR_INVALID_METADATA', `dirty-block log of image '${name}' is not valid JSON (${jsonError(err)})`)
   }
   const ranges = (doc as { dirty?: unknown }).dirty
   if (!Array.isArray(ranges) || !ranges.every((r) => Array.isArray(r) && r.length === 2 && r.every((x) => Number.isSafeInteger(x) && x >= 0) && r[0] < r[1])) {

@@ -7,10 +7,11 @@ import { UkaiError, invalidArgument } from '../errors.js'
 import type { BlockStore } from '../blockstore/block-store.js'
 import { isLocalLocation, type Config } from '../config/config.js'
 import { exportPerBlock, importAny, encodeStored, type ExportFormat } from '../metadata/codec.js'
-import { ImageMeta, validateImage } from '../metadata/image.js'
+import { ImageMeta, MIN_BLOCK_SIZE, validateImage, validateImported } from '../metadata/image.js'
 import { validateImageName, validateLocation } from '../metadata/names.js'
 import type { ImageState, MetadataStore } from '../metadata/store.js'
 import { NodeDirectory } from './directory.js'
+import { show } from '../util/show.js'
 
 export interface CreateImageRequest {
   name: string
@@ -95,14 +96,21 @@ export class ImageService {
     const name = validateImageName(r.name)
     const size = r.size
     if (typeof size !== 'number' || !Number.isSafeInteger(size) || size <= 0) {
-      throw invalidArgument(`size must be a positive integer number of bytes, got ${JSON.stringify(size)}`, { key: 'size' })
+      throw invalidArgument(`size must be a positive integer number of bytes, got ${show(size)}`, { key: 'size' })
     }
     let blockSize = r.block_size
-    if (blockSize === undefined) blockSize = Math.min(this.config.default_block_size, size)
+    if (blockSize === undefined) {
+      // The default, halved until it fits a small image.
+      blockSize = this.config.default_block_size
+      while ((blockSize as number) > size && (blockSize as number) > MIN_BLOCK_SIZE) blockSize = (blockSize as number) / 2
+    }
     if (typeof blockSize !== 'number' || !Number.isSafeInteger(blockSize) || blockSize <= 0) {
-      throw invalidArgument(`block_size must be a positive integer number of bytes, got ${JSON.stringify(blockSize)}`, { key: 'block_size' })
+      throw invalidArgument(`block_size must be a positive integer number of bytes, got ${show(blockSize)}`, { key: 'block_size' })
     }
     if (blockSize > size) throw invalidArgument(`block_size ${blockSize} is larger than size ${size}`, { key: 'block_size' })
+    if (blockSize < MIN_BLOCK_SIZE || !Number.isInteger(Math.log2(blockSize)) || blockSize > 2 ** 30) {
+      throw invalidArgument(`block_size ${blockSize} must be a power of two from ${MIN_BLOCK_SIZE} (4K) to 1G`, { key: 'block_size' })
+    }
     const list = (v: unknown, key: string, dflt: string[]): string[] => {
       if (v === undefined) return dflt
       if (!Array.isArray(v) || !v.every((x) => typeof x === 'string')) throw invalidArgument(`${key} must be a list of node addresses`, { key })
@@ -133,7 +141,7 @@ export class ImageService {
 
   /** The seed's way: metadata for block files that may already exist. */
   async importMetadata (doc: unknown): Promise<ImageMeta> {
-    const meta = importAny(doc, this.config.proxy_port)
+    const meta = validateImported(importAny(doc, this.config.proxy_port))
     const stored = await this.store.create(meta)
     await this.allocateLocal(stored)
     return stored
@@ -281,5 +289,5 @@ function blockRange (meta: ImageMeta, start?: number, end?: number): [number, nu
 export function parseInfoFormat (v: unknown): InfoFormat {
   if (v === undefined) return 'stored'
   if (v === 'stored' || v === 'seed' || v === 'ukai') return v
-  throw new UkaiError('UKAI_ERR_INVALID_ARGUMENT', `unknown format ${JSON.stringify(v)} (stored, seed or ukai)`)
+  throw new UkaiError('UKAI_ERR_INVALID_ARGUMENT', `unknown format ${show(v)} (stored, seed or ukai)`)
 }
