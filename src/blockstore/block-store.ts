@@ -22,6 +22,7 @@ import { join } from 'node:path'
 import { UkaiError } from '../errors.js'
 import { validateImageName } from '../metadata/names.js'
 import { parseBlockNameFormat, type BlockNamer } from './block-name.js'
+import { mkdirDurable, rmDurable } from '../util/durable-fs.js'
 
 interface Handle {
   key: string
@@ -68,6 +69,8 @@ export class BlockStore {
   private readonly syncedAll = new Set<string>()
   /** Per image, the first fsync that failed (see the module comment). */
   private readonly failed = new Map<string, Error>()
+  /** Images with block files created since their last flush: the directory's entries need an fsync too. */
+  private readonly newFiles = new Set<string>()
 
   constructor (root: string, blocknameFormat: string, options: BlockStoreOptions = {}) {
     this.root = root
@@ -83,9 +86,9 @@ export class BlockStore {
     return join(this.imageDir(image), this.name(block))
   }
 
-  /** Makes the image's directory (allocation). Existing block files are kept. */
+  /** Makes the image's directory (allocation), durably. Existing block files are kept. */
   async allocate (image: string): Promise<void> {
-    await fs.promises.mkdir(this.imageDir(image), { recursive: true })
+    await mkdirDurable(this.imageDir(image))
   }
 
   async has (image: string): Promise<boolean> {
@@ -94,10 +97,10 @@ export class BlockStore {
     } catch { return false }
   }
 
-  /** Removes every block file of the image on this node. */
+  /** Removes every block file of the image on this node, durably. */
   async destroy (image: string): Promise<void> {
     await this.closeImage(image).catch(() => {})
-    await fs.promises.rm(this.imageDir(image), { recursive: true, force: true })
+    await rmDurable(this.imageDir(image))
     this.failed.delete(image)
     this.syncedAll.delete(image)
   }
@@ -179,6 +182,11 @@ export class BlockStore {
       }
     }
     if (!this.syncedAll.has(image)) pending.push(this.syncEverything(image))
+    else if (this.newFiles.has(image)) {
+      // A file's fsync makes its data durable, not its name.
+      this.newFiles.delete(image)
+      pending.push(this.syncDir(image))
+    }
     await Promise.all(pending)
     const failed = this.failed.get(image)
     if (failed !== undefined) {
@@ -210,9 +218,20 @@ export class BlockStore {
       try { fd = await pOpen(join(dir, f), fs.constants.O_RDONLY) } catch { continue }
       try { await this.sync(image, fd) } finally { await pClose(fd).catch(() => {}) }
     }
-    const dfd = await pOpen(dir, fs.constants.O_RDONLY)
-    try { await this.sync(image, dfd) } finally { await pClose(dfd).catch(() => {}) }
+    this.newFiles.delete(image)
+    await this.syncDir(image)
     if (!this.failed.has(image)) this.syncedAll.add(image)
+  }
+
+  private async syncDir (image: string): Promise<void> {
+    let dfd: number
+    try {
+      dfd = await pOpen(this.imageDir(image), fs.constants.O_RDONLY)
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return
+      throw err
+    }
+    try { await this.sync(image, dfd) } finally { await pClose(dfd).catch(() => {}) }
   }
 
   /** Flushes and closes every handle of the image. */
@@ -259,15 +278,17 @@ export class BlockStore {
     const path = this.blockPath(image, block)
     let fd: number
     try {
-      fd = await pOpen(path, fs.constants.O_RDWR | (create ? fs.constants.O_CREAT : 0))
+      fd = await pOpen(path, fs.constants.O_RDWR)
     } catch (err) {
       const code = (err as NodeJS.ErrnoException).code
       if (code !== 'ENOENT') throw err
       if (!await this.dirExists(image)) {
         throw new UkaiError('UKAI_ERR_IO', `no data for image '${image}' on this node: ${this.imageDir(image)} is missing`, { image })
       }
-      if (create) throw err
-      fd = -1
+      if (create) {
+        fd = await pOpen(path, fs.constants.O_RDWR | fs.constants.O_CREAT)
+        this.newFiles.add(image)
+      } else fd = -1
     }
     const old = this.handles.get(key)
     if (old !== undefined) {

@@ -28,6 +28,7 @@ import { connect, createServer, type Server } from 'node:net'
 import { join } from 'node:path'
 import { UkaiError } from '../errors.js'
 import { KeyedQueue } from '../util/keyed-queue.js'
+import { fsyncDir, mkdirDurable } from '../util/durable-fs.js'
 import {
   compareMatches, shardOf, type Compare, type CoreSupports, type KeyValue, type Lease, type MetadataCore,
   type RangeResult, type TxnOp, type TxnResult, type WatchEvent, type WatchHandlers, type Watcher
@@ -43,11 +44,6 @@ const SHARD_FILE = /^[^.].*\.json$/
 const TEMP_FILE = /^\.(.+)\.([0-9a-f]{16})\.(\d+)\.tmp$/
 /** Longest shard file name before it is hashed instead. */
 const MAX_FILE_NAME = 200
-
-export async function fsyncDir (dir: string): Promise<void> {
-  const dh = await fsp.open(dir, 'r')
-  try { await dh.sync() } finally { await dh.close() }
-}
 
 /** Listens on an abstract unix socket; false when another socket holds the name. */
 async function bindAbstract (name: string): Promise<Server | undefined> {
@@ -112,7 +108,7 @@ export class FileCore implements MetadataCore {
 
   static async open (root: string): Promise<FileCore> {
     const dir = join(root, 'shards')
-    await fsp.mkdir(dir, { recursive: true })
+    await mkdirDurable(dir)
     let id: string
     let instance: Server | undefined
     do {

@@ -13,6 +13,7 @@ import { UkaiError } from '../errors.js'
 import { decodeStored } from './codec.js'
 import { RangeSet } from './range-set.js'
 import type { MetadataStore } from './store.js'
+import { fsyncDir, mkdirDurable } from '../util/durable-fs.js'
 
 const V1_IMAGE = /^([A-Za-z0-9][A-Za-z0-9._-]{0,127})\.json$/
 
@@ -30,7 +31,7 @@ export async function migrateV1 (root: string, store: MetadataStore, defaultPort
   const files = (await fsp.readdir(root).catch(() => [] as string[])).filter((f) => V1_IMAGE.test(f))
   if (files.length === 0) return []
   const backup = join(root, 'v1')
-  await fsp.mkdir(backup, { recursive: true })
+  await mkdirDurable(backup)
   const moved: string[] = []
   for (const f of files) {
     const name = V1_IMAGE.exec(f)![1]!
@@ -56,5 +57,9 @@ export async function migrateV1 (root: string, store: MetadataStore, defaultPort
   await fsp.rm(join(root, 'nodes'), { recursive: true, force: true })
   await fsp.rmdir(join(root, 'dirty')).catch(() => {})
   for (const f of await fsp.readdir(root)) if (/^\..*\.lock$/.test(f)) await fsp.rm(join(root, f), { force: true })
+  // The moves are durable before anything relies on them: a power loss
+  // must not bring an old file back to be imported again.
+  await fsyncDir(backup)
+  await fsyncDir(root)
   return moved
 }

@@ -11,7 +11,7 @@
  * open before the change counts.
  */
 import { EventEmitter } from 'node:events'
-import { mkdir, statfs } from 'node:fs/promises'
+import { statfs } from 'node:fs/promises'
 import { BlockStore } from '../blockstore/block-store.js'
 import { isLocalLocation, type Config } from '../config/config.js'
 import { UkaiError, imageNotFound, toUkaiError } from '../errors.js'
@@ -30,6 +30,7 @@ import { Volume, newIoStats, type ClusterContext, type IoStats, type SyncProgres
 import { FenceTable } from './fences.js'
 import { ImageService } from './images.js'
 import { NodeMembership } from './membership.js'
+import { mkdirDurable } from '../util/durable-fs.js'
 
 export interface Capacity { total: number, free: number, available: number }
 
@@ -107,7 +108,7 @@ export class UkaiNode extends EventEmitter implements ReplicaProvider, ClusterCo
     }
     try {
       if (store.kind === 'file') await migrateV1(config.metadata_root, store, config.proxy_port)
-      await mkdir(config.image_root, { recursive: true })
+      await mkdirDurable(config.image_root)
     } catch (err) {
       await membership.close()
       await store.close()

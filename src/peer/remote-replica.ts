@@ -53,6 +53,8 @@ export class RemoteReplica implements Replica {
    * before can land after what is sent next.
    */
   private readonly epochs = new Map<string, number>()
+  /** Per image, the connections that took writes since the image's last flush here. */
+  private readonly unflushed = new Map<string, Set<NbdClient>>()
   /** Smoothed request latency in ms (undefined until measured). */
   rtt: number | undefined
 
@@ -135,6 +137,9 @@ export class RemoteReplica implements Replica {
   private async writing (image: string, generation: number, fn: (c: NbdClient) => Promise<void>): Promise<void> {
     const c = await this.client(image, generation)
     try {
+      let set = this.unflushed.get(image)
+      if (set === undefined) { set = new Set(); this.unflushed.set(image, set) }
+      set.add(c)
       await fn(c)
     } catch (err) {
       if ((err as UkaiError).details?.nbdError === undefined) {
@@ -148,14 +153,26 @@ export class RemoteReplica implements Replica {
     }
   }
 
+  /**
+   * Flushes every connection that took writes since the last flush (a
+   * flush covers its own connection's writes). One of them lost since (the
+   * peer died, or restarted) fails the flush: what it took may be gone
+   * with the peer's page cache, and the writer must not count it durable.
+   */
   async flush (image: string): Promise<void> {
-    // Every connection that wrote: a flush covers its own connection's writes.
-    const writers = [...this.pools.entries()].filter(([n, p]) => p.image === image && n !== replicaExportName(image))
-    if (writers.length === 0) {
+    const took = [...(this.unflushed.get(image) ?? [])]
+    if (took.length === 0) {
       await (await this.client(image)).flush()
       return
     }
-    await Promise.all(writers.flatMap(([, p]) => p.clients.filter((c) => !c.closed)).map(async (c) => await c.flush()))
+    const set = this.unflushed.get(image)
+    if (took.some((c) => c.closed)) {
+      // Said once: the writer records it (it keeps the failure until it has).
+      for (const c of took) if (c.closed) set?.delete(c)
+      throw new UkaiError('UKAI_ERR_CONNECT', `node ${this.location}: the connection that took writes of image '${image}' was lost before they were flushed`)
+    }
+    await Promise.all(took.map(async (c) => await c.flush()))
+    for (const c of took) set?.delete(c)
   }
 
   /** Without block status on the peer path, a remote block is all data. */
@@ -171,6 +188,7 @@ export class RemoteReplica implements Replica {
 
   /** Drops the connections of one image (it was closed or destroyed). */
   async closeImage (image: string): Promise<void> {
+    this.unflushed.delete(image)
     await Promise.all([...this.pools].filter(([, p]) => p.image === image).map(async ([n]) => await this.closePool(n)))
   }
 

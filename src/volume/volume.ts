@@ -100,6 +100,8 @@ export class Volume {
   private readonly unflushed = new Map<string, RangeSet>()
   /** Flushes in progress (see flush). */
   private readonly flushing = new Set<Promise<void>>()
+  /** Flush failures not recorded yet (the metadata store was away): the next flush records them first. */
+  private unrecorded: Failure[] = []
   private readonly dirty: DirtyLog
   private readonly lease: WriterLease
   /** Out-of-sync replicas being resynced, per block: writes reach them too (resync.ts). */
@@ -646,7 +648,8 @@ export class Volume {
     const mark = this.dirty.markFlush()
     const pending = [...this.unflushed]
     this.unflushed.clear()
-    const failures: Failure[] = []
+    const failures: Failure[] = this.unrecorded
+    this.unrecorded = []
     await Promise.all(pending.map(async ([location, blocks]) => {
       const r = this.ctx.replicas.replicaFor(location)
       try {
@@ -657,6 +660,7 @@ export class Volume {
       }
     }))
     const s = this.lease.current
+    let recorded = false
     try {
       // Local block files are synced even when nothing was written through
       // this volume since it opened: an fsync must cover earlier writers too.
@@ -666,18 +670,24 @@ export class Volume {
         // Only a writer flushes what it wrote; without its lease it can mark nothing.
         if (s === undefined) throw new UkaiError('UKAI_ERR_FENCED', `image '${this.name}': a flush failed and this node no longer writes the image`)
         const kept = await this.recordFailures(s, failures)
+        recorded = true
         if (kept.length > 0) {
           throw new UkaiError('UKAI_ERR_IO', `image '${this.name}': the only in-sync copy of block ${kept[0]!.block} could not be flushed (${kept[0]!.reason}); what it held may be lost`,
             { image: this.name, block: kept[0]!.block })
         }
       }
     } catch (err) {
-      // Not flushed: a retried flush tries (and fails, and reports) again.
-      for (const [location, blocks] of pending) {
-        if (!failures.some((f) => f.location === location)) continue
-        let set = this.unflushed.get(location)
-        if (set === undefined) { set = new RangeSet(); this.unflushed.set(location, set) }
-        set.addSet(blocks)
+      // Not recorded: the next flush records these first, whatever the
+      // replicas answer then (a peer that lost writes may answer well).
+      if (!recorded) this.unrecorded.push(...failures)
+      else {
+        // A sole copy that could not be synced: its flush is tried (and fails) again.
+        for (const [location, blocks] of pending) {
+          if (!failures.some((f) => f.location === location)) continue
+          let set = this.unflushed.get(location)
+          if (set === undefined) { set = new RangeSet(); this.unflushed.set(location, set) }
+          set.addSet(blocks)
+        }
       }
       throw err
     }
