@@ -53,8 +53,12 @@ export class RemoteReplica implements Replica {
    * before can land after what is sent next.
    */
   private readonly epochs = new Map<string, number>()
-  /** Per image, the connections that took writes since the image's last flush here. */
-  private readonly unflushed = new Map<string, Set<NbdClient>>()
+  /**
+   * Per image, the connections whose writes the peer acknowledged since
+   * the image's last flush here, with how many (a write that failed is the
+   * caller's to record, and is not counted).
+   */
+  private readonly unflushed = new Map<string, Map<NbdClient, number>>()
   /** Smoothed request latency in ms (undefined until measured). */
   rtt: number | undefined
 
@@ -137,10 +141,10 @@ export class RemoteReplica implements Replica {
   private async writing (image: string, generation: number, fn: (c: NbdClient) => Promise<void>): Promise<void> {
     const c = await this.client(image, generation)
     try {
-      let set = this.unflushed.get(image)
-      if (set === undefined) { set = new Set(); this.unflushed.set(image, set) }
-      set.add(c)
       await fn(c)
+      let took = this.unflushed.get(image)
+      if (took === undefined) { took = new Map(); this.unflushed.set(image, took) }
+      took.set(c, (took.get(c) ?? 0) + 1)
     } catch (err) {
       if ((err as UkaiError).details?.nbdError === undefined) {
         const was = this.epochs.get(image) ?? 0
@@ -160,19 +164,24 @@ export class RemoteReplica implements Replica {
    * with the peer's page cache, and the writer must not count it durable.
    */
   async flush (image: string): Promise<void> {
-    const took = [...(this.unflushed.get(image) ?? [])]
+    const map = this.unflushed.get(image)
+    const took = [...(map ?? [])]
     if (took.length === 0) {
       await (await this.client(image)).flush()
       return
     }
-    const set = this.unflushed.get(image)
-    if (took.some((c) => c.closed)) {
+    if (took.some(([c]) => c.closed)) {
       // Said once: the writer records it (it keeps the failure until it has).
-      for (const c of took) if (c.closed) set?.delete(c)
+      for (const [c] of took) if (c.closed) map?.delete(c)
       throw new UkaiError('UKAI_ERR_CONNECT', `node ${this.location}: the connection that took writes of image '${image}' was lost before they were flushed`)
     }
-    await Promise.all(took.map(async (c) => await c.flush()))
-    for (const c of took) set?.delete(c)
+    await Promise.all(took.map(async ([c]) => await c.flush()))
+    // What a connection took while this flush was on its way stays for the next.
+    for (const [c, n] of took) {
+      const now = map?.get(c) ?? 0
+      if (now <= n) map?.delete(c)
+      else map?.set(c, now - n)
+    }
   }
 
   /** Without block status on the peer path, a remote block is all data. */
