@@ -69,8 +69,8 @@ describe('NBD export with real clients', { timeout: 300_000 }, () => {
     fx = await startNbd()
     await fx.node.createImage({ name: 'q', size: 64 * MiB, block_size: 4 * MiB })
     await fx.node.createImage({ name: 'conv', size: 24 * MiB, block_size: MiB })
-    // A block size that is not a power of two: block edges fall between pages.
-    await fx.node.createImage({ name: 'copy', size: 30 * MiB, block_size: 3 * MiB })
+    // Blocks of 2 MiB: the writes below (3 MiB, and the copies' odd offsets) cross block edges.
+    await fx.node.createImage({ name: 'copy', size: 30 * MiB, block_size: 2 * MiB })
     await fx.node.createImage({ name: 'busy', size: 8 * MiB, block_size: MiB })
   })
   after(async () => { await fx?.cleanup() })
@@ -153,7 +153,7 @@ describe('NBD export with real clients', { timeout: 300_000 }, () => {
     assert.equal(one.can_fua, true)
     assert.equal(one.can_zero, true)
     assert.equal(one.can_fast_zero, true)
-    // Data in blocks 0 (all), 2 (first 1 MiB); nothing elsewhere.
+    // Data in blocks 0 (all), 1 (first 1 MiB), 3 (first 1 MiB); nothing elsewhere.
     ok(await run('qemu-io', ['-f', 'raw', '-c', 'write -P 1 0 3M', '-c', 'write -P 2 6M 1M', fx.uri('copy')]), 'qemu-io')
     const map = ok(await run('nbdinfo', ['--map', fx.uri('copy')]), 'nbdinfo --map').stdout
     const rows = map.trim().split('\n').map((l) => l.trim().split(/\s+/)).map(([off, len, type]) => [Number(off), Number(len), Number(type)])
