@@ -221,7 +221,10 @@ function send (res: ServerResponse, status: number, value: unknown): void {
 
 export function sendError (res: ServerResponse, err: unknown): void {
   const e = toUkaiError(err)
-  send(res, e.mapping.http, { error: { code: e.code, message: e.message, details: e.details ?? {} } })
+  let details = e.details ?? {}
+  // Details may carry a value from the request: never a second error while sending the first.
+  try { JSON.stringify(details) } catch { details = {} }
+  send(res, e.mapping.http, { error: { code: e.code, message: e.message, details } })
 }
 
 export class ControlServer {

@@ -97,10 +97,11 @@ export function decodeStored (doc: unknown, defaultPort: number): ImageMeta {
   for (const [loc, st] of Object.entries(doc.locations)) {
     if (!isObject(st)) throw invalid(`image '${name}': location ${loc} must be an object`)
     checkKeys(st, ['blocks', 'out_of_sync'], `image '${name}' location ${loc}`)
-    locations.set(loc, {
+    const state = {
       blocks: decodeRanges(st.blocks, `image '${name}' location ${loc} blocks`),
       outOfSync: decodeRanges(st.out_of_sync ?? [], `image '${name}' location ${loc} out_of_sync`)
-    })
+    }
+    locations.set(loc, state)
   }
   for (const key of ['generation', 'revision']) {
     const v = doc[key] ?? 0
@@ -114,7 +115,10 @@ export function decodeStored (doc: unknown, defaultPort: number): ImageMeta {
     hypervisors: decodeHypervisors(doc.hypervisors, name),
     locations
   })
-  return validateImage(meta, defaultPort)
+  validateImage(meta, defaultPort)
+  // A location that holds no block is no location (the per-block formats cannot name it).
+  for (const [loc, st] of locations) if (st.blocks.isEmpty) locations.delete(loc)
+  return meta
 }
 
 function decodeHypervisors (v: unknown, name: string): string[] {

@@ -14,7 +14,7 @@ export function validateImageName (name: unknown): string {
   if (typeof name !== 'string' || !IMAGE_NAME.test(name)) {
     throw new UkaiError('UKAI_ERR_INVALID_NAME',
       `invalid image name ${show(name)}: use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit`,
-      { image: name })
+      { image: typeof name === 'string' ? name : show(name) })
   }
   return name
 }

@@ -276,7 +276,9 @@ export class UkaiNode extends EventEmitter implements ReplicaProvider, ClusterCo
     if ((this.imageMeta(image)?.revision ?? 0) < revision) await this.reload(image)
     const now = this.imageMeta(image)?.revision ?? 0
     if (now < revision && this.known.has(image)) {
-      throw new UkaiError('UKAI_ERR_INTERNAL', `image '${image}': read revision ${now}, older than ${revision}`)
+      // Read from the store just now: no writer has reached that revision.
+      throw new UkaiError('UKAI_ERR_INVALID_ARGUMENT', `image '${image}' is at revision ${now}; revision ${revision} was never written`,
+        { image, revision: now })
     }
     return { revision: now }
   }

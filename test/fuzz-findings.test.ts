@@ -1,0 +1,95 @@
+/**
+ * What the full fuzz run (`npm run fuzz`, fuzz/results/latest.md) found,
+ * each minimal counterexample kept as a test of its own: a real node and
+ * its control API in this process.
+ */
+import { after, before, describe, test } from 'node:test'
+import assert from 'node:assert/strict'
+import { request } from 'node:http'
+import { mkdtemp, rm } from 'node:fs/promises'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { parseConfig } from '../src/config/config.js'
+import { ControlServer } from '../src/control/server.js'
+import { importAny } from '../src/metadata/codec.js'
+import { UkaiNode } from '../src/node/node.js'
+import { freePort } from './helpers/node-process.js'
+
+interface Answer { status: number, body: { error?: { code: string, message: string, details: Record<string, unknown> } } & Record<string, unknown> }
+
+async function call (port: number, method: string, path: string, body: string): Promise<Answer> {
+  return await new Promise((resolve, reject) => {
+    const req = request({ host: '127.0.0.1', port, method, path, headers: { 'content-type': 'application/json' } }, (res) => {
+      const chunks: Buffer[] = []
+      res.on('data', (c: Buffer) => chunks.push(c))
+      res.on('end', () => {
+        try {
+          resolve({ status: res.statusCode ?? 0, body: JSON.parse(Buffer.concat(chunks).toString('utf8')) })
+        } catch (err) { reject(err) }
+      })
+    })
+    req.on('error', reject)
+    // An answer that never comes fails the test, not the run.
+    req.setTimeout(10_000, () => req.destroy(new Error(`${method} ${path}: no answer in 10 s`)))
+    req.end(body)
+  })
+}
+
+describe('fuzz findings, kept', () => {
+  let dir: string
+  let node: UkaiNode
+  let control: ControlServer
+  let port: number
+
+  before(async () => {
+    dir = await mkdtemp(join(tmpdir(), 'ukai-findings-'))
+    port = await freePort()
+    const proxy = await freePort()
+    const config = parseConfig({ image_root: 'images', metadata_root: 'metadata', id: `127.0.0.1:${proxy}`, proxy_port: proxy, control_port: port, control_address: '127.0.0.1' }, dir)
+    node = await UkaiNode.start(config)
+    control = new ControlServer(node)
+    await control.listen(port, '127.0.0.1')
+    await node.createImage({ name: 'fx', size: 1 << 20, block_size: 1 << 16 })
+  })
+  after(async () => {
+    await control?.close()
+    await node?.close()
+    await rm(dir, { recursive: true, force: true })
+  })
+
+  test('a refresh to a revision the image never had is refused as bad input (was 500 UKAI_ERR_INTERNAL)', async () => {
+    const r = await call(port, 'POST', '/v1/images/fx/refresh', '{"revision":2147483648}')
+    assert.equal(r.status, 400, JSON.stringify(r.body))
+    assert.equal(r.body.error?.code, 'UKAI_ERR_INVALID_ARGUMENT')
+    assert.match(r.body.error!.message, /revision 2147483648 was never written/)
+    // A revision it has reached is answered.
+    const ok = await call(port, 'POST', '/v1/images/fx/refresh', '{"revision":1}')
+    assert.equal(ok.status, 200, JSON.stringify(ok.body))
+  })
+
+  test('an image name nested 4,112 lists deep gets a 400 with its error body (was a stack overflow while sending the error)', async () => {
+    const name = '['.repeat(4112) + '0' + ']'.repeat(4112)
+    const r = await call(port, 'POST', '/v1/images', `{"name":${name},"size":4096,"locations":[]}`)
+    assert.equal(r.status, 400, JSON.stringify(r.body).slice(0, 300))
+    assert.equal(r.body.error?.code, 'UKAI_ERR_INVALID_NAME')
+    assert.match(r.body.error!.message, /invalid image name \(a list nested too deeply to show\)/)
+    assert.deepEqual(node.imageNames(), ['fx'])
+  })
+
+  test('a stored document with a location that holds no block imports as the per-block formats see it: without that location', () => {
+    const meta = importAny({
+      format: 1,
+      name: 'vm01',
+      size: 1,
+      block_size: 1,
+      used_size: 0,
+      hypervisors: ['10.0.0.9'],
+      revision: 3,
+      locations: { '10.0.0.1': { blocks: [[0, 1]], out_of_sync: [] }, '[::1]:5': { blocks: [], out_of_sync: [] } }
+    }, 22222)
+    assert.deepEqual([...meta.locations.keys()], ['10.0.0.1'])
+    // A bad name is refused all the same, with or without blocks.
+    assert.throws(() => importAny({ format: 1, name: 'vm01', size: 1, block_size: 1, locations: { '10.0.0.1': { blocks: [[0, 1]] }, 'a/b': { blocks: [] } } }, 22222),
+      (err: Error & { code?: string }) => err.code === 'UKAI_ERR_INVALID_METADATA')
+  })
+})
