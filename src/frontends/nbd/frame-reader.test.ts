@@ -75,3 +75,21 @@ test('any chunking of a stream, taken in any frame sizes, gives back the stream'
       assert.ok(Buffer.concat(out).equals(data))
     }), { numRuns: 300 })
 })
+
+test('takeInto assembles a frame piece by piece as chunks arrive, consuming only what it copies', () => {
+  const r = new FrameReader()
+  const out = Buffer.alloc(10)
+  let at = 0
+  r.push(Buffer.from('abc'))
+  at += r.takeInto(out, at, 10 - at)
+  assert.equal(at, 3)
+  assert.equal(r.length, 0)
+  r.push(Buffer.from('defg'))
+  r.push(Buffer.from('hijklm'))
+  at += r.takeInto(out, at, 10 - at)
+  assert.equal(at, 10)
+  assert.equal(out.toString(), 'abcdefghij')
+  assert.equal(r.length, 3, 'the bytes after the frame stay')
+  assert.equal(r.take(3).toString(), 'klm')
+  assert.equal(r.takeInto(out, 0, 5), 0, 'nothing buffered: nothing copied')
+})

@@ -82,6 +82,24 @@ export class FrameReader {
     return out
   }
 
+  /**
+   * Copies up to `n` of the bytes received so far into `target` at
+   * `offset` and consumes them; returns how many. A large frame can so be
+   * assembled piece by piece as it arrives, instead of in one copy at the
+   * end, and the chunks it came in are released as they are copied.
+   */
+  takeInto (target: Buffer, offset: number, n: number): number {
+    let done = 0
+    while (done < n && this.length > 0) {
+      const c = this.chunks[this.first]!
+      const k = Math.min(c.length - this.offset, n - done)
+      c.copy(target, offset + done, this.offset, this.offset + k)
+      done += k
+      this.advance(k)
+    }
+    return done
+  }
+
   /** The next `n` bytes (n <= length) without consuming them; a copy when they span chunks. */
   peek (n: number): Buffer {
     if (n > this.length) throw new RangeError(`peek(${n}) with ${this.length} bytes buffered`)

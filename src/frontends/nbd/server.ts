@@ -13,8 +13,18 @@ import { connect, createServer, type Server, type Socket } from 'node:net'
 import { resolve } from 'node:path'
 import { UkaiError, invalidArgument, toUkaiError } from '../../errors.js'
 import type { UkaiNode } from '../../node/node.js'
-import { NbdConnection } from './connection.js'
+import { processBudget, type BufferBudget } from './budget.js'
+import { HANDSHAKE_TIMEOUT_MS, IO_TIMEOUT_MS, NbdConnection } from './connection.js'
 import { VolumeExports, type ExportProvider } from './exports.js'
+
+/**
+ * Connections one server serves at once; more are refused. Peers open two
+ * connections per image they hold a replica of here, so a node holding
+ * replicas of a few hundred images for other nodes needs several hundred.
+ */
+export const MAX_CONNECTIONS = 1024
+/** Refused connections are reported at most this often. */
+const REFUSAL_WARN_MS = 10_000
 
 export interface NbdServerOptions {
   /** Serve every export read-only (NBD_FLAG_READ_ONLY). */
@@ -24,6 +34,22 @@ export interface NbdServerOptions {
    * other exports (replicas) through the same server code.
    */
   exports?: ExportProvider
+  /**
+   * Bytes held for clients (requests received and not yet served, replies
+   * not yet taken) across connections; by default the budget every server
+   * in the process shares (128 MiB).
+   */
+  budget?: BufferBudget
+  /** Connections served at once (default MAX_CONNECTIONS); more are refused. */
+  maxConnections?: number
+  /** A client must finish its handshake this soon after connecting (default 60 s). */
+  handshakeTimeoutMs?: number
+  /**
+   * A client stuck this long in the middle of a request (a WRITE whose
+   * payload does not arrive) or not taking its replies is dropped, and its
+   * export released (default 30 s). Idle clients are never dropped.
+   */
+  ioTimeoutMs?: number
 }
 
 export type ListenTarget = { path: string } | { host: string, port: number }
@@ -55,10 +81,21 @@ export class NbdServer {
   private readonly listeners: Listener[] = []
   private readonly connections = new Set<NbdConnection>()
   private closing = false
+  readonly budget: BufferBudget
+  readonly maxConnections: number
+  private readonly handshakeTimeoutMs: number
+  private readonly ioTimeoutMs: number
+  private sweep: NodeJS.Timeout | undefined
+  private refused = 0
+  private refusalWarnedAt = -Infinity
 
   constructor (node: UkaiNode, options: NbdServerOptions = {}) {
     this.node = node
     this.exports = options.exports ?? new VolumeExports(node, options.readOnly ?? false)
+    this.budget = options.budget ?? processBudget
+    this.maxConnections = Math.max(1, options.maxConnections ?? MAX_CONNECTIONS)
+    this.handshakeTimeoutMs = options.handshakeTimeoutMs ?? HANDSHAKE_TIMEOUT_MS
+    this.ioTimeoutMs = options.ioTimeoutMs ?? IO_TIMEOUT_MS
   }
 
   /** Starts listening on `spec` (see parseListenSpec); may be called for several addresses. */
@@ -92,6 +129,7 @@ export class NbdServer {
       await new Promise<void>((resolve) => server.close(() => resolve())))
     for (const c of this.connections) c.shutdown()
     await Promise.all([...this.connections].map(async (c) => await c.closed))
+    this.stopSweep()
     // A unix socket's file goes with its listener (libuv unlinks it).
     await Promise.all(stopped)
   }
@@ -99,14 +137,66 @@ export class NbdServer {
   /** Open connections (for status and tests). */
   get connectionCount (): number { return this.connections.size }
 
+  /** Bytes this server's connections hold (received and not served, replies not taken). */
+  get bufferedBytes (): number {
+    let n = 0
+    for (const c of this.connections) n += c.accounted
+    return n
+  }
+
   private accept (socket: Socket): void {
     if (this.closing) {
       socket.destroy()
       return
     }
-    const c = new NbdConnection(socket, this.exports, (m) => this.warn(m))
+    if (this.connections.size >= this.maxConnections) {
+      this.refuse(socket)
+      return
+    }
+    const c = new NbdConnection(socket, this.exports, (m) => this.warn(m), {
+      budget: this.budget,
+      handshakeTimeoutMs: this.handshakeTimeoutMs,
+      notice: (m) => this.node.notice(m)
+    })
     this.connections.add(c)
-    void c.closed.then(() => this.connections.delete(c))
+    void c.closed.then(() => {
+      this.connections.delete(c)
+      if (this.connections.size === 0) this.stopSweep()
+    })
+    this.startSweep()
+  }
+
+  /**
+   * One connection too many: closed before the greeting (the client reads
+   * end of file instead of NBDMAGIC), reported at most every 10 s.
+   */
+  private refuse (socket: Socket): void {
+    socket.on('error', () => {})
+    socket.end()
+    setTimeout(() => socket.destroy(), 1000).unref()
+    this.refused++
+    const now = Date.now()
+    if (now - this.refusalWarnedAt >= REFUSAL_WARN_MS) {
+      this.refusalWarnedAt = now
+      this.node.notice(`NBD: refused ${this.refused} connection(s): ${this.maxConnections} already open (the limit)`)
+      this.refused = 0
+    }
+  }
+
+  /** The idle check runs while there are connections. */
+  private startSweep (): void {
+    if (this.sweep !== undefined) return
+    const every = Math.min(1000, Math.max(10, Math.floor(this.ioTimeoutMs / 4)))
+    this.sweep = setInterval(() => {
+      const now = performance.now()
+      for (const c of this.connections) c.checkIdle(now, this.ioTimeoutMs)
+    }, every)
+    this.sweep.unref()
+  }
+
+  private stopSweep (): void {
+    clearInterval(this.sweep)
+    this.sweep = undefined
   }
 
   private warn (message: string): void {
