@@ -4,7 +4,7 @@
  *
  * One run, one machine: UKAI side by side with the local file, bindfs,
  * qemu-nbd and nbdkit on the same bytes, warm in the page cache, then
- * resync, metadata and memory measures; the metadata and propagation
+ * resync, metadata, memory and abusive-client measures; the metadata and propagation
  * phases run on the embedded store and again on an etcd started for them. Results: bench/results/latest.md,
  * latest.svg and latest.json (full runs only), raw fio JSON and logs in
  * bench/results/raw/<time>/ (kept out of git).
@@ -25,6 +25,7 @@ import { ratioChart } from './lib/chart.mjs'
 import { makeReferenceFile, populateBlocks, residency, warm } from './lib/data.mjs'
 import { BenchEtcd } from './lib/etcd.mjs'
 import { WORKLOADS } from './lib/fio.mjs'
+import { abuse } from './lib/abuse.mjs'
 import { peakRss } from './lib/memory.mjs'
 import { metadataCost, propagation } from './lib/metadata.mjs'
 import { migrationPause } from './lib/migration.mjs'
@@ -39,7 +40,7 @@ import { UkaiNode, snapshotBuild } from './lib/ukai.mjs'
 
 const HERE = dirname(fileURLToPath(import.meta.url))
 const REPO = resolve(HERE, '..')
-const PHASES = ['throughput', 'resync', 'delta', 'metadata', 'propagation', 'migration', 'memory']
+const PHASES = ['throughput', 'resync', 'delta', 'metadata', 'propagation', 'migration', 'memory', 'abuse']
 const GIB = 2 ** 30
 const MIB = 2 ** 20
 
@@ -221,7 +222,7 @@ async function main () {
     await b.configure()
     const images = { one: 'bench-1', two: 'bench-2', remote: 'bench-remote' }
 
-    const needsCluster = phases.some((p) => p !== 'memory')
+    const needsCluster = phases.some((p) => p !== 'memory' && p !== 'abuse')
     if (phases.includes('throughput')) {
       log('images: one replica on A, two replicas (A, B), one replica on B only; block files filled with the reference bytes')
       const sz = String(size)
@@ -362,6 +363,17 @@ async function main () {
         return await peakRss({ node: c, images: 100, runtime: quick ? 2 : 10, rawDir, log })
       } finally {
         await c.stop()
+      }
+    })
+    // Abusive NBD clients against a node of its own (no FUSE mount).
+    await phase('abuse', async () => {
+      const d = new UkaiNode({ name: 'D', dir: join(tmp, 'node-d'), metadataRoot: join(tmp, 'metadata-d'), cli, env: nodeEnv, mount: false })
+      await d.configure()
+      await d.start()
+      try {
+        return await abuse({ node: d, quick, rawDir, log })
+      } finally {
+        await d.stop()
       }
     })
   } finally {

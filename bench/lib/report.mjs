@@ -36,7 +36,24 @@ export function verdicts (r) {
       out.push({ what, target: '< 10 ms', value: fmtMs(m), met: m < 10 })
     } else out.push({ what, target: '< 10 ms', value: 'not measured', met: undefined })
   }
+  abuseVerdicts(out, r.abuse)
   return out
+}
+
+/** The abuse phase's two targets, judged on the worst scenario. */
+function abuseVerdicts (out, a) {
+  const rssWhat = `node RSS growth with ${a?.abusers ?? 20} abusive NBD clients (worst scenario)`
+  const readWhat = 'a well-behaved client\'s 4 KiB read during the abuse (max of every read, worst scenario)'
+  if (a?.scenarios === undefined) {
+    out.push({ what: rssWhat, target: '≤ 256 MiB', value: 'not measured', met: undefined })
+    out.push({ what: readWhat, target: '≤ 100 ms', value: 'not measured', met: undefined })
+    return
+  }
+  const growth = max(a.scenarios.map((s) => s.rssGrowth))
+  out.push({ what: rssWhat, target: `≤ ${fmtBytes(a.targets.rssGrowthBytes)}`, value: fmtBytes(growth), met: growth <= a.targets.rssGrowthBytes })
+  const failed = a.scenarios.filter((s) => s.readMs === undefined)
+  const worst = failed.length > 0 ? Infinity : max(a.scenarios.flatMap((s) => s.readMs))
+  out.push({ what: readWhat, target: `≤ ${a.targets.goodReadMs} ms`, value: failed.length > 0 ? `no answer (${failed.map((s) => s.kind).join(', ')})` : fmtMs(worst), met: worst <= a.targets.goodReadMs })
 }
 
 const verdictText = (v) => v.met === undefined ? 'not measured' : v.met ? YES : NO
@@ -167,6 +184,7 @@ export function markdownReport (r) {
     const mm = r.memory
     L.push(`| peak RSS of a node serving ${mm.images} open images (1 GiB each, NBD, random 4 KiB I/O on all at once; ${mm.openMax} open at the same time) | ${fmtBytes(mm.peakRss)} (VmHWM) | idle node: ${fmtBytes(mm.idleRss)}; with the images created, closed: ${fmtBytes(mm.createdRss)} | ${fmtBytes((mm.peakRss - mm.idleRss) / mm.images)} per open image | |`)
   } else L.push(`| peak RSS, 100 open images | not measured: ${esc1(r.memory?.error)} | | | |`)
+  abuseRows(L, r.abuse, v)
   L.push('')
   L.push('## Targets', '')
   L.push('| target | measured | verdict |')
@@ -249,6 +267,29 @@ function migrationRows (L, mg) {
   const range = (xs, k) => { const v = xs.map((x) => x[k]).filter((x) => x !== undefined); return v.length === 0 ? '' : ` (${fmtMs(min(v))}–${fmtMs(max(v))})` }
   L.push(`| live migration of a guest VM while it writes (QEMU TCG, 4 KiB O_DIRECT writes read back; two nodes on etcd, each QEMU on its node's NBD export; ${mg.ukai.length} migrations A ⇄ B): the guest-visible stall, the longest gap between two of its rounds around the handover | median ${fmtMs(u.stallMs)}${range(mg.ukai, 'stallMs')}; a normal round ${fmtMs(u.typicalGapMs)} | both QEMUs on one \`qemu-nbd --shared=2\` export of a raw file (${mg.peer.length} migrations): median ${fmtMs(q.stallMs)}${range(mg.peer, 'stallMs')}; a normal round ${fmtMs(q.typicalGapMs)} | ${fmtRatio(u.stallMs / q.stallMs)} of qemu-nbd's | |`)
   L.push(`| … QEMU's downtime and total time; UKAI's takeover of the writer lease (the destination's first write: grant, fences, reconciliation) | UKAI: downtime ${fmtMs(u.downtimeMs)}, total ${fmtMs(u.totalTimeMs)}, takeover ${fmtMs(u.takeoverMs)}${range(mg.ukai, 'takeoverMs')} | qemu-nbd: downtime ${fmtMs(q.downtimeMs)}, total ${fmtMs(q.totalTimeMs)} | | |`)
+}
+
+const ABUSE_LABELS = {
+  'read-flood': 'each pipelines 400 READs of 32 MiB and never reads a reply',
+  'write-flood': 'each pipelines 32 MiB WRITEs (an image of its own each) as fast as its socket takes them, never reading a reply',
+  disconnect: 'each sends 84 KB of READ headers (3000 READs of 32 MiB) and disconnects, again and again'
+}
+
+/** The abuse phase's rows (results of bench/lib/abuse.mjs). */
+function abuseRows (L, a, v) {
+  if (a?.scenarios === undefined) {
+    L.push(`| abusive NBD clients | not measured: ${esc1(a?.error)} | | | |`)
+    return
+  }
+  const lat = (xs) => xs === undefined ? 'n/a' : `median ${fmtMs(median(xs))}, max ${fmtMs(max(xs))}`
+  const hs = (xs) => xs.some((x) => !Number.isFinite(x)) ? `not done in 30 s${xs.length > 1 ? ` (after ${xs.length - 1} done: ${lat(xs.filter(Number.isFinite))})` : ''}` : lat(xs)
+  const rssV = v.find((x) => x.what.startsWith('node RSS growth'))
+  const readV = v.find((x) => x.what.startsWith('a well-behaved client'))
+  L.push(`| idle node, the reference for the rows below: a well-behaved client's 4 KiB reads (${a.reads}, one after the other) and a new client's connect + handshake (${a.idle.handshakeMs.length}) | reads ${lat(a.idle.readMs)}; handshake ${lat(a.idle.handshakeMs)} | RSS ${fmtBytes(a.idle.rss)} | | RSS growth ≤ ${fmtBytes(a.targets.rssGrowthBytes)}: ${verdictText(rssV)}; read ≤ ${a.targets.goodReadMs} ms: ${verdictText(readV)} |`)
+  for (const s of a.scenarios) {
+    const reads = s.readMs === undefined ? `no answer: ${esc1(s.readError)}` : lat(s.readMs)
+    L.push(`| ${a.abusers} abusive NBD clients, ${s.kind}: ${ABUSE_LABELS[s.kind] ?? s.kind} (${s.abuseSeconds.toFixed(1)} s) | RSS +${fmtBytes(s.rssGrowth)} (${s.hwmReset ? 'VmHWM reset before' : 'VmRSS sampled'}, from ${fmtBytes(s.rssBefore)}); the well-behaved client's reads ${reads}; new handshakes ${hs(s.handshakeMs)} | node CPU ${s.cpuDuringAbuse.toFixed(2)} s during the abuse, ${s.cpuAfterLeft.toFixed(2)} s in the 3 s after the clients left${s.busyAfterLeftSeconds === undefined ? '' : `; then busy (20% of a CPU or more in a second) ${s.stillBusy === true ? 'for more than' : 'for'} ${s.busyAfterLeftSeconds} s`} | reads ${s.readMs === undefined ? 'n/a' : fmtRatio(median(s.readMs) / median(a.idle.readMs))} of idle (median) | |`)
+  }
 }
 
 function esc1 (s) {
