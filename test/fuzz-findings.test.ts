@@ -19,13 +19,16 @@ interface Answer { status: number, body: { error?: { code: string, message: stri
 
 async function call (port: number, method: string, path: string, body: string): Promise<Answer> {
   return await new Promise((resolve, reject) => {
-    const req = request({ host: '127.0.0.1', port, method, path, headers: { 'content-type': 'application/json' } }, (res) => {
+    const req = request({ host: '127.0.0.1', port, method, path, headers: { 'content-type': 'application/json', 'content-length': Buffer.byteLength(body) } }, (res) => {
       const chunks: Buffer[] = []
       res.on('data', (c: Buffer) => chunks.push(c))
       res.on('end', () => {
+        const text = Buffer.concat(chunks).toString('utf8')
         try {
-          resolve({ status: res.statusCode ?? 0, body: JSON.parse(Buffer.concat(chunks).toString('utf8')) })
-        } catch (err) { reject(err) }
+          resolve({ status: res.statusCode ?? 0, body: JSON.parse(text) })
+        } catch {
+          reject(new Error(`${method} ${path}: ${res.statusCode ?? '?'} is not JSON: ${text.slice(0, 200)}`))
+        }
       })
     })
     req.on('error', reject)
@@ -74,6 +77,28 @@ describe('fuzz findings, kept', () => {
     assert.equal(r.body.error?.code, 'UKAI_ERR_INVALID_NAME')
     assert.match(r.body.error!.message, /invalid image name \(a list nested too deeply to show\)/)
     assert.deepEqual(node.imageNames(), ['fx'])
+  })
+
+  test('an image of 2^28 blocks (1 TiB of 4 KiB): its per-block export is refused as too big, remove-location works range by range (both held the event loop for good)', async () => {
+    await node.createImage({ name: 'big', size: 2 ** 40, block_size: 4096 })
+    const far = '127.0.0.1:1'
+    await node.images.addLocation('big', far, 0, 2 ** 28)
+    for (const format of ['seed', 'ukai']) {
+      const r = await call(port, 'GET', `/v1/images/big?format=${format}`, '')
+      assert.equal(r.status, 413, JSON.stringify(r.body))
+      assert.equal(r.body.error?.code, 'UKAI_ERR_TOO_BIG')
+      assert.match(r.body.error!.message, /268435456 blocks; the '(seed|ukai)' format lists every block and is limited to 1048576 \(use the stored format\)/)
+    }
+    const stored = await call(port, 'GET', '/v1/images/big?format=stored', '')
+    assert.equal(stored.status, 200)
+    // The far copy is not in sync yet: the local one cannot go, and the first block it alone holds is named.
+    const refused = await call(port, 'DELETE', '/v1/images/big/locations', JSON.stringify({ location: node.config.id }))
+    assert.equal(refused.status, 403, JSON.stringify(refused.body))
+    assert.match(refused.body.error!.message, /would leave block 0 of image 'big' without an in-sync replica/)
+    const gone = await call(port, 'DELETE', '/v1/images/big/locations', JSON.stringify({ location: far }))
+    assert.equal(gone.status, 200, JSON.stringify(gone.body))
+    assert.deepEqual([...(await node.images.info('big')).locations.keys()], [node.config.id])
+    await node.images.destroy('big')
   })
 
   test('a stored document with a location that holds no block imports as the per-block formats see it: without that location', () => {

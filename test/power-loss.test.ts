@@ -325,6 +325,34 @@ async function readState (metadataRoot: string, name: string): Promise<ImageStat
  * writer lease given back, the dirty-block log emptied): a client's close
  * returns before its node has let go.
  */
+/**
+ * n1 (the writer) and the metadata on one machine, n2 on another: an
+ * image on both, all of it written and flushed (pattern `seed`), then its
+ * first 2 MiB (blocks 0 and 1) written again (pattern `seed + 1`) and not
+ * flushed, through the client `c` that stays open.
+ */
+async function peerWritesUnflushed (t: TestContext, seed: number): Promise<{ rig: Rig, lb: PowerLossFs, meta: string, n1: TestNode, n2: TestNode, base: Buffer, c: NbdClient, fresh: Buffer }> {
+  const rig = new Rig(t)
+  const la = await rig.layer()
+  const lb = await rig.layer()
+  const meta = la.path('metadata')
+  const n1 = await rig.node(la, 'n1', meta)
+  const n2 = await rig.node(lb, 'n2', meta)
+  await cli(n1, 'image', 'create', 'img', '-s', '4M', '-b', '1M', '-l', n1.id, '-l', n2.id)
+  const base = pattern(seed, 4 * MiB)
+  let c = await rig.client(n1, 'img')
+  await c.write(0, base)
+  await c.flush()
+  await c.close()
+  await released(meta, 'img')
+  await la.sync()
+  await lb.sync()
+  c = await rig.client(n1, 'img')
+  const fresh = pattern(seed + 1, 2 * MiB)
+  await c.write(0, fresh)
+  return { rig, lb, meta, n1, n2, base, c, fresh }
+}
+
 async function released (metadataRoot: string, name: string): Promise<ImageState> {
   const deadline = Date.now() + 20_000
   for (;;) {
@@ -775,27 +803,7 @@ describe('UKAI on the power-loss layer', { skip, timeout: 600_000 }, () => {
   })
 
   test('a peer loses power: what the writer acknowledged as flushed is on every replica still marked in sync', async (t) => {
-    const rig = new Rig(t)
-    const size = 4 * MiB
-    // n1 (the writer) and the metadata on one machine, n2 on another: only n2 loses power.
-    const la = await rig.layer()
-    const lb = await rig.layer()
-    const meta = la.path('metadata')
-    const n1 = await rig.node(la, 'n1', meta)
-    const n2 = await rig.node(lb, 'n2', meta)
-    await cli(n1, 'image', 'create', 'img', '-s', '4M', '-b', '1M', '-l', n1.id, '-l', n2.id)
-    const base = pattern(51, size)
-    let c = await rig.client(n1, 'img')
-    await c.write(0, base)
-    await c.flush()
-    await c.close()
-    await released(meta, 'img')
-    await la.sync()
-    await lb.sync()
-
-    c = await rig.client(n1, 'img')
-    const fresh = pattern(52, 2 * MiB)
-    await c.write(0, fresh) // blocks 0 and 1, on both replicas, not flushed
+    const { rig, lb, meta, n1, n2, base, c, fresh } = await peerWritesUnflushed(t, 51)
     const discarded = await lb.cut([n2])
     t.diagnostic(`n2's cut threw away: ${discarded.join('; ') || 'nothing'}`)
     const flushed = await c.flush().then(() => 'acknowledged', (err: Error) => `failed: ${err.message}`)
@@ -822,26 +830,7 @@ describe('UKAI on the power-loss layer', { skip, timeout: 600_000 }, () => {
   })
 
   test('a peer power-cycles between the writes and the FLUSH: the FLUSH does not count what the peer lost', async (t) => {
-    const rig = new Rig(t)
-    const size = 4 * MiB
-    const la = await rig.layer()
-    const lb = await rig.layer()
-    const meta = la.path('metadata')
-    const n1 = await rig.node(la, 'n1', meta)
-    const n2 = await rig.node(lb, 'n2', meta)
-    await cli(n1, 'image', 'create', 'img', '-s', '4M', '-b', '1M', '-l', n1.id, '-l', n2.id)
-    const base = pattern(61, size)
-    let c = await rig.client(n1, 'img')
-    await c.write(0, base)
-    await c.flush()
-    await c.close()
-    await released(meta, 'img')
-    await la.sync()
-    await lb.sync()
-
-    c = await rig.client(n1, 'img')
-    const fresh = pattern(62, 2 * MiB)
-    await c.write(0, fresh)
+    const { lb, meta, n1, n2, base, c, fresh } = await peerWritesUnflushed(t, 61)
     await lb.cut([n2])
     await lb.restart()
     await n2.launch() // back before the writer does anything

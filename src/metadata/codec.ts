@@ -199,8 +199,20 @@ export function importPerBlock (doc: unknown, defaultPort: number): ImageMeta {
   return validateImage(meta, defaultPort)
 }
 
+/**
+ * Blocks beyond which an image has no per-block document (one entry per
+ * block: 2^20 blocks are tens of MiB of JSON); the stored format, which
+ * keeps ranges, describes any image.
+ */
+export const MAX_PER_BLOCK_EXPORT = 2 ** 20
+
 /** Exports the per-block JSON: 'seed' ({"synced": bool}) or 'ukai' (sync_status, used_size, hypervisors). */
 export function exportPerBlock (meta: ImageMeta, format: ExportFormat): Record<string, unknown> {
+  if (meta.blockCount > MAX_PER_BLOCK_EXPORT) {
+    throw new UkaiError('UKAI_ERR_TOO_BIG',
+      `image '${meta.name}' has ${meta.blockCount} blocks; the '${format}' format lists every block and is limited to ${MAX_PER_BLOCK_EXPORT} (use the stored format)`,
+      { image: meta.name, blocks: meta.blockCount })
+  }
   const blocks: Array<Record<string, unknown>> = []
   for (let i = 0; i < meta.blockCount; i++) {
     const entry: Record<string, unknown> = {}

@@ -282,3 +282,31 @@ export async function until (cond: () => boolean, what: string, ms = 10_000): Pr
   }
 }
 
+/**
+ * Connects to the unix socket `path` and sends `bytes` in the given
+ * pieces (a turn of the event loop between them), the rest in one piece,
+ * then ends the sending side (`leave` 'end') or drops the connection
+ * ('destroy'). Replies are read and dropped. Resolves with the socket and
+ * a promise of its close, once everything is sent.
+ */
+export async function sendInPieces (path: string, bytes: Buffer, pieces: number[], leave: 'end' | 'destroy' = 'end', signal?: AbortSignal): Promise<{ socket: Socket, closed: Promise<void> }> {
+  const s = connect({ path })
+  signal?.addEventListener('abort', () => s.destroy())
+  s.on('data', () => {})
+  s.on('error', () => {})
+  const closed = new Promise<void>((resolve) => s.once('close', () => resolve()))
+  await new Promise<void>((resolve) => { s.once('connect', resolve); s.once('close', resolve) })
+  let pos = 0
+  for (const n of pieces) {
+    if (pos >= bytes.length || s.destroyed) break
+    s.write(bytes.subarray(pos, pos + n))
+    pos += n
+    await new Promise((resolve) => setImmediate(resolve))
+  }
+  if (!s.destroyed) {
+    if (pos < bytes.length) s.write(bytes.subarray(pos))
+    if (leave === 'end') s.end()
+    else s.destroy()
+  }
+  return { socket: s, closed }
+}

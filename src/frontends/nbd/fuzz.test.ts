@@ -8,9 +8,8 @@
 import { after, before, describe, test } from 'node:test'
 import assert from 'node:assert/strict'
 import { randomBytes } from 'node:crypto'
-import { connect } from 'node:net'
 import fc from 'fast-check'
-import { TestClient, descriptors, startNbd, until, type NbdFixture } from '../../../test/helpers/nbd.js'
+import { TestClient, descriptors, sendInPieces, startNbd, until, type NbdFixture } from '../../../test/helpers/nbd.js'
 import { encodeClientFlags, encodeInfoRequest, encodeMetaContextRequest, encodeOption } from './options.js'
 import {
   BASE_ALLOCATION, MAX_PAYLOAD, NBD_CMD_BLOCK_STATUS, NBD_CMD_FLUSH, NBD_CMD_WRITE, NBD_OPT_EXPORT_NAME, NBD_OPT_GO,
@@ -113,22 +112,7 @@ describe('NBD parsers under fuzzing', { timeout: 300_000 }, () => {
    * server must then close the connection. Replies are read and dropped.
    */
   const exchange = async (bytes: Buffer, pieces: number[]): Promise<void> => {
-    const s = connect({ path: fx.socket })
-    s.on('data', () => {})
-    s.on('error', () => {})
-    const closed = new Promise<void>((resolve) => s.once('close', () => resolve()))
-    await new Promise<void>((resolve) => { s.once('connect', resolve); s.once('close', resolve) })
-    let pos = 0
-    for (const n of pieces) {
-      if (pos >= bytes.length || s.destroyed) break
-      s.write(bytes.subarray(pos, pos + n))
-      pos += n
-      await new Promise((resolve) => setImmediate(resolve))
-    }
-    if (!s.destroyed) {
-      if (pos < bytes.length) s.write(bytes.subarray(pos))
-      s.end()
-    }
+    const { closed } = await sendInPieces(fx.socket, bytes, pieces)
     let timer: NodeJS.Timeout | undefined
     await Promise.race([closed, new Promise((_resolve, reject) => {
       timer = setTimeout(() => reject(new Error(`the server kept the connection open after the client left (${bytes.length} bytes: ${bytes.subarray(0, 64).toString('hex')})`)), 20_000)

@@ -10,14 +10,13 @@
  */
 import assert from 'node:assert/strict'
 import { randomBytes } from 'node:crypto'
-import { connect } from 'node:net'
 import fc from 'fast-check'
-import { TestClient, descriptors, startNbd, until, type NbdFixture } from '../../helpers/nbd.js'
+import { TestClient, descriptors, sendInPieces, startNbd, until, type NbdFixture } from '../../helpers/nbd.js'
 import { encodeClientFlags, encodeInfoRequest, encodeMetaContextRequest, encodeOption } from '../../../src/frontends/nbd/options.js'
 import {
   BASE_ALLOCATION, NBD_CMD_BLOCK_STATUS, NBD_CMD_FLUSH, NBD_OPT_EXPORT_NAME, NBD_OPT_GO, NBD_OPT_SET_META_CONTEXT, NBD_OPT_STRUCTURED_REPLY
 } from '../../../src/frontends/nbd/protocol.js'
-import { crash, hang, tick, violation, type Target } from '../harness.js'
+import { crash, hang, violation, type Target } from '../harness.js'
 import { hex } from '../gen.js'
 import { optionStream } from './nbd-options.js'
 import { requestStream } from './nbd-requests.js'
@@ -76,24 +75,7 @@ export const nbdServer: Target<ServerInput, Ctx> = {
     return { fx, warnings }
   },
   run: async ({ bytes, pieces, leave }, { fx, warnings }, { signal }) => {
-    const s = connect({ path: fx.socket })
-    signal.addEventListener('abort', () => s.destroy())
-    s.on('data', () => {})
-    s.on('error', () => {})
-    const closed = new Promise<void>((resolve) => s.once('close', () => resolve()))
-    await new Promise<void>((resolve) => { s.once('connect', resolve); s.once('close', resolve) })
-    let pos = 0
-    for (const n of pieces) {
-      if (pos >= bytes.length || s.destroyed) break
-      s.write(bytes.subarray(pos, pos + n))
-      pos += n
-      await tick()
-    }
-    if (!s.destroyed) {
-      if (pos < bytes.length) s.write(bytes.subarray(pos))
-      if (leave === 'end') s.end()
-      else s.destroy()
-    }
+    const { socket: s, closed } = await sendInPieces(fx.socket, bytes, pieces, leave === 'end' ? 'end' : 'destroy', signal)
     let timer: NodeJS.Timeout | undefined
     try {
       await Promise.race([closed, new Promise((_resolve, reject) => {
