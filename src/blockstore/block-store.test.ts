@@ -6,7 +6,7 @@ import { readdir, readFile, readlink, rm, stat } from 'node:fs/promises'
 import { join } from 'node:path'
 import { UkaiError } from '../errors.js'
 import { tmpDir } from '../../test/helpers/tmp.js'
-import { BlockStore } from './block-store.js'
+import { BlockStore, INCARNATION_FILE } from './block-store.js'
 
 const IMG = 'vm1'
 
@@ -129,6 +129,35 @@ describe('BlockStore', () => {
     await s.write(IMG, 0, 0, Buffer.from('keep'))
     await s.allocate(IMG)
     assert.equal((await read(s, 0, 0, 4)).toString(), 'keep')
+  })
+
+  test('bind: a directory is made for an incarnation, kept for it, adopted without a marker, emptied for another', async (t) => {
+    const s = await newStore(t)
+    // Made before markers (newStore allocates without one): adopted with its files.
+    await s.write(IMG, 0, 0, Buffer.from('old'))
+    assert.equal(await s.incarnationOf(IMG), undefined)
+    assert.equal(await s.bind(IMG, 'inc-1'), 'adopted')
+    assert.equal(await s.incarnationOf(IMG), 'inc-1')
+    assert.equal((await read(s, 0, 0, 3)).toString(), 'old')
+    assert.equal(await s.bind(IMG, 'inc-1'), 'kept')
+    // Another process (a restart) finds the marker: kept.
+    const again = new BlockStore(s.root, '%016d')
+    t.after(async () => await again.close())
+    assert.equal(await again.bind(IMG, 'inc-1'), 'kept')
+    // Another incarnation: the files of the first are gone before it reads anything.
+    assert.equal(await again.bind(IMG, 'inc-2'), 'wiped')
+    assert.deepEqual(await read(again, 0, 0, 3), Buffer.alloc(3))
+    assert.deepEqual((await readdir(join(s.root, IMG))).sort(), [INCARNATION_FILE])
+    // An import adopts what is there, whichever incarnation it was.
+    await again.write(IMG, 1, 0, Buffer.from('imported'))
+    assert.equal(await again.bind(IMG, 'inc-3', { adopt: true }), 'adopted')
+    assert.equal((await read(again, 1, 0, 8)).toString(), 'imported')
+    // A missing directory is made; concurrent binds agree.
+    assert.equal(await again.incarnationOf('fresh'), null)
+    const both = await Promise.all([again.bind('fresh', 'inc-9'), again.bind('fresh', 'inc-9')])
+    assert.deepEqual(both.sort(), ['kept', 'made'])
+    await again.destroy('fresh')
+    assert.equal(await again.incarnationOf('fresh'), null)
   })
 
   test('allocatedLength follows writes', async (t) => {

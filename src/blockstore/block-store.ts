@@ -16,13 +16,29 @@
  * - An fsync that failed is never forgotten: the kernel may have dropped
  *   the dirty pages, so a retried fsync would succeed on lost data. Every
  *   later flush of the image fails until the image is destroyed here.
+ * - An image's directory is bound to one incarnation of the image (the id
+ *   the metadata store gives each image it creates): `.incarnation` in the
+ *   directory names it (`bind`). Block files of another incarnation (an
+ *   image of the same name destroyed while this node was away) are
+ *   removed before the directory serves the new one: they are never read
+ *   as its data.
  */
 import * as fs from 'node:fs'
 import { join } from 'node:path'
 import { UkaiError } from '../errors.js'
 import { validateImageName } from '../metadata/names.js'
 import { parseBlockNameFormat, type BlockNamer } from './block-name.js'
-import { mkdirDurable, rmDurable } from '../util/durable-fs.js'
+import { fsyncDir, mkdirDurable, rmDurable } from '../util/durable-fs.js'
+
+/** The file in an image's directory that names the incarnation its block files belong to. */
+export const INCARNATION_FILE = '.incarnation'
+
+/**
+ * What `bind` found: the directory was made, already of this incarnation,
+ * adopted (it had no marker: made before markers, or the original's
+ * layout), or held another incarnation's files, which were removed.
+ */
+export type BindResult = 'made' | 'kept' | 'adopted' | 'wiped'
 
 interface Handle {
   key: string
@@ -71,6 +87,10 @@ export class BlockStore {
   private readonly failed = new Map<string, Error>()
   /** Images with block files created since their last flush: the directory's entries need an fsync too. */
   private readonly newFiles = new Set<string>()
+  /** Per image, the incarnation its directory was bound to by this process. */
+  private readonly bound = new Map<string, string>()
+  /** Binds in progress, per image (one at a time). */
+  private readonly binding = new Map<string, Promise<BindResult>>()
 
   constructor (root: string, blocknameFormat: string, options: BlockStoreOptions = {}) {
     this.root = root
@@ -86,9 +106,79 @@ export class BlockStore {
     return join(this.imageDir(image), this.name(block))
   }
 
-  /** Makes the image's directory (allocation), durably. Existing block files are kept. */
-  async allocate (image: string): Promise<void> {
+  /**
+   * Makes the image's directory (allocation), durably. Existing block
+   * files are kept; with an incarnation, the directory is bound to it
+   * (`bind`).
+   */
+  async allocate (image: string, incarnation?: string): Promise<BindResult> {
+    if (incarnation !== undefined) return await this.bind(image, incarnation)
     await mkdirDurable(this.imageDir(image))
+    return 'kept'
+  }
+
+  /**
+   * The incarnation the image's block files belong to: null when the
+   * directory is missing, undefined when it names none.
+   */
+  async incarnationOf (image: string): Promise<string | null | undefined> {
+    try {
+      return (await fs.promises.readFile(join(this.imageDir(image), INCARNATION_FILE), 'utf8')).trim()
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw err
+      return await this.has(image) ? undefined : null
+    }
+  }
+
+  /**
+   * Binds the image's directory to `incarnation`, durably: made when
+   * missing; a directory that names no incarnation is adopted with its
+   * files; one of another incarnation has its files removed first, unless
+   * `adopt` (an import of metadata for block files already there).
+   */
+  async bind (image: string, incarnation: string, options: { adopt?: boolean } = {}): Promise<BindResult> {
+    if (this.bound.get(image) === incarnation) return 'kept'
+    const busy = this.binding.get(image)
+    if (busy !== undefined) {
+      await busy.catch(() => {})
+      return await this.bind(image, incarnation, options)
+    }
+    const run = this.bindOnce(image, incarnation, options.adopt === true).finally(() => this.binding.delete(image))
+    this.binding.set(image, run)
+    return await run
+  }
+
+  private async bindOnce (image: string, incarnation: string, adopt: boolean): Promise<BindResult> {
+    const dir = this.imageDir(image)
+    const had = await this.incarnationOf(image)
+    let result: BindResult
+    if (had === incarnation) result = 'kept'
+    else if (had === null) {
+      await mkdirDurable(dir)
+      result = 'made'
+    } else if (had === undefined || adopt) {
+      result = 'adopted'
+    } else {
+      // Another image's data under this name: gone before anything reads it.
+      await this.closeImage(image).catch(() => {})
+      await rmDurable(dir)
+      this.failed.delete(image)
+      this.syncedAll.delete(image)
+      await mkdirDurable(dir)
+      result = 'wiped'
+    }
+    if (result !== 'kept') {
+      const tmp = join(dir, `${INCARNATION_FILE}.tmp`)
+      const fh = await fs.promises.open(tmp, 'w', 0o644)
+      try {
+        await fh.writeFile(`${incarnation}\n`)
+        await fh.sync()
+      } finally { await fh.close() }
+      await fs.promises.rename(tmp, join(dir, INCARNATION_FILE))
+      await fsyncDir(dir)
+    }
+    this.bound.set(image, incarnation)
+    return result
   }
 
   async has (image: string): Promise<boolean> {
@@ -103,6 +193,7 @@ export class BlockStore {
     await rmDurable(this.imageDir(image))
     this.failed.delete(image)
     this.syncedAll.delete(image)
+    this.bound.delete(image)
   }
 
   /** Reads `buf.length` bytes of block `block` at `offset`; holes and missing files read as zeros. */

@@ -132,7 +132,7 @@ export class ImageService {
     // so a losing creator never touches the winner's data.
     const stored = await this.store.create(meta)
     try {
-      await this.allocateLocal(stored)
+      await this.allocateLocal(stored, false)
     } catch (err) {
       await this.store.delete(meta.name).catch(() => {})
       throw err
@@ -144,14 +144,20 @@ export class ImageService {
   async importMetadata (doc: unknown): Promise<ImageMeta> {
     const meta = validateImported(importAny(doc, this.config.proxy_port))
     const stored = await this.store.create(meta)
-    await this.allocateLocal(stored)
+    // The block files here are taken as this image's, whatever they were.
+    await this.allocateLocal(stored, true)
     return stored
   }
 
-  /** Allocates the image's replicas: here directly, on other nodes over their control API. */
-  private async allocateLocal (meta: ImageMeta): Promise<void> {
+  /**
+   * Allocates the image's replicas: here directly, bound to the image's
+   * incarnation (`adopt`: with the files already there), on other nodes
+   * over their control API.
+   */
+  private async allocateLocal (meta: ImageMeta, adopt: boolean): Promise<void> {
+    const { incarnation } = await this.store.requireState(meta.name)
     for (const loc of meta.locations.keys()) {
-      if (isLocalLocation(this.config, loc)) await this.blocks.allocate(meta.name)
+      if (isLocalLocation(this.config, loc)) await this.bindLocal(meta.name, incarnation, adopt)
       else {
         const warning = await this.directory.replicaCall(loc, 'POST', meta.name)
         if (warning !== undefined) this.warn(warning)
@@ -164,11 +170,22 @@ export class ImageService {
    * here (a call from the node that created or extended the image).
    */
   async allocateReplica (name: string): Promise<void> {
-    const meta = await this.store.require(validateImageName(name))
-    if (![...meta.locations.keys()].some((l) => isLocalLocation(this.config, l))) {
+    const st = await this.store.requireState(validateImageName(name))
+    if (![...st.meta.locations.keys()].some((l) => isLocalLocation(this.config, l))) {
       throw new UkaiError('UKAI_ERR_INVALID_ARGUMENT', `image '${name}' places no block on this node (${this.config.id})`)
     }
-    await this.blocks.allocate(name)
+    await this.bindLocal(name, st.incarnation, false)
+  }
+
+  /**
+   * This node's replica of an image, bound to its incarnation (block
+   * store `bind`): block files of an earlier image of the same name go
+   * first, and the operator is told.
+   */
+  async bindLocal (name: string, incarnation: string, adopt: boolean): Promise<void> {
+    if (await this.blocks.bind(name, incarnation, { adopt }) === 'wiped') {
+      this.warn(`image '${name}': this node held block files of an earlier image of that name (destroyed while the node was away); they were removed`)
+    }
   }
 
   /** Removes this node's block files of an image that no longer places blocks here. */
@@ -192,7 +209,7 @@ export class ImageService {
       meta.addLocation(loc, s, e, false)
       return meta
     })
-    if (isLocalLocation(this.config, loc)) await this.blocks.allocate(name)
+    if (isLocalLocation(this.config, loc)) await this.bindLocal(name, (await this.store.requireState(name)).incarnation, false)
     else {
       const warning = await this.directory.replicaCall(loc, 'POST', name)
       if (warning !== undefined) this.warn(warning)

@@ -147,29 +147,35 @@ export class UkaiNode extends EventEmitter implements ReplicaProvider, ClusterCo
    */
   private async checkLocalReplicas (): Promise<void> {
     for (const name of this.imageNames()) {
-      const meta = this.known.get(name)?.meta
+      const known = this.known.get(name)
+      const meta = known?.meta
       const loc = meta === undefined ? undefined : [...meta.locations.keys()].find((l) => isLocalLocation(this.config, l))
-      if (meta === undefined || loc === undefined || await this.blocks.has(name)) continue
+      if (known === undefined || meta === undefined || loc === undefined) continue
+      if (await this.blocks.has(name)) {
+        // Files of an earlier image of this name (destroyed while this node was down) go now.
+        await this.images.bindLocal(name, known.incarnation, false)
+          .catch((err) => this.emit('warning', `image '${name}': binding this node's replica: ${toUkaiError(err).message}`))
+        continue
+      }
       const mine = meta.locations.get(loc)!
       let sole = 0
       const updated = await this.store.update(name, (m) => {
-        sole = 0
         const st = m.locations.get(loc)
+        sole = 0
         if (st === undefined) return m
-        for (const [s, e] of st.blocks.ranges()) {
-          for (let b = s; b < e; b++) {
-            if (st.outOfSync.has(b)) continue
-            if (m.replicasOf(b).some((r) => r.inSync && r.location !== loc)) m.setSync(loc, b, b + 1, false)
-            else sole++
-          }
-        }
+        // Range by range: what is in sync here, and of that what no other location has in sync.
+        const here = st.blocks.clone().removeSet(st.outOfSync)
+        const alone = here.clone()
+        for (const [other, o] of m.locations) if (other !== loc) alone.removeSet(o.blocks.clone().removeSet(o.outOfSync))
+        sole = alone.size
+        for (const [s, e] of here.removeSet(alone).ranges()) m.setSync(loc, s, e, false)
         return m
       }).catch((err) => { this.emit('warning', `image '${name}': marking this node's missing replica out of sync: ${toUkaiError(err).message}`); return undefined })
       if (updated === undefined) continue
       await this.reload(name)
       await this.publish(name, updated.revision)
       if (sole === 0) {
-        await this.blocks.allocate(name)
+        await this.images.bindLocal(name, known.incarnation, false)
         this.emit('warning', `image '${name}': this node's replica was missing (${this.blocks.imageDir(name)}); its ${mine.blocks.size} block(s) are out of sync here until 'ukai sync ${name}'`)
       } else {
         this.emit('warning', `image '${name}': this node's replica is missing (${this.blocks.imageDir(name)}) and holds the only in-sync copy of ${sole} block(s): they read as errors; nothing was made up`)
@@ -413,8 +419,13 @@ export class UkaiNode extends EventEmitter implements ReplicaProvider, ClusterCo
       await open.ready
       return open.volume
     }
-    const meta = await this.store.get(name)
-    if (meta === undefined) throw imageNotFound(name)
+    const st = await this.store.state(name)
+    if (st === undefined) throw imageNotFound(name)
+    const meta = st.meta
+    // This node's replica serves this image's data only: files of an earlier image of the name go first.
+    if ([...meta.locations.keys()].some((l) => isLocalLocation(this.config, l)) && await this.blocks.has(name)) {
+      await this.images.bindLocal(name, st.incarnation, false)
+    }
     const again = this.volumes.get(name)
     if (again !== undefined) {
       again.refs++

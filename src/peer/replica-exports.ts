@@ -55,9 +55,9 @@ export class ReplicaExports implements ExportProvider {
   async open (name: string): Promise<OpenExport> {
     const h = this.held(name)
     if (h === undefined) throw imageNotFound(name)
+    const st = await this.node.store.requireState(h.image)
     if (h.generation !== undefined) {
       // Only the writer the metadata store names now may write here.
-      const st = await this.node.store.requireState(h.image)
       if (st.writer === undefined || st.writer.generation !== h.generation) {
         throw new UkaiError('UKAI_ERR_FENCED',
           `image '${h.image}': writer generation ${h.generation} does not hold the writer lease (${st.writer === undefined ? 'nobody does' : `generation ${st.writer.generation} of node ${st.writer.node} does`})`)
@@ -71,6 +71,8 @@ export class ReplicaExports implements ExportProvider {
     if (!await this.node.blocks.has(h.image)) {
       throw new UkaiError('UKAI_ERR_NOT_FOUND', `the replica of image '${h.image}' on node ${this.node.config.id} is missing (${this.node.blocks.imageDir(h.image)})`)
     }
+    // Never another image's files under this name (one destroyed while this node was away).
+    await this.node.images.bindLocal(h.image, st.incarnation, false)
     return {
       name,
       size: h.meta.size,
