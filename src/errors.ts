@@ -54,6 +54,8 @@ export const CODES = {
   UKAI_ERR_METADATA_UNAVAILABLE: { errno: E.EIO, nbd: NBD_EIO, http: 503, exit: 12 },
   /** This writer was fenced: another node took over the image's writer lease. */
   UKAI_ERR_FENCED: { errno: E.EROFS, nbd: NBD_EPERM, http: 409, exit: 13 },
+  /** A control API call without the cluster's bearer token, or with another one. */
+  UKAI_ERR_UNAUTHENTICATED: { errno: E.EACCES, nbd: NBD_EPERM, http: 401, exit: 14 },
   UKAI_ERR_INTERNAL: { errno: E.EIO, nbd: NBD_EIO, http: 500, exit: 1 }
 } as const satisfies Record<string, ErrorMapping>
 

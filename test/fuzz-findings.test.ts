@@ -17,9 +17,11 @@ import { freePort } from './helpers/node-process.js'
 
 interface Answer { status: number, body: { error?: { code: string, message: string, details: Record<string, unknown> } } & Record<string, unknown> }
 
+let token = ''
+
 async function call (port: number, method: string, path: string, body: string): Promise<Answer> {
   return await new Promise((resolve, reject) => {
-    const req = request({ host: '127.0.0.1', port, method, path, headers: { 'content-type': 'application/json', 'content-length': Buffer.byteLength(body) } }, (res) => {
+    const req = request({ host: '127.0.0.1', port, method, path, headers: { 'content-type': 'application/json', 'content-length': Buffer.byteLength(body), authorization: `Bearer ${token}` } }, (res) => {
       const chunks: Buffer[] = []
       res.on('data', (c: Buffer) => chunks.push(c))
       res.on('end', () => {
@@ -52,6 +54,7 @@ describe('fuzz findings, kept', () => {
     node = await UkaiNode.start(config)
     control = new ControlServer(node)
     await control.listen(port, '127.0.0.1')
+    token = await node.images.directory.controlToken()
     await node.createImage({ name: 'fx', size: 1 << 20, block_size: 1 << 16 })
   })
   after(async () => {

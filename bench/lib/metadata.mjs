@@ -141,7 +141,7 @@ export async function metadataCost (o) {
     if (i < o.creations - 1) await o.a.api('DELETE', `/v1/images/${name}`)
   }
   const t0 = performance.now()
-  const seed = await httpCall(o.a.controlPort, 'GET', `/v1/images/${name}?format=seed`)
+  const seed = await httpCall(o.a.controlPort, 'GET', `/v1/images/${name}?format=seed`, undefined, await o.a.controlToken())
   const seedMs = performance.now() - t0
   const seedBytes = seed.status === 200 ? Buffer.byteLength(seed.text) : NaN
 
@@ -438,7 +438,7 @@ async function syncStatePropagation (o) {
         const statsOk = (after[expected] ?? 0) - (before[expected] ?? 0) === 1
         if (statsOk) statsOkCount++
         const r0 = performance.now()
-        const refresh = await httpCall(o.b.controlPort, 'POST', `/v1/images/${name}/refresh`, { revision: meta.revision })
+        const refresh = await httpCall(o.b.controlPort, 'POST', `/v1/images/${name}/refresh`, { revision: meta.revision }, await o.b.controlToken())
         const refreshMs = performance.now() - r0
         const bRevision = refresh.status === 200 ? JSON.parse(refresh.text).revision : NaN
         if (bRevision >= meta.revision) refreshOk++
@@ -479,7 +479,7 @@ async function syncStatePropagation (o) {
 
 /** B's reads of an image per location, from its own I/O statistics. */
 async function readsFrom (node, name) {
-  const { status, text } = await httpCall(node.controlPort, 'GET', `/v1/images/${name}/stats`)
+  const { status, text } = await httpCall(node.controlPort, 'GET', `/v1/images/${name}/stats`, undefined, await node.controlToken())
   if (status !== 200) throw new Error(`GET /v1/images/${name}/stats on node ${node.name}: ${status} ${text.slice(0, 200)}`)
   return JSON.parse(text).readsFrom ?? {}
 }

@@ -104,6 +104,8 @@ export class UkaiNode {
       env: { ...process.env, ...this.env }
     })
     await this.daemon.start()
+    // Read now, so that no measured call waits for it.
+    await this.controlToken()
   }
 
   async stop () {
@@ -124,9 +126,19 @@ export class UkaiNode {
     return { peak: kb('VmHWM'), current: kb('VmRSS') }
   }
 
+  /** The cluster's control API token (`ukai control-token`), read once. */
+  async controlToken () {
+    if (this.token === undefined) {
+      const r = await this.ukai('control-token')
+      if (r.code !== 0) throw new Error(`ukai control-token: ${r.stderr}`)
+      this.token = r.stdout.trim()
+    }
+    return this.token
+  }
+
   /** A control API call; resolves with the parsed JSON, rejects with the node's error. */
   async api (method, path, body) {
-    const { status, text } = await httpCall(this.controlPort, method, path, body)
+    const { status, text } = await httpCall(this.controlPort, method, path, body, await this.controlToken())
     const doc = text === '' ? undefined : JSON.parse(text)
     if (status >= 400) throw new Error(`${method} ${path}: ${status} ${doc?.error?.code ?? ''} ${doc?.error?.message ?? text}`)
     return doc
@@ -137,7 +149,7 @@ export class UkaiNode {
    * final `{"result": ...}`. Resolves with the result (blocks, bytes copied).
    */
   async sync (image, body = {}) {
-    const { status, text } = await httpCall(this.controlPort, 'POST', `/v1/images/${encodeURIComponent(image)}/sync`, body)
+    const { status, text } = await httpCall(this.controlPort, 'POST', `/v1/images/${encodeURIComponent(image)}/sync`, body, await this.controlToken())
     const lines = text.split('\n').filter((l) => l.trim() !== '').map((l) => JSON.parse(l))
     const last = lines[lines.length - 1]
     if (status >= 400 || last?.error !== undefined || last?.result === undefined) {
@@ -147,8 +159,8 @@ export class UkaiNode {
   }
 }
 
-/** One HTTP request to a control API on 127.0.0.1. */
-export async function httpCall (port, method, path, body) {
+/** One HTTP request to a control API on 127.0.0.1, with the cluster's bearer token. */
+export async function httpCall (port, method, path, body, token) {
   const payload = body === undefined ? undefined : Buffer.from(JSON.stringify(body))
   return await new Promise((resolve, reject) => {
     const req = request({
@@ -157,7 +169,10 @@ export async function httpCall (port, method, path, body) {
       method,
       path,
       agent: false,
-      headers: payload === undefined ? {} : { 'content-type': 'application/json', 'content-length': payload.length }
+      headers: {
+        authorization: `Bearer ${token}`,
+        ...(payload === undefined ? {} : { 'content-type': 'application/json', 'content-length': payload.length })
+      }
     }, (res) => {
       const chunks = []
       res.on('data', (c) => chunks.push(c))

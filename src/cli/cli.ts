@@ -8,6 +8,7 @@ import { readFile } from 'node:fs/promises'
 import { parseArgs, type ParseArgsConfig } from 'node:util'
 import { loadConfig, type Config } from '../config/config.js'
 import { ControlClient, RawJson, callStream, isNotRunning } from '../control/client.js'
+import { loadControlToken, tokenFromFile } from '../control/token.js'
 import { UkaiError, invalidArgument, toUkaiError } from '../errors.js'
 import { BlockStore } from '../blockstore/block-store.js'
 import { ImageService, describe, parseInfoFormat, summarise, type ImageSummary } from '../node/images.js'
@@ -34,6 +35,7 @@ const USAGE = `usage: ukai [--config PATH] COMMAND ...
   nodes list [--json]                                registered nodes: alive (lease), reachable, RTT, free space
   nodes best                                         the node with the most free space
   nodes errors [--json]                              locations in the error state
+  control-token                                      print the control API's bearer token
   version
 
 Every command takes --config PATH (default: $UKAI_CONFIG, else /etc/ukai/config).
@@ -64,9 +66,25 @@ function expect (positionals: string[], names: string[], command: string): strin
   return positionals
 }
 
+/** The cluster's control token: from control_token_file, or from the metadata store. */
+async function controlToken (config: Config): Promise<string> {
+  if (config.control_token_file !== undefined) return await tokenFromFile(config.control_token_file)
+  const store = await openStore(config)
+  try {
+    return await loadControlToken(config, store)
+  } finally {
+    await store.close()
+  }
+}
+
+/** A client of this config's node, with the cluster's token. */
+async function controlClient (config: Config): Promise<ControlClient> {
+  return new ControlClient(config.control_address, config.control_port, 0, await controlToken(config))
+}
+
 /** Runs `fn` against the running node's API, or offline against the local stores. */
 async function withImages<T> (config: Config, online: (c: ControlClient) => Promise<T>, offline: (s: ImageService) => Promise<T>): Promise<T> {
-  const client = new ControlClient(config.control_address, config.control_port)
+  const client = await controlClient(config)
   try {
     return await online(client)
   } catch (err) {
@@ -252,7 +270,7 @@ async function nodesCommand (args: string[], configPath: string | undefined): Pr
   const { values, positionals } = parse(rest, { json: { type: 'boolean' } })
   expect(positionals, [], 'nodes errors')
   const config = loadConfig(configPath)
-  const client = new ControlClient(config.control_address, config.control_port)
+  const client = await controlClient(config)
   let list: Array<{ location: string, reason: string, retry_after: string }>
   try {
     list = await client.call('GET', '/v1/nodes/errors')
@@ -283,7 +301,7 @@ async function syncCommand (args: string[], configPath: string | undefined): Pro
   const [name] = expect(positionals, ['IMAGE'], 'sync')
   const body = blockRangeArgs(values)
   const config = loadConfig(configPath)
-  const client = new ControlClient(config.control_address, config.control_port)
+  const client = await controlClient(config)
   const bar = new ProgressBar(`sync ${name!}`)
   let result: SyncProgress
   try {
@@ -380,6 +398,11 @@ export async function main (argv: string[]): Promise<number> {
       case 'image': await imageCommand(args, configPath); return 0
       case 'nodes': await nodesCommand(args, configPath); return 0
       case 'sync': await syncCommand(args, configPath); return 0
+      case 'control-token': {
+        expect(parse(args, {}).positionals, [], 'control-token')
+        print(await controlToken(loadConfig(configPath)))
+        return 0
+      }
       case 'version': print('ukai 0.1.0'); return 0
       default:
         throw invalidArgument(`unknown command ${show(command)} (see 'ukai --help')`)

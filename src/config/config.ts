@@ -29,6 +29,11 @@ export interface Config {
   proxy_address: string
   /** This node's address as image locations name it, "host:port". */
   id: string
+  /**
+   * File holding the control API's bearer token (control/token.ts); when
+   * absent, the token kept in the metadata store.
+   */
+  control_token_file: string | undefined
   /** Seconds a node in the error state is skipped before it is tried again. */
   retry_after: number
   /** Seconds a peer may take to answer before it is put in the error state. */
@@ -129,6 +134,7 @@ const KEYS: Record<string, { check: Checker, as?: keyof Config }> = {
   control_port: { check: port },
   proxy_port: { check: port },
   control_address: { check: address },
+  control_token_file: { check: path },
   proxy_address: { check: address },
   id: { check: (v, key) => v }, // checked below, once proxy_port is known
   retry_after: { check: seconds },
@@ -150,6 +156,7 @@ export function defaultConfig (): Config {
     control_address: '127.0.0.1',
     proxy_address: '127.0.0.1',
     id: '127.0.0.1:22222',
+    control_token_file: undefined,
     retry_after: 60,
     io_timeout: 10,
     metadata_backend: 'file',

@@ -15,11 +15,22 @@ export class ControlClient {
   readonly port: number
   /** Milliseconds a call may take (0: no limit). */
   readonly timeoutMs: number
+  /** The cluster's bearer token (control/token.ts); never shown. */
+  private readonly token: string | undefined
 
-  constructor (host: string, port: number, timeoutMs = 0) {
+  constructor (host: string, port: number, timeoutMs = 0, token?: string) {
     this.host = host
     this.port = port
     this.timeoutMs = timeoutMs
+    this.token = token
+  }
+
+  /** Headers of every call: the token, and a body's type and length. */
+  headers (payload: Buffer | undefined): Record<string, string | number> {
+    return {
+      ...(this.token !== undefined ? { authorization: `Bearer ${this.token}` } : {}),
+      ...(payload !== undefined ? { 'content-type': 'application/json', 'content-length': payload.length } : {})
+    }
   }
 
   async call<T = unknown> (method: string, path: string, body?: unknown): Promise<T> {
@@ -30,7 +41,7 @@ export class ControlClient {
         port: this.port,
         method,
         path,
-        headers: payload === undefined ? {} : { 'content-type': 'application/json', 'content-length': payload.length }
+        headers: this.headers(payload)
       }, (res) => {
         const chunks: Buffer[] = []
         res.on('data', (c: Buffer) => chunks.push(c))
@@ -70,7 +81,7 @@ export async function callStream<T> (client: ControlClient, method: string, path
       port: client.port,
       method,
       path,
-      headers: { 'content-type': 'application/json', 'content-length': payload.length }
+      headers: client.headers(payload)
     }, (res) => {
       let pending = ''
       let settled = false

@@ -4,8 +4,15 @@
  * is validated before anything changes; errors come back as
  * `{"error": {"code", "message", "details"}}` with the HTTP status of the
  * error table in errors.ts.
+ *
+ * Every call needs the cluster's bearer token (control/token.ts), and is
+ * refused when its Host header names something else than this node (a
+ * DNS-rebinding page names its own host); a state-changing call that
+ * carries a browser's Origin is refused too, token or not.
  */
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http'
+import { hostname, networkInterfaces } from 'node:os'
+import { bearerMatches } from './token.js'
 import { UkaiError, invalidArgument, toUkaiError } from '../errors.js'
 import { describe, describeState, parseInfoFormat, summarise } from '../node/images.js'
 import type { UkaiNode } from '../node/node.js'
@@ -145,7 +152,7 @@ const routes: Route[] = [
       // The sync runs where the image is written: that node's writer session copies.
       const writer = await node.writerElsewhere(name!)
       if (writer !== undefined) {
-        const client = new ControlClient(writer.control_address, writer.control_port)
+        const client = new ControlClient(writer.control_address, writer.control_port, 0, await node.images.directory.controlToken())
         return await callStream(client, 'POST', `/v1/images/${encodeURIComponent(name!)}/sync`, b, emit)
       }
       return await node.syncImage(name!, start, last === undefined ? undefined : last + 1, emit)
@@ -227,15 +234,23 @@ export function sendError (res: ServerResponse, err: unknown): void {
   send(res, e.mapping.http, { error: { code: e.code, message: e.message, details } })
 }
 
+/** Methods that change nothing: a browser's cross-origin GET cannot carry the token anyway. */
+const SAFE_METHODS = new Set(['GET', 'HEAD'])
+
 export class ControlServer {
   private readonly node: UkaiNode
   private server: Server | undefined
+  private token = ''
+  /** Names a request's Host may give this node by (lower case, IPv6 without brackets). */
+  private names = new Set<string>()
 
   constructor (node: UkaiNode) {
     this.node = node
   }
 
   async listen (port: number, host: string): Promise<void> {
+    this.token = await this.node.images.directory.controlToken()
+    this.names = hostNamesOf(host, this.node.config.id)
     const server = createServer((req, res) => { void this.handle(req, res) })
     await new Promise<void>((resolve, reject) => {
       server.once('error', reject)
@@ -249,8 +264,35 @@ export class ControlServer {
     return typeof a === 'object' && a !== null ? a.port : undefined
   }
 
+  /** Who may call: the Host is this node's, no browser changes anything, the token is the cluster's. */
+  private admit (req: IncomingMessage, res: ServerResponse): void {
+    const host = req.headers.host
+    if (host === undefined || !this.isOurHost(host)) {
+      throw new UkaiError('UKAI_ERR_PERMISSION', `the request's Host ${host === undefined ? '(none)' : show(host)} does not name this node's control API (${this.node.config.control_address}:${this.port ?? '?'})`)
+    }
+    const origin = req.headers.origin
+    if (origin !== undefined && !SAFE_METHODS.has(req.method ?? '')) {
+      throw new UkaiError('UKAI_ERR_PERMISSION', `a state-changing call from a web page (Origin ${show(origin)}) is refused`)
+    }
+    if (!bearerMatches(req.headers.authorization, this.token)) {
+      res.setHeader('www-authenticate', 'Bearer realm="ukai"')
+      throw new UkaiError('UKAI_ERR_UNAUTHENTICATED', req.headers.authorization === undefined
+        ? "the control API needs the cluster's bearer token (Authorization: Bearer ...; 'ukai control-token' prints it)"
+        : "the bearer token is not this cluster's")
+    }
+  }
+
+  private isOurHost (host: string): boolean {
+    let u: URL
+    try { u = new URL(`http://${host}`) } catch { return false }
+    if (u.username !== '' || u.pathname !== '/' || u.search !== '') return false
+    const port = u.port === '' ? 80 : Number(u.port)
+    return port === this.port && this.names.has(u.hostname.replace(/^\[|\]$/g, '').toLowerCase())
+  }
+
   private async handle (req: IncomingMessage, res: ServerResponse): Promise<void> {
     try {
+      this.admit(req, res)
       const url = new URL(req.url ?? '/', 'http://control')
       let path: string
       try { path = decodeURIComponent(url.pathname) } catch { throw invalidArgument('malformed path') }
@@ -291,4 +333,21 @@ export class ControlServer {
     server.closeAllConnections()
     await new Promise<void>((resolve) => server.close(() => resolve()))
   }
+}
+
+/**
+ * The names this node answers to: its listen address (unless a wildcard),
+ * its id's host, loopback, its host name and every address of its
+ * interfaces.
+ */
+function hostNamesOf (listen: string, id: string): Set<string> {
+  const names = new Set<string>(['localhost', '127.0.0.1', '::1', hostname().toLowerCase()])
+  const bare = (h: string): string => h.replace(/^\[|\]$/g, '').toLowerCase()
+  if (listen !== '0.0.0.0' && listen !== '::' && listen !== '') names.add(bare(listen))
+  const m = /^(.*?)(?::\d+)?$/.exec(id)
+  if (m !== null && m[1] !== '') names.add(bare(m[1]!))
+  for (const list of Object.values(networkInterfaces())) {
+    for (const a of list ?? []) names.add(bare(a.address))
+  }
+  return names
 }

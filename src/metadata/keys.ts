@@ -14,6 +14,7 @@
  *   images/<name>/open/<node>             who has the image open there (on that node's lease)
  *   nodes/<id>/info                       a node's registration: how to reach its control API
  *   nodes/<id>/alive                      present while the node runs (on its lease)
+ *   cluster/control-token                 the control API's bearer token (unless the config names a file)
  *
  * Image names and locations cannot contain '/', so no key is ambiguous.
  */
@@ -39,6 +40,7 @@ export const generationKey = (name: string): string => `images/${name}/generatio
 export const openPrefix = (name: string): string => `images/${name}/open/`
 export const openKey = (name: string, node: string): string => `images/${name}/open/${node}`
 export const nodesPrefix = 'nodes/'
+export const controlTokenKey = 'cluster/control-token'
 export const nodeInfoKey = (id: string): string => `nodes/${id}/info`
 export const nodeAliveKey = (id: string): string => `nodes/${id}/alive`
 

@@ -27,7 +27,7 @@ import { KeyedQueue } from '../util/keyed-queue.js'
 import type { Compare, KeyValue, Lease, MetadataCore, TxnOp, Watcher } from './core.js'
 import { ImageMeta, validateImage } from './image.js'
 import {
-  decodeHeader, decodeImage, dirtyKey, encodeImageKeys, generationKey, headerKey, imageOfKey, imagePrefix, imagesPrefix,
+  controlTokenKey, decodeHeader, decodeImage, dirtyKey, encodeImageKeys, generationKey, headerKey, imageOfKey, imagePrefix, imagesPrefix,
   locPrefix, metaPrefix, nodeAliveKey, nodeInfoKey, nodesPrefix, openKey, openPrefix, writerKey
 } from './keys.js'
 import { canonicalLocation, validateImageName } from './names.js'
@@ -503,6 +503,25 @@ export class MetadataStore {
       byId.set(id, entry)
     }
     return [...byId.values()].sort((a, b) => a.info.id.localeCompare(b.info.id))
+  }
+
+  // ---- the cluster's control token -------------------------------------------------
+
+  /**
+   * The bearer token of every node's control API, kept in the store
+   * (`cluster/control-token`) unless the config names a file: made by the
+   * first caller, the same for every node and CLI of the cluster.
+   */
+  async controlToken (make: () => string, options: ChangeOptions = {}): Promise<string> {
+    return await this.retrying(async () => {
+      for (;;) {
+        const kv = await this.core.get(controlTokenKey)
+        if (kv !== undefined) return kv.value
+        const res = await this.core.txn([{ key: controlTokenKey, target: 'create', op: '==', value: 0 }],
+          [{ type: 'put', key: controlTokenKey, value: make() }])
+        if (res.succeeded) continue
+      }
+    }, options.until)
   }
 
   // ---- leases and watches -----------------------------------------------------------

@@ -12,6 +12,7 @@ import { ControlClient } from '../control/client.js'
 import { UkaiError, toUkaiError } from '../errors.js'
 import { canonicalLocation } from '../metadata/names.js'
 import type { MetadataStore, NodeInfo } from '../metadata/store.js'
+import { loadControlToken } from '../control/token.js'
 import type { FenceReply } from './node.js'
 
 export interface NodeStatus {
@@ -55,8 +56,17 @@ export class NodeDirectory {
     return undefined
   }
 
-  private client (n: NodeInfo, timeoutMs = PROBE_TIMEOUT_MS): ControlClient {
-    return new ControlClient(n.control_address, n.control_port, timeoutMs)
+  private token: Promise<string> | undefined
+
+  /** The cluster's control token (control/token.ts), read once. */
+  async controlToken (): Promise<string> {
+    this.token ??= loadControlToken(this.config, this.store)
+    this.token.catch(() => { this.token = undefined })
+    return await this.token
+  }
+
+  private async client (n: NodeInfo, timeoutMs = PROBE_TIMEOUT_MS): Promise<ControlClient> {
+    return new ControlClient(n.control_address, n.control_port, timeoutMs, await this.controlToken())
   }
 
   private async require (location: string): Promise<NodeInfo> {
@@ -73,7 +83,7 @@ export class NodeDirectory {
     const n = await this.find(location)
     if (n === undefined) return `node ${location} has not registered; its replica of '${image}' is handled when it next sees the image`
     try {
-      await this.client(n).call(method, `/v1/replicas/${encodeURIComponent(image)}`)
+      await (await this.client(n)).call(method, `/v1/replicas/${encodeURIComponent(image)}`)
       return undefined
     } catch (err) {
       return `node ${location}: ${toUkaiError(err).message}`
@@ -83,13 +93,13 @@ export class NodeDirectory {
   /** Asks the node at `location` to refuse writes of generations older than `generation` of `image`. */
   async fence (location: string, image: string, generation: number, timeoutMs: number): Promise<FenceReply> {
     const n = await this.require(location)
-    return await this.client(n, timeoutMs).call<FenceReply>('POST', `/v1/images/${encodeURIComponent(image)}/fence`, { generation })
+    return await (await this.client(n, timeoutMs)).call<FenceReply>('POST', `/v1/images/${encodeURIComponent(image)}/fence`, { generation })
   }
 
   /** Asks the node at `location` to apply revision `revision` of `image` (or newer) before it answers. */
   async refresh (location: string, image: string, revision: number, timeoutMs: number): Promise<void> {
     const n = await this.require(location)
-    await this.client(n, timeoutMs).call('POST', `/v1/images/${encodeURIComponent(image)}/refresh`, { revision })
+    await (await this.client(n, timeoutMs)).call('POST', `/v1/images/${encodeURIComponent(image)}/refresh`, { revision })
   }
 
   /** Every registered node: alive from its lease; capacity and the RTT of a probe from the ones alive. */
@@ -104,8 +114,8 @@ export class NodeDirectory {
         reachable: false
       }
       if (alive === undefined) return base
-      const c = this.client(alive)
       try {
+        const c = await this.client(alive)
         const t0 = performance.now()
         await c.call('GET', '/v1/ping')
         const rtt = performance.now() - t0

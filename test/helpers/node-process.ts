@@ -131,10 +131,28 @@ export class TestNode {
     return await run(process.execPath, [CLI, '--config', this.configPath, ...args])
   }
 
-  async api<T = unknown> (method: string, path: string, body?: unknown): Promise<{ status: number, body: T }> {
+  private token: string | undefined
+
+  /** The cluster's control token, as `ukai control-token` prints it. */
+  async controlToken (): Promise<string> {
+    if (this.token === undefined) {
+      const r = await this.cli('control-token')
+      if (r.code !== 0) throw new Error(`ukai control-token: ${r.stderr}`)
+      this.token = r.stdout.trim()
+    }
+    return this.token
+  }
+
+  /** A control API call with the cluster's token (`token: null`: none; a string: that one instead). */
+  async api<T = unknown> (method: string, path: string, body?: unknown, options: { token?: string | null, headers?: Record<string, string> } = {}): Promise<{ status: number, body: T }> {
+    const token = options.token === undefined ? await this.controlToken() : options.token
     const res = await fetch(`http://127.0.0.1:${this.controlPort}${path}`, {
       method,
-      headers: body === undefined ? {} : { 'content-type': 'application/json' },
+      headers: {
+        ...(token !== null ? { authorization: `Bearer ${token}` } : {}),
+        ...(body === undefined ? {} : { 'content-type': 'application/json' }),
+        ...options.headers
+      },
       body: body === undefined ? undefined : (typeof body === 'string' ? body : JSON.stringify(body))
     })
     return { status: res.status, body: await res.json() as T }

@@ -187,6 +187,8 @@ const largeInputArb = inputsOf(
 // The fixture
 
 interface Ctx {
+  /** The control API's bearer token. */
+  token: string
   fixtures: Fixture[]
   dir: string
   config: Config
@@ -262,7 +264,7 @@ interface Answer { status: number, headers: Record<string, string | string[] | u
 async function call (ctx: Ctx, method: string, path: string, body: string | undefined, chunked: boolean, signal: AbortSignal, retry = true): Promise<Answer> {
   return await new Promise<Answer>((resolve, reject) => {
     const payload = body === undefined ? undefined : Buffer.from(body, 'utf8')
-    const headers: Record<string, string | number> = { 'content-type': 'application/json' }
+    const headers: Record<string, string | number> = { 'content-type': 'application/json', authorization: `Bearer ${ctx.token}` }
     if (payload !== undefined) {
       // Explicit framing: without it Node sends a GET's or DELETE's body unframed.
       if (chunked) headers['transfer-encoding'] = 'chunked'
@@ -324,7 +326,7 @@ async function setup (fixtures: Fixture[]): Promise<Ctx> {
     node.on('notice', () => {})
     const control = new ControlServer(node)
     await control.listen(port, '127.0.0.1')
-    const ctx: Ctx = { fixtures, dir, config, node, control, port, agent: new Agent({ keepAlive: true, maxSockets: 1 }), baseline: '', cheap: '', protoKeys: protoState() }
+    const ctx: Ctx = { token: await node.images.directory.controlToken(), fixtures, dir, config, node, control, port, agent: new Agent({ keepAlive: true, maxSockets: 1 }), baseline: '', cheap: '', protoKeys: protoState() }
     await makeFixtures(ctx)
     return ctx
   } catch (err) {
