@@ -131,30 +131,35 @@ describe('BlockStore', () => {
     assert.equal((await read(s, 0, 0, 4)).toString(), 'keep')
   })
 
-  test('bind: a directory is made for an incarnation, kept for it, adopted without a marker, emptied for another', async (t) => {
+  test('bind: a directory is made for an incarnation, kept for it, adopted without a marker, emptied for a newer one, never for an older one', async (t) => {
     const s = await newStore(t)
+    const inc = (id: string, created: number): { id: string, created: number } => ({ id, created })
     // Made before markers (newStore allocates without one): adopted with its files.
     await s.write(IMG, 0, 0, Buffer.from('old'))
     assert.equal(await s.incarnationOf(IMG), undefined)
-    assert.equal(await s.bind(IMG, 'inc-1'), 'adopted')
-    assert.equal(await s.incarnationOf(IMG), 'inc-1')
+    assert.equal(await s.bind(IMG, inc('inc-1', 10)), 'adopted')
+    assert.deepEqual(await s.incarnationOf(IMG), inc('inc-1', 10))
     assert.equal((await read(s, 0, 0, 3)).toString(), 'old')
-    assert.equal(await s.bind(IMG, 'inc-1'), 'kept')
+    assert.equal(await s.bind(IMG, inc('inc-1', 10)), 'kept')
     // Another process (a restart) finds the marker: kept.
     const again = new BlockStore(s.root, '%016d')
     t.after(async () => await again.close())
-    assert.equal(await again.bind(IMG, 'inc-1'), 'kept')
-    // Another incarnation: the files of the first are gone before it reads anything.
-    assert.equal(await again.bind(IMG, 'inc-2'), 'wiped')
+    assert.equal(await again.bind(IMG, inc('inc-1', 10)), 'kept')
+    // A newer incarnation: the files of the first are gone before it reads anything.
+    assert.equal(await again.bind(IMG, inc('inc-2', 20)), 'wiped')
     assert.deepEqual(await read(again, 0, 0, 3), Buffer.alloc(3))
     assert.deepEqual((await readdir(join(s.root, IMG))).sort(), [INCARNATION_FILE])
+    await again.write(IMG, 2, 0, Buffer.from('newer'))
+    // A caller with an out-of-date view (the first image) is refused, and removes nothing.
+    await assert.rejects(again.bind(IMG, inc('inc-1', 10)), (err: UkaiError) => err.code === 'UKAI_ERR_UNAVAILABLE' && /newer image of that name/.test(err.message))
+    assert.equal((await read(again, 2, 0, 5)).toString(), 'newer')
     // An import adopts what is there, whichever incarnation it was.
     await again.write(IMG, 1, 0, Buffer.from('imported'))
-    assert.equal(await again.bind(IMG, 'inc-3', { adopt: true }), 'adopted')
+    assert.equal(await again.bind(IMG, inc('inc-3', 5), { adopt: true }), 'adopted')
     assert.equal((await read(again, 1, 0, 8)).toString(), 'imported')
     // A missing directory is made; concurrent binds agree.
     assert.equal(await again.incarnationOf('fresh'), null)
-    const both = await Promise.all([again.bind('fresh', 'inc-9'), again.bind('fresh', 'inc-9')])
+    const both = await Promise.all([again.bind('fresh', inc('inc-9', 1)), again.bind('fresh', inc('inc-9', 1))])
     assert.deepEqual(both.sort(), ['kept', 'made'])
     await again.destroy('fresh')
     assert.equal(await again.incarnationOf('fresh'), null)

@@ -17,11 +17,14 @@
  *   the dirty pages, so a retried fsync would succeed on lost data. Every
  *   later flush of the image fails until the image is destroyed here.
  * - An image's directory is bound to one incarnation of the image (the id
- *   the metadata store gives each image it creates): `.incarnation` in the
- *   directory names it (`bind`). Block files of another incarnation (an
- *   image of the same name destroyed while this node was away) are
- *   removed before the directory serves the new one: they are never read
- *   as its data.
+ *   the metadata store gives each image it creates, and the store
+ *   revision it was created at, which only grows from one image of a name
+ *   to the next): `.incarnation` in the directory names both (`bind`).
+ *   Block files of an older incarnation (an image of the same name
+ *   destroyed while this node was away) are removed before the directory
+ *   serves the new one: they are never read as its data. A caller whose
+ *   view of the image is older than the directory's is refused, never
+ *   let to remove the newer image's files.
  */
 import * as fs from 'node:fs'
 import { join } from 'node:path'
@@ -36,9 +39,12 @@ export const INCARNATION_FILE = '.incarnation'
 /**
  * What `bind` found: the directory was made, already of this incarnation,
  * adopted (it had no marker: made before markers, or the original's
- * layout), or held another incarnation's files, which were removed.
+ * layout), or held an older incarnation's files, which were removed.
  */
 export type BindResult = 'made' | 'kept' | 'adopted' | 'wiped'
+
+/** One incarnation of an image: its id, and the metadata store revision it was created at. */
+export interface Incarnation { id: string, created: number }
 
 interface Handle {
   key: string
@@ -87,7 +93,7 @@ export class BlockStore {
   private readonly failed = new Map<string, Error>()
   /** Images with block files created since their last flush: the directory's entries need an fsync too. */
   private readonly newFiles = new Set<string>()
-  /** Per image, the incarnation its directory was bound to by this process. */
+  /** Per image, the incarnation (id) its directory was bound to by this process. */
   private readonly bound = new Map<string, string>()
   /** Binds in progress, per image (one at a time). */
   private readonly binding = new Map<string, Promise<BindResult>>()
@@ -111,7 +117,7 @@ export class BlockStore {
    * files are kept; with an incarnation, the directory is bound to it
    * (`bind`).
    */
-  async allocate (image: string, incarnation?: string): Promise<BindResult> {
+  async allocate (image: string, incarnation?: Incarnation): Promise<BindResult> {
     if (incarnation !== undefined) return await this.bind(image, incarnation)
     await mkdirDurable(this.imageDir(image))
     return 'kept'
@@ -121,23 +127,29 @@ export class BlockStore {
    * The incarnation the image's block files belong to: null when the
    * directory is missing, undefined when it names none.
    */
-  async incarnationOf (image: string): Promise<string | null | undefined> {
+  async incarnationOf (image: string): Promise<Incarnation | null | undefined> {
+    let text: string
     try {
-      return (await fs.promises.readFile(join(this.imageDir(image), INCARNATION_FILE), 'utf8')).trim()
+      text = await fs.promises.readFile(join(this.imageDir(image), INCARNATION_FILE), 'utf8')
     } catch (err) {
       if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw err
       return await this.has(image) ? undefined : null
     }
+    const [id, created] = text.trim().split(/\s+/)
+    const n = Number(created)
+    return id === undefined || id === '' ? undefined : { id, created: Number.isSafeInteger(n) ? n : 0 }
   }
 
   /**
    * Binds the image's directory to `incarnation`, durably: made when
    * missing; a directory that names no incarnation is adopted with its
-   * files; one of another incarnation has its files removed first, unless
-   * `adopt` (an import of metadata for block files already there).
+   * files; one of an older incarnation has its files removed first,
+   * unless `adopt` (an import of metadata for block files already there).
+   * One of a newer incarnation is refused (UKAI_ERR_UNAVAILABLE): the
+   * caller's view of the image is out of date.
    */
-  async bind (image: string, incarnation: string, options: { adopt?: boolean } = {}): Promise<BindResult> {
-    if (this.bound.get(image) === incarnation) return 'kept'
+  async bind (image: string, incarnation: Incarnation, options: { adopt?: boolean } = {}): Promise<BindResult> {
+    if (this.bound.get(image) === incarnation.id) return 'kept'
     const busy = this.binding.get(image)
     if (busy !== undefined) {
       await busy.catch(() => {})
@@ -148,18 +160,20 @@ export class BlockStore {
     return await run
   }
 
-  private async bindOnce (image: string, incarnation: string, adopt: boolean): Promise<BindResult> {
+  private async bindOnce (image: string, incarnation: Incarnation, adopt: boolean): Promise<BindResult> {
     const dir = this.imageDir(image)
     const had = await this.incarnationOf(image)
     let result: BindResult
-    if (had === incarnation) result = 'kept'
+    if (had !== null && had !== undefined && had.id === incarnation.id) result = 'kept'
     else if (had === null) {
       await mkdirDurable(dir)
       result = 'made'
     } else if (had === undefined || adopt) {
       result = 'adopted'
+    } else if (had.created > incarnation.created) {
+      throw new UkaiError('UKAI_ERR_UNAVAILABLE', `image '${image}': the block files here belong to a newer image of that name than this node knows yet; try again`, { image })
     } else {
-      // Another image's data under this name: gone before anything reads it.
+      // An older image's data under this name: gone before anything reads it.
       await this.closeImage(image).catch(() => {})
       await rmDurable(dir)
       this.failed.delete(image)
@@ -171,13 +185,13 @@ export class BlockStore {
       const tmp = join(dir, `${INCARNATION_FILE}.tmp`)
       const fh = await fs.promises.open(tmp, 'w', 0o644)
       try {
-        await fh.writeFile(`${incarnation}\n`)
+        await fh.writeFile(`${incarnation.id} ${incarnation.created}\n`)
         await fh.sync()
       } finally { await fh.close() }
       await fs.promises.rename(tmp, join(dir, INCARNATION_FILE))
       await fsyncDir(dir)
     }
-    this.bound.set(image, incarnation)
+    this.bound.set(image, incarnation.id)
     return result
   }
 

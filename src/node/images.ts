@@ -4,7 +4,7 @@
  * running, so both paths apply the same rules.
  */
 import { UkaiError, invalidArgument } from '../errors.js'
-import type { BlockStore } from '../blockstore/block-store.js'
+import type { BlockStore, Incarnation } from '../blockstore/block-store.js'
 import { isLocalLocation, type Config } from '../config/config.js'
 import { exportPerBlock, importAny, encodeStored, type ExportFormat } from '../metadata/codec.js'
 import { RangeSet } from '../metadata/range-set.js'
@@ -155,9 +155,9 @@ export class ImageService {
    * over their control API.
    */
   private async allocateLocal (meta: ImageMeta, adopt: boolean): Promise<void> {
-    const { incarnation } = await this.store.requireState(meta.name)
+    const st = await this.store.requireState(meta.name)
     for (const loc of meta.locations.keys()) {
-      if (isLocalLocation(this.config, loc)) await this.bindLocal(meta.name, incarnation, adopt)
+      if (isLocalLocation(this.config, loc)) await this.bindLocal(meta.name, incarnationOf(st), adopt)
       else {
         const warning = await this.directory.replicaCall(loc, 'POST', meta.name)
         if (warning !== undefined) this.warn(warning)
@@ -174,7 +174,7 @@ export class ImageService {
     if (![...st.meta.locations.keys()].some((l) => isLocalLocation(this.config, l))) {
       throw new UkaiError('UKAI_ERR_INVALID_ARGUMENT', `image '${name}' places no block on this node (${this.config.id})`)
     }
-    await this.bindLocal(name, st.incarnation, false)
+    await this.bindLocal(name, incarnationOf(st), false)
   }
 
   /**
@@ -182,7 +182,7 @@ export class ImageService {
    * store `bind`): block files of an earlier image of the same name go
    * first, and the operator is told.
    */
-  async bindLocal (name: string, incarnation: string, adopt: boolean): Promise<void> {
+  async bindLocal (name: string, incarnation: Incarnation, adopt: boolean): Promise<void> {
     if (await this.blocks.bind(name, incarnation, { adopt }) === 'wiped') {
       this.warn(`image '${name}': this node held block files of an earlier image of that name (destroyed while the node was away); they were removed`)
     }
@@ -209,7 +209,7 @@ export class ImageService {
       meta.addLocation(loc, s, e, false)
       return meta
     })
-    if (isLocalLocation(this.config, loc)) await this.bindLocal(name, (await this.store.requireState(name)).incarnation, false)
+    if (isLocalLocation(this.config, loc)) await this.bindLocal(name, incarnationOf(await this.store.requireState(name)), false)
     else {
       const warning = await this.directory.replicaCall(loc, 'POST', name)
       if (warning !== undefined) this.warn(warning)
@@ -293,6 +293,11 @@ export class ImageService {
       if (warning !== undefined) this.warn(warning)
     }
   }
+}
+
+/** The incarnation of an image as the store gives it (block-store.ts `bind`). */
+export function incarnationOf (st: { incarnation: string, headerCreate: number }): Incarnation {
+  return { id: st.incarnation, created: st.headerCreate }
 }
 
 /** Blocks [start, end) of an image; the whole image when both are absent. */

@@ -12,7 +12,7 @@
  */
 import { EventEmitter } from 'node:events'
 import { statfs } from 'node:fs/promises'
-import { BlockStore } from '../blockstore/block-store.js'
+import { BlockStore, type Incarnation } from '../blockstore/block-store.js'
 import { isLocalLocation, type Config } from '../config/config.js'
 import { UkaiError, imageNotFound, toUkaiError } from '../errors.js'
 import type { Watcher } from '../metadata/core.js'
@@ -28,7 +28,7 @@ import { LocalReplica, type Replica, type ReplicaProvider } from '../replica/rep
 import { NodeErrors } from '../volume/node-errors.js'
 import { Volume, newIoStats, type ClusterContext, type IoStats, type SyncProgress } from '../volume/volume.js'
 import { FenceTable } from './fences.js'
-import { ImageService } from './images.js'
+import { ImageService, incarnationOf } from './images.js'
 import { NodeMembership } from './membership.js'
 import { mkdirDurable } from '../util/durable-fs.js'
 
@@ -60,7 +60,7 @@ export interface FenceReply {
   sessions: Array<{ session: string, unsafe: Array<[number, number]> }>
 }
 
-interface Known { meta: ImageMeta, seen: Date, incarnation: string }
+interface Known { meta: ImageMeta, seen: Date, incarnation: string, headerCreate: number }
 
 export class UkaiNode extends EventEmitter implements ReplicaProvider, ClusterContext {
   readonly config: Config
@@ -153,7 +153,7 @@ export class UkaiNode extends EventEmitter implements ReplicaProvider, ClusterCo
       if (known === undefined || meta === undefined || loc === undefined) continue
       if (await this.blocks.has(name)) {
         // Files of an earlier image of this name (destroyed while this node was down) go now.
-        await this.images.bindLocal(name, known.incarnation, false)
+        await this.images.bindLocal(name, incarnationOf(known), false)
           .catch((err) => this.emit('warning', `image '${name}': binding this node's replica: ${toUkaiError(err).message}`))
         continue
       }
@@ -175,7 +175,7 @@ export class UkaiNode extends EventEmitter implements ReplicaProvider, ClusterCo
       await this.reload(name)
       await this.publish(name, updated.revision)
       if (sole === 0) {
-        await this.images.bindLocal(name, known.incarnation, false)
+        await this.images.bindLocal(name, incarnationOf(known), false)
         this.emit('warning', `image '${name}': this node's replica was missing (${this.blocks.imageDir(name)}); its ${mine.blocks.size} block(s) are out of sync here until 'ukai sync ${name}'`)
       } else {
         this.emit('warning', `image '${name}': this node's replica is missing (${this.blocks.imageDir(name)}) and holds the only in-sync copy of ${sole} block(s): they read as errors; nothing was made up`)
@@ -333,6 +333,12 @@ export class UkaiNode extends EventEmitter implements ReplicaProvider, ClusterCo
   // ---- image metadata ----------------------------------------------------------------
 
   /** Names of the images this node knows, sorted. */
+  /** The incarnation of an image as this node last read it (block-store.ts `bind`). */
+  incarnationOf (name: string): Incarnation | undefined {
+    const k = this.known.get(name)
+    return k === undefined ? undefined : incarnationOf(k)
+  }
+
   imageNames (): string[] {
     return [...this.known.keys()].sort()
   }
@@ -396,7 +402,7 @@ export class UkaiNode extends EventEmitter implements ReplicaProvider, ClusterCo
     }
     if (had !== undefined && had.incarnation === st.incarnation && had.meta.revision > st.meta.revision) return
     if (had !== undefined && had.incarnation !== st.incarnation) this.fences.drop(name)
-    this.known.set(name, { meta: st.meta, seen: had?.seen ?? new Date(), incarnation: st.incarnation })
+    this.known.set(name, { meta: st.meta, seen: had?.seen ?? new Date(), incarnation: st.incarnation, headerCreate: st.headerCreate })
     const volume = this.volumes.get(name)?.volume
     volume?.refresh(st.meta)
     // Another session holds the writer lease: older generations are fenced here.
@@ -424,7 +430,7 @@ export class UkaiNode extends EventEmitter implements ReplicaProvider, ClusterCo
     const meta = st.meta
     // This node's replica serves this image's data only: files of an earlier image of the name go first.
     if ([...meta.locations.keys()].some((l) => isLocalLocation(this.config, l)) && await this.blocks.has(name)) {
-      await this.images.bindLocal(name, st.incarnation, false)
+      await this.images.bindLocal(name, incarnationOf(st), false)
     }
     const again = this.volumes.get(name)
     if (again !== undefined) {

@@ -17,6 +17,7 @@
  */
 import { UkaiError, imageNotFound } from '../errors.js'
 import type { BlockStore, DiscardMode } from '../blockstore/block-store.js'
+import { incarnationOf } from '../node/images.js'
 import { isLocalLocation } from '../config/config.js'
 import type { ExportInfo, ExportProvider, NbdBackend, OpenExport } from '../frontends/nbd/exports.js'
 import type { ImageMeta, LocationState } from '../metadata/image.js'
@@ -55,9 +56,13 @@ export class ReplicaExports implements ExportProvider {
   async open (name: string): Promise<OpenExport> {
     const h = this.held(name)
     if (h === undefined) throw imageNotFound(name)
-    const st = await this.node.store.requireState(h.image)
+    // What this node knows of the image (its watch keeps it current): a
+    // reader's open needs no metadata store, so reads go on while it is away.
+    let incarnation = this.node.incarnationOf(h.image)
     if (h.generation !== undefined) {
       // Only the writer the metadata store names now may write here.
+      const st = await this.node.store.requireState(h.image)
+      incarnation = incarnationOf(st)
       if (st.writer === undefined || st.writer.generation !== h.generation) {
         throw new UkaiError('UKAI_ERR_FENCED',
           `image '${h.image}': writer generation ${h.generation} does not hold the writer lease (${st.writer === undefined ? 'nobody does' : `generation ${st.writer.generation} of node ${st.writer.node} does`})`)
@@ -72,7 +77,7 @@ export class ReplicaExports implements ExportProvider {
       throw new UkaiError('UKAI_ERR_NOT_FOUND', `the replica of image '${h.image}' on node ${this.node.config.id} is missing (${this.node.blocks.imageDir(h.image)})`)
     }
     // Never another image's files under this name (one destroyed while this node was away).
-    await this.node.images.bindLocal(h.image, st.incarnation, false)
+    if (incarnation !== undefined) await this.node.images.bindLocal(h.image, incarnation, false)
     return {
       name,
       size: h.meta.size,
