@@ -16,7 +16,7 @@ import {
 } from '../../src/frontends/nbd/options.js'
 import {
   NBD_CMD_READ, NBD_CMD_WRITE, NBD_FLAG_C_FIXED_NEWSTYLE, NBD_FLAG_C_NO_ZEROES, NBD_INFO_BLOCK_SIZE, NBD_INFO_EXPORT,
-  NBD_OPT_GO, NBD_OPT_SET_META_CONTEXT, NBD_OPT_STRUCTURED_REPLY, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_BLOCK_STATUS,
+  NBD_OPT_EXPORT_NAME, NBD_OPT_GO, NBD_OPT_SET_META_CONTEXT, NBD_OPT_STRUCTURED_REPLY, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_BLOCK_STATUS,
   NBD_REPLY_TYPE_OFFSET_DATA, NBD_REPLY_TYPE_OFFSET_HOLE, NBD_REP_ACK, NBD_REP_FLAG_ERROR, NBD_REP_INFO, BASE_ALLOCATION,
   NBD_SIMPLE_REPLY_SIZE, NBD_STRUCTURED_REPLY_HEADER_SIZE, NBD_STRUCTURED_REPLY_MAGIC
 } from '../../src/frontends/nbd/protocol.js'
@@ -309,4 +309,19 @@ export async function sendInPieces (path: string, bytes: Buffer, pieces: number[
     else s.destroy()
   }
   return { socket: s, closed }
+}
+
+/**
+ * The handshake bytes of a client that enters transmission on `name`:
+ * fixed newstyle flags, with structured replies and base:allocation when
+ * `structured`, then NBD_OPT_EXPORT_NAME (`byName`) or NBD_OPT_GO.
+ */
+export function enterTransmission (name: string, structured: boolean, byName: boolean): Buffer {
+  const parts = [encodeClientFlags(3)]
+  if (structured) {
+    parts.push(encodeOption(NBD_OPT_STRUCTURED_REPLY))
+    parts.push(encodeOption(NBD_OPT_SET_META_CONTEXT, encodeMetaContextRequest(name, [BASE_ALLOCATION])))
+  }
+  parts.push(byName ? encodeOption(NBD_OPT_EXPORT_NAME, Buffer.from(name)) : encodeOption(NBD_OPT_GO, encodeInfoRequest(name, [])))
+  return Buffer.concat(parts)
 }

@@ -9,12 +9,9 @@ import { after, before, describe, test } from 'node:test'
 import assert from 'node:assert/strict'
 import { randomBytes } from 'node:crypto'
 import fc from 'fast-check'
-import { TestClient, descriptors, sendInPieces, startNbd, until, type NbdFixture } from '../../../test/helpers/nbd.js'
+import { TestClient, descriptors, enterTransmission, sendInPieces, startNbd, until, type NbdFixture } from '../../../test/helpers/nbd.js'
 import { encodeClientFlags, encodeInfoRequest, encodeMetaContextRequest, encodeOption } from './options.js'
-import {
-  BASE_ALLOCATION, MAX_PAYLOAD, NBD_CMD_BLOCK_STATUS, NBD_CMD_FLUSH, NBD_CMD_WRITE, NBD_OPT_EXPORT_NAME, NBD_OPT_GO,
-  NBD_OPT_SET_META_CONTEXT, NBD_OPT_STRUCTURED_REPLY
-} from './protocol.js'
+import { BASE_ALLOCATION, MAX_PAYLOAD, NBD_CMD_BLOCK_STATUS, NBD_CMD_FLUSH, NBD_CMD_WRITE } from './protocol.js'
 import { encodeRequest } from './requests.js'
 
 const SIZE = 1 << 20
@@ -59,16 +56,8 @@ const handshake: fc.Arbitrary<Buffer> = fc.oneof(
     .map(([flags, opts]) => Buffer.concat([encodeClientFlags(flags), ...opts])))
 )
 
-/** The handshake of a client that enters transmission on 'fuzz' (structured or not). */
-const enter = (structured: boolean, exportNameOption: boolean): Buffer => {
-  const parts = [encodeClientFlags(3)]
-  if (structured) {
-    parts.push(encodeOption(NBD_OPT_STRUCTURED_REPLY))
-    parts.push(encodeOption(NBD_OPT_SET_META_CONTEXT, encodeMetaContextRequest('fuzz', [BASE_ALLOCATION])))
-  }
-  parts.push(exportNameOption ? encodeOption(NBD_OPT_EXPORT_NAME, Buffer.from('fuzz')) : encodeOption(NBD_OPT_GO, encodeInfoRequest('fuzz', [])))
-  return Buffer.concat(parts)
-}
+/** The handshake of a client that enters transmission on 'fuzz'. */
+const enter = (structured: boolean, byName: boolean): Buffer => enterTransmission('fuzz', structured, byName)
 
 /** One request frame, a WRITE with a payload of the claimed length or not. */
 const requestFrame: fc.Arbitrary<Buffer> = fc.record({

@@ -11,11 +11,8 @@
 import assert from 'node:assert/strict'
 import { randomBytes } from 'node:crypto'
 import fc from 'fast-check'
-import { TestClient, descriptors, sendInPieces, startNbd, until, type NbdFixture } from '../../helpers/nbd.js'
-import { encodeClientFlags, encodeInfoRequest, encodeMetaContextRequest, encodeOption } from '../../../src/frontends/nbd/options.js'
-import {
-  BASE_ALLOCATION, NBD_CMD_BLOCK_STATUS, NBD_CMD_FLUSH, NBD_OPT_EXPORT_NAME, NBD_OPT_GO, NBD_OPT_SET_META_CONTEXT, NBD_OPT_STRUCTURED_REPLY
-} from '../../../src/frontends/nbd/protocol.js'
+import { TestClient, descriptors, enterTransmission, sendInPieces, startNbd, until, type NbdFixture } from '../../helpers/nbd.js'
+import { NBD_CMD_BLOCK_STATUS, NBD_CMD_FLUSH } from '../../../src/frontends/nbd/protocol.js'
 import { crash, hang, violation, type Target } from '../harness.js'
 import { hex } from '../gen.js'
 import { optionStream } from './nbd-options.js'
@@ -25,15 +22,7 @@ const SIZE = 1 << 20
 const BLOCK = 64 * 1024
 
 /** The handshake of a client that enters transmission on 'fuzz'. */
-const enter = (structured: boolean, byName: boolean): Buffer => {
-  const parts = [encodeClientFlags(3)]
-  if (structured) {
-    parts.push(encodeOption(NBD_OPT_STRUCTURED_REPLY))
-    parts.push(encodeOption(NBD_OPT_SET_META_CONTEXT, encodeMetaContextRequest('fuzz', [BASE_ALLOCATION])))
-  }
-  parts.push(byName ? encodeOption(NBD_OPT_EXPORT_NAME, Buffer.from('fuzz')) : encodeOption(NBD_OPT_GO, encodeInfoRequest('fuzz', [])))
-  return Buffer.concat(parts)
-}
+const enter = (structured: boolean, byName: boolean): Buffer => enterTransmission('fuzz', structured, byName)
 
 export interface ServerInput {
   bytes: Buffer
