@@ -581,6 +581,28 @@ describe('Volume: local write failures lose nothing acknowledged (issue 9)', () 
     })
   })
 
+  test('two writes no copy took, settled at once while the preferred copy changes: one copy keeps the block', async () => {
+    await withRig({ size: 4000, blockSize: 1000 }, async (rig) => {
+      await rig.vol.write(0, bytes(4000, 3))
+      for (const loc of [A, B]) patch(rig, loc, { write: (async () => { throw errno('EIO') }) as never })
+      // Metadata changes take a while: the second write settles while the first one's change is on its way.
+      const update = rig.store.update.bind(rig.store)
+      rig.store.update = (async (...args: Parameters<typeof update>) => {
+        await new Promise((resolve) => setTimeout(resolve, 50))
+        return await update(...args)
+      }) as typeof update
+      const first = rig.vol.write(0, Buffer.alloc(10)).then(() => 'acknowledged', (err: UkaiError) => err.code)
+      await new Promise((resolve) => setTimeout(resolve, 15))
+      // A goes into the error state: the second write would keep B, where the first keeps A.
+      rig.errors.fail(A, 'from the test')
+      const second = rig.vol.write(100, Buffer.alloc(10)).then(() => 'acknowledged', (err: UkaiError) => err.code)
+      assert.deepEqual(await Promise.all([first, second]), ['UKAI_ERR_UNAVAILABLE', 'UKAI_ERR_UNAVAILABLE'])
+      rig.store.update = update
+      const states = (await rig.store.require(IMG)).replicasOf(0)
+      assert.equal(states.filter((r) => r.inSync).length, 1, `block 0 was left without an in-sync copy: ${JSON.stringify(states)}`)
+    })
+  })
+
   test('a flush that could not record a failed replica fails, and so does its retry, until the failure is recorded', async () => {
     await withRig({ size: 4000, blockSize: 1000, local: [A] }, async (rig) => {
       await rig.vol.write(0, bytes(2000, 4))

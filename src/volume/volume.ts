@@ -422,19 +422,30 @@ export class Volume {
    * reads would prefer are marked out of sync.
    */
   private async settleUnwritten (s: WriterSession, blocks: number[]): Promise<void> {
-    const drop: Array<[string, number]> = []
-    for (const b of blocks) {
-      const inSync = this.current.replicasOf(b).filter((r) => r.inSync)
-      if (inSync.length < 2) continue
-      const keep = (this.chooseReader(b)?.location) ?? inSync[0]!.location
-      for (const r of inSync) if (r.location !== keep) drop.push([r.location, b])
-    }
-    if (drop.length === 0) return
+    // The copy to keep is chosen now; what is dropped is decided on the
+    // stored state itself, in the update: concurrent settlements (and
+    // marks) of one block then always leave one in-sync copy, even when
+    // they would have kept different ones.
+    if (!blocks.some((b) => this.current.replicasOf(b).filter((r) => r.inSync).length >= 2)) return
+    const preferred = new Map<number, string | undefined>()
+    for (const b of blocks) preferred.set(b, this.chooseReader(b)?.location)
+    let dropped = false
     await this.update(s, (meta) => {
-      for (const [loc, b] of drop) meta.setSync(loc, b, b + 1, false)
+      dropped = false
+      for (const b of blocks) {
+        const inSync = meta.replicasOf(b).filter((r) => r.inSync)
+        if (inSync.length < 2) continue
+        const want = preferred.get(b)
+        const keep = inSync.some((r) => r.location === want) ? want! : inSync[0]!.location
+        for (const r of inSync) {
+          if (r.location === keep) continue
+          meta.setSync(r.location, b, b + 1, false)
+          dropped = true
+        }
+      }
       return meta
     })
-    await this.ctx.cluster.publish(this.name, this.current.revision)
+    if (dropped) await this.ctx.cluster.publish(this.name, this.current.revision)
   }
 
   /**
