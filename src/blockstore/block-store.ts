@@ -31,7 +31,7 @@ import { join } from 'node:path'
 import { UkaiError } from '../errors.js'
 import { validateImageName } from '../metadata/names.js'
 import { parseBlockNameFormat, type BlockNamer } from './block-name.js'
-import { fsyncDir, mkdirDurable, rmDurable } from '../util/durable-fs.js'
+import { mkdirDurable, replaceFileDurable, rmDurable } from '../util/durable-fs.js'
 
 /** The file in an image's directory that names the incarnation its block files belong to. */
 export const INCARNATION_FILE = '.incarnation'
@@ -113,14 +113,11 @@ export class BlockStore {
   }
 
   /**
-   * Makes the image's directory (allocation), durably. Existing block
-   * files are kept; with an incarnation, the directory is bound to it
-   * (`bind`).
+   * Makes the image's directory, durably, bound to no incarnation
+   * (`bind` allocates a node's replicas). Existing block files are kept.
    */
-  async allocate (image: string, incarnation?: Incarnation): Promise<BindResult> {
-    if (incarnation !== undefined) return await this.bind(image, incarnation)
+  async allocate (image: string): Promise<void> {
     await mkdirDurable(this.imageDir(image))
-    return 'kept'
   }
 
   /**
@@ -182,14 +179,7 @@ export class BlockStore {
       result = 'wiped'
     }
     if (result !== 'kept') {
-      const tmp = join(dir, `${INCARNATION_FILE}.tmp`)
-      const fh = await fs.promises.open(tmp, 'w', 0o644)
-      try {
-        await fh.writeFile(`${incarnation.id} ${incarnation.created}\n`)
-        await fh.sync()
-      } finally { await fh.close() }
-      await fs.promises.rename(tmp, join(dir, INCARNATION_FILE))
-      await fsyncDir(dir)
+      await replaceFileDurable(join(dir, INCARNATION_FILE), join(dir, `${INCARNATION_FILE}.tmp`), `${incarnation.id} ${incarnation.created}\n`)
     }
     this.bound.set(image, incarnation.id)
     return result

@@ -287,7 +287,7 @@ export class ControlServer {
     try { u = new URL(`http://${host}`) } catch { return false }
     if (u.username !== '' || u.pathname !== '/' || u.search !== '') return false
     const port = u.port === '' ? 80 : Number(u.port)
-    return port === this.port && this.names.has(u.hostname.replace(/^\[|\]$/g, '').toLowerCase())
+    return port === this.port && this.names.has(bareHost(u.hostname))
   }
 
   private async handle (req: IncomingMessage, res: ServerResponse): Promise<void> {
@@ -341,13 +341,17 @@ export class ControlServer {
  * interfaces.
  */
 function hostNamesOf (listen: string, id: string): Set<string> {
-  const names = new Set<string>(['localhost', '127.0.0.1', '::1', hostname().toLowerCase()])
-  const bare = (h: string): string => h.replace(/^\[|\]$/g, '').toLowerCase()
-  if (listen !== '0.0.0.0' && listen !== '::' && listen !== '') names.add(bare(listen))
+  const names = new Set<string>(['localhost', '127.0.0.1', '::1', bareHost(hostname())])
+  if (listen !== '0.0.0.0' && listen !== '::' && listen !== '') names.add(bareHost(listen))
   const m = /^(.*?)(?::\d+)?$/.exec(id)
-  if (m !== null && m[1] !== '') names.add(bare(m[1]!))
+  if (m !== null && m[1] !== '') names.add(bareHost(m[1]!))
   for (const list of Object.values(networkInterfaces())) {
-    for (const a of list ?? []) names.add(bare(a.address))
+    for (const a of list ?? []) names.add(bareHost(a.address))
   }
   return names
+}
+
+/** A host name as the set above keeps it: lower case, an IPv6 address without brackets. */
+function bareHost (h: string): string {
+  return h.replace(/^\[|\]$/g, '').toLowerCase()
 }

@@ -28,7 +28,7 @@ import { connect, createServer, type Server } from 'node:net'
 import { join } from 'node:path'
 import { UkaiError } from '../errors.js'
 import { KeyedQueue } from '../util/keyed-queue.js'
-import { fsyncDir, mkdirDurable } from '../util/durable-fs.js'
+import { mkdirDurable, replaceFileDurable } from '../util/durable-fs.js'
 import {
   compareMatches, shardOf, type Compare, type CoreSupports, type KeyValue, type Lease, type MetadataCore,
   type RangeResult, type TxnOp, type TxnResult, type WatchEvent, type WatchHandlers, type Watcher
@@ -166,20 +166,7 @@ export class FileCore implements MetadataCore {
   private async writeShard (doc: ShardDoc): Promise<void> {
     const file = this.fileName(doc.shard)
     const tmp = join(this.dir, `.${file}.${this.instanceId}.${++this.tempCounter}.tmp`)
-    const fh = await fsp.open(tmp, 'w', 0o644)
-    try {
-      await fh.writeFile(JSON.stringify(doc) + '\n')
-      await fh.sync()
-    } finally {
-      await fh.close()
-    }
-    try {
-      await fsp.rename(tmp, join(this.dir, file))
-    } catch (err) {
-      await fsp.rm(tmp, { force: true })
-      throw err
-    }
-    await fsyncDir(this.dir)
+    await replaceFileDurable(join(this.dir, file), tmp, JSON.stringify(doc) + '\n')
   }
 
   private async isLeaseAlive (id: string): Promise<boolean> {

@@ -332,13 +332,13 @@ export class UkaiNode extends EventEmitter implements ReplicaProvider, ClusterCo
 
   // ---- image metadata ----------------------------------------------------------------
 
-  /** Names of the images this node knows, sorted. */
   /** The incarnation of an image as this node last read it (block-store.ts `bind`). */
   incarnationOf (name: string): Incarnation | undefined {
     const k = this.known.get(name)
     return k === undefined ? undefined : incarnationOf(k)
   }
 
+  /** Names of the images this node knows, sorted. */
   imageNames (): string[] {
     return [...this.known.keys()].sort()
   }

@@ -32,3 +32,25 @@ export async function rmDurable (path: string): Promise<void> {
   await fsp.rm(path, { recursive: true, force: true })
   await fsyncDir(dirname(path)).catch(() => {})
 }
+
+/**
+ * Replaces `path` with `text` atomically and durably: written to `tmp` (in
+ * the same directory), fsynced, renamed over `path`, the directory
+ * fsynced. A crash leaves the old file or the new one.
+ */
+export async function replaceFileDurable (path: string, tmp: string, text: string): Promise<void> {
+  const fh = await fsp.open(tmp, 'w', 0o644)
+  try {
+    await fh.writeFile(text)
+    await fh.sync()
+  } finally {
+    await fh.close()
+  }
+  try {
+    await fsp.rename(tmp, path)
+  } catch (err) {
+    await fsp.rm(tmp, { force: true })
+    throw err
+  }
+  await fsyncDir(dirname(path))
+}

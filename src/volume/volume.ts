@@ -343,11 +343,7 @@ export class Volume {
     const reached = new Map<number, number>()
     const jobs: Array<Promise<void>> = []
     let refused: UkaiError | undefined
-    const wrote = (location: string, block: number): void => {
-      let set = this.unflushed.get(location)
-      if (set === undefined) { set = new RangeSet(); this.unflushed.set(location, set) }
-      set.add(block, block + 1)
-    }
+    const wrote = (location: string, block: number): void => { this.unflushedAt(location).add(block, block + 1) }
     for (const p of pieces) {
       reached.set(p.block, 0)
       const inSyncHere = new Set<string>()
@@ -609,6 +605,13 @@ export class Volume {
     }
   }
 
+  /** The blocks written to `location` since its last flush (made empty when there are none). */
+  private unflushedAt (location: string): RangeSet {
+    let set = this.unflushed.get(location)
+    if (set === undefined) { set = new RangeSet(); this.unflushed.set(location, set) }
+    return set
+  }
+
   /** Writes to `block` reach `targets` too until the returned function is called (see resync.ts). */
   private mirror (block: number, targets: string[]): () => void {
     let m = this.mirrored.get(block)
@@ -695,9 +698,7 @@ export class Volume {
         // A sole copy that could not be synced: its flush is tried (and fails) again.
         for (const [location, blocks] of pending) {
           if (!failures.some((f) => f.location === location)) continue
-          let set = this.unflushed.get(location)
-          if (set === undefined) { set = new RangeSet(); this.unflushed.set(location, set) }
-          set.addSet(blocks)
+          this.unflushedAt(location).addSet(blocks)
         }
       }
       throw err
