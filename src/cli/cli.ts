@@ -18,6 +18,9 @@ import { formatSize, parseSize } from '../util/size.js'
 import type { SyncProgress } from '../volume/volume.js'
 import { runServer } from './server.js'
 import { jsonError, show } from '../util/show.js'
+import { CA_CERT, createCa, describeCert, issueCert } from '../tls/certs.js'
+import { canonicalLocation } from '../metadata/names.js'
+import { join } from 'node:path'
 
 const USAGE = `usage: ukai [--config PATH] COMMAND ...
 
@@ -36,6 +39,9 @@ const USAGE = `usage: ukai [--config PATH] COMMAND ...
   nodes best                                         the node with the most free space
   nodes errors [--json]                              locations in the error state
   control-token                                      print the control API's bearer token
+  cert ca DIR                                        create the cluster's CA (ca-cert.pem, ca-key.pem)
+  cert node ID --ca DIR --out DIR [--host HOST]...   a node's key and certificate (the node's tls_dir)
+  cert client NAME --ca DIR --out DIR                a hypervisor's key and certificate (QEMU tls-creds-x509 dir)
   version
 
 Every command takes --config PATH (default: $UKAI_CONFIG, else /etc/ukai/config).
@@ -357,6 +363,33 @@ async function readStdin (): Promise<string> {
 }
 
 /** Pulls --config PATH (or --config=PATH) out of the arguments, wherever it stands. */
+/** `ukai cert`: the cluster's CA and its certificates (tls/certs.ts); needs no config and no node. */
+async function certCommand (args: string[]): Promise<void> {
+  const [sub, ...rest] = args
+  switch (sub) {
+    case 'ca': {
+      const [dir] = expect(parse(rest, {}).positionals, ['DIR'], 'cert ca')
+      await createCa(dir!)
+      print(await describeCert(join(dir!, CA_CERT)))
+      return
+    }
+    case 'node':
+    case 'client': {
+      const { values, positionals } = parse(rest, { ca: { type: 'string' }, out: { type: 'string' }, host: { type: 'string', multiple: true } })
+      const [name] = expect(positionals, [sub === 'node' ? 'ID' : 'NAME'], `cert ${sub}`)
+      if (typeof values.ca !== 'string' || typeof values.out !== 'string') throw invalidArgument(`'ukai cert ${sub}' needs --ca DIR and --out DIR`)
+      if (sub === 'node') {
+        try { canonicalLocation(name!, 22222) } catch { throw invalidArgument(`node id ${show(name)} is not a node address "host:port"`) }
+      }
+      const made = await issueCert(values.ca, sub, name!, values.out, { hosts: values.host as string[] | undefined })
+      print(await describeCert(made.cert))
+      return
+    }
+    default:
+      throw invalidArgument(`'ukai cert' takes ca, node or client, got ${sub === undefined ? 'nothing' : show(sub)}`)
+  }
+}
+
 function takeConfig (args: string[]): { configPath: string | undefined, rest: string[] } {
   const rest: string[] = []
   let configPath: string | undefined
@@ -403,6 +436,7 @@ export async function main (argv: string[]): Promise<number> {
         print(await controlToken(loadConfig(configPath)))
         return 0
       }
+      case 'cert': await certCommand(args); return 0
       case 'version': print('ukai 0.1.0'); return 0
       default:
         throw invalidArgument(`unknown command ${show(command)} (see 'ukai --help')`)

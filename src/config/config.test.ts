@@ -44,8 +44,8 @@ describe('parseConfig defaults', () => {
 
   test('id is derived from proxy_address and proxy_port when not given', () => {
     assert.equal(parseConfig({ proxy_port: 3000 }, '/').id, '127.0.0.1:3000')
-    assert.equal(parseConfig({ proxy_address: '10.0.0.5' }, '/').id, '10.0.0.5:22222')
-    assert.equal(parseConfig({ proxy_address: 'node1.example', proxy_port: 4000 }, '/').id, 'node1.example:4000')
+    assert.equal(parseConfig({ proxy_address: '10.0.0.5', tls_dir: 'tls' }, '/').id, '10.0.0.5:22222')
+    assert.equal(parseConfig({ proxy_address: 'node1.example', proxy_port: 4000, tls_dir: 'tls' }, '/').id, 'node1.example:4000')
   })
 
   test('a derived id from an IPv6 proxy_address is a valid location', () => {
@@ -73,6 +73,7 @@ describe('parseConfig defaults', () => {
       control_address: '0.0.0.0',
       proxy_address: '192.168.0.100',
       id: '192.168.0.100:1001',
+      tls_dir: 'tls',
       retry_after: 5,
       io_timeout: 0.5,
       metadata_backend: 'file',
@@ -86,6 +87,7 @@ describe('parseConfig defaults', () => {
     assert.equal(c.control_address, '0.0.0.0')
     assert.equal(c.proxy_address, '192.168.0.100')
     assert.equal(c.id, '192.168.0.100:1001')
+    assert.equal(c.tls_dir, '/tls')
     assert.equal(c.retry_after, 5)
     assert.equal(c.io_timeout, 0.5)
     assert.equal(c.default_block_size, 2 ** 20)
@@ -118,8 +120,16 @@ describe('parseConfig defaults', () => {
   })
 
   test('control and proxy may share a port on different addresses', () => {
-    const c = parseConfig({ control_port: 5000, proxy_port: 5000, control_address: '127.0.0.1', proxy_address: '10.0.0.1' }, '/')
+    const c = parseConfig({ control_port: 5000, proxy_port: 5000, control_address: '127.0.0.1', proxy_address: '127.0.0.2' }, '/')
     assert.equal(c.control_port, c.proxy_port)
+  })
+
+  test('a peer port off loopback needs a TLS identity (tls_dir)', () => {
+    for (const address of ['10.0.0.1', '0.0.0.0', '::', 'node1.example']) {
+      rejects(() => parseConfig({ proxy_address: address }, '/'), /not a loopback address: the peer port speaks plain text only on loopback/, 'proxy_address')
+      assert.equal(parseConfig({ proxy_address: address, tls_dir: '/etc/ukai/tls' }, '/').tls_dir, '/etc/ukai/tls')
+    }
+    for (const address of ['127.0.0.1', '127.1.2.3', '::1', 'localhost']) assert.equal(parseConfig({ proxy_address: address }, '/').tls_dir, undefined)
   })
 })
 

@@ -34,6 +34,14 @@ export interface Config {
    * absent, the token kept in the metadata store.
    */
   control_token_file: string | undefined
+  /**
+   * Directory of this node's TLS identity (ca-cert.pem, node-cert.pem,
+   * node-key.pem; `ukai cert node`). With it, the peer port and every TCP
+   * NBD export speak only TLS, with certificates of the cluster CA at both
+   * ends. Without it they speak plain text, which is allowed only on
+   * loopback addresses (and unix sockets).
+   */
+  tls_dir: string | undefined
   /** Seconds a node in the error state is skipped before it is tried again. */
   retry_after: number
   /** Seconds a peer may take to answer before it is put in the error state. */
@@ -135,6 +143,7 @@ const KEYS: Record<string, { check: Checker, as?: keyof Config }> = {
   proxy_port: { check: port },
   control_address: { check: address },
   control_token_file: { check: path },
+  tls_dir: { check: path },
   proxy_address: { check: address },
   id: { check: (v, key) => v }, // checked below, once proxy_port is known
   retry_after: { check: seconds },
@@ -157,6 +166,7 @@ export function defaultConfig (): Config {
     proxy_address: '127.0.0.1',
     id: '127.0.0.1:22222',
     control_token_file: undefined,
+    tls_dir: undefined,
     retry_after: 60,
     io_timeout: 10,
     metadata_backend: 'file',
@@ -220,6 +230,9 @@ export function parseConfig (raw: unknown, base: string, source?: string): Confi
       throw fail('metadata_root', `must not be image_root or contain it or lie inside it (image_root ${config.image_root}, metadata_root ${config.metadata_root})`)
     }
   }
+  if (config.tls_dir === undefined && !isLoopbackAddress(config.proxy_address)) {
+    throw fail('proxy_address', `is ${config.proxy_address}, not a loopback address: the peer port speaks plain text only on loopback; give the node a TLS identity (config key tls_dir, made with ukai cert node)`)
+  }
   if (config.control_port === config.proxy_port && config.control_address === config.proxy_address) {
     throw fail('control_port', `must differ from proxy_port (${config.proxy_port})`)
   }
@@ -248,6 +261,12 @@ export function loadConfig (path?: string): Config {
     throw new UkaiError('UKAI_ERR_INVALID_CONFIG', `config file ${file} is not valid JSON (${jsonError(err)})`, { path: file })
   }
   return parseConfig(raw, dirname(resolve(file)), resolve(file))
+}
+
+/** True for an address only this machine reaches: 127.0.0.0/8, ::1, localhost. */
+export function isLoopbackAddress (address: string): boolean {
+  const a = address.startsWith('[') && address.endsWith(']') ? address.slice(1, -1) : address
+  return a === 'localhost' || a === '::1' || /^127\.\d{1,3}\.\d{1,3}\.\d{1,3}$/.test(a) || /^::ffff:127\./i.test(a)
 }
 
 /** True when `location` names this node. */

@@ -10,6 +10,7 @@
  * nodes after one, and pushing a change to every node that has an image
  * open before the change counts.
  */
+import { expectNode, loadNodeTls, type NodeTls } from '../tls/identity.js'
 import { EventEmitter } from 'node:events'
 import { statfs } from 'node:fs/promises'
 import { BlockStore, type Incarnation } from '../blockstore/block-store.js'
@@ -70,6 +71,8 @@ export class UkaiNode extends EventEmitter implements ReplicaProvider, ClusterCo
   readonly errors: NodeErrors
   readonly fences = new FenceTable()
   readonly images: ImageService
+  /** This node's TLS identity (config key tls_dir), undefined when it speaks plain text on loopback. */
+  readonly tls: NodeTls | undefined
   private readonly local: LocalReplica
   private readonly known = new Map<string, Known>()
   private readonly volumes = new Map<string, { volume: Volume, refs: number, ready: Promise<void> }>()
@@ -82,8 +85,9 @@ export class UkaiNode extends EventEmitter implements ReplicaProvider, ClusterCo
   private watcher: Watcher | undefined
   private closed = false
 
-  private constructor (config: Config, store: MetadataStore, membership: NodeMembership) {
+  private constructor (config: Config, store: MetadataStore, membership: NodeMembership, tls: NodeTls | undefined) {
     super()
+    this.tls = tls
     this.config = config
     this.store = store
     this.membership = membership
@@ -98,6 +102,8 @@ export class UkaiNode extends EventEmitter implements ReplicaProvider, ClusterCo
    * nothing, when a live node has this id) and loads every image.
    */
   static async start (config: Config, log?: (m: string) => void): Promise<UkaiNode> {
+    // Before anything else: a node serves and writes only as the id in its certificate.
+    const tls = config.tls_dir === undefined ? undefined : loadNodeTls(config.tls_dir, config.id)
     const store = await openStore(config, false)
     let membership: NodeMembership
     try {
@@ -114,7 +120,7 @@ export class UkaiNode extends EventEmitter implements ReplicaProvider, ClusterCo
       await store.close()
       throw err
     }
-    const node = new UkaiNode(config, store, membership)
+    const node = new UkaiNode(config, store, membership, tls)
     if (log !== undefined) {
       // From the start on: what loading the images finds is told too.
       node.on('warning', (m: string) => log(`warning: ${m}`))
@@ -204,7 +210,8 @@ export class UkaiNode extends EventEmitter implements ReplicaProvider, ClusterCo
     try { return isLocalLocation(this.config, node) } catch { return false }
   }
 
-  private sameNode (a: string, b: string): boolean {
+  /** True when two node ids (locations) name the same node. */
+  sameNode (a: string, b: string): boolean {
     try { return canonicalLocation(a, this.config.proxy_port) === canonicalLocation(b, this.config.proxy_port) } catch { return false }
   }
 
@@ -324,7 +331,11 @@ export class UkaiNode extends EventEmitter implements ReplicaProvider, ClusterCo
     } catch { return undefined }
     const remote = new RemoteReplica(location, { host: target.host.replace(/^\[(.*)\]$/, '$1'), port: target.port }, {
       timeoutMs: this.config.io_timeout * 1000,
-      blockSizeOf: (image) => this.imageMeta(image)?.blockSize
+      blockSizeOf: (image) => this.imageMeta(image)?.blockSize,
+      // Over TLS the peer must prove it is the node this location names.
+      tls: this.tls === undefined
+        ? undefined
+        : { context: this.tls.context, checkServerIdentity: expectNode(location, (id) => this.sameNode(id, location)) }
     })
     this.remotes.set(location, remote)
     return remote

@@ -16,6 +16,7 @@
  */
 import { EventEmitter } from 'node:events'
 import { connect as netConnect, type Socket } from 'node:net'
+import { connect as tlsConnect, type PeerCertificate, type SecureContext } from 'node:tls'
 import { performance } from 'node:perf_hooks'
 import { UkaiError } from '../errors.js'
 import {
@@ -37,6 +38,17 @@ export interface NbdClientOptions {
    * fail too). Also bounds connect + handshake.
    */
   timeoutMs: number
+  /**
+   * Speak TLS (NBD_OPT_STARTTLS, then the TLS handshake, then the rest of
+   * the haggling): this node's certificate and CA, and the check of the
+   * server's certificate (the CA is checked first, always).
+   */
+  tls?: ClientTls
+}
+
+export interface ClientTls {
+  context: SecureContext
+  checkServerIdentity: (host: string, cert: PeerCertificate) => Error | undefined
 }
 
 /** Parts of one split request in flight at a time (bounds what waits in the socket's queue). */
@@ -79,6 +91,31 @@ const zeroes = (n: number): Buffer => {
   return zeroChunk.subarray(0, n)
 }
 
+/**
+ * After the server's ACK to NBD_OPT_STARTTLS: the TLS handshake over the
+ * connection, as a client with this node's certificate; `adopt` switches
+ * the caller to the TLS socket before any of its data can arrive.
+ */
+async function startTls (raw: Socket, tls: ClientTls, queue: HandshakeQueue, where: string, adopt: (secure: Socket) => void): Promise<Socket> {
+  // "the server MUST NOT send anything after the ACK until the TLS handshake".
+  if (queue.rest().length > 0) throw new UkaiError('UKAI_ERR_CONNECT', `NBD server ${where} sent bytes after its reply to NBD_OPT_STARTTLS`)
+  raw.removeAllListeners('data')
+  const secure = tlsConnect({ socket: raw, secureContext: tls.context, rejectUnauthorized: true, checkServerIdentity: tls.checkServerIdentity, servername: undefined })
+  adopt(secure)
+  await new Promise<void>((resolve, reject) => {
+    const done = (err?: Error): void => {
+      secure.off('secureConnect', ok)
+      secure.off('error', failed)
+      if (err === undefined) resolve(); else reject(err)
+    }
+    const ok = (): void => done()
+    const failed = (err: Error): void => done(new UkaiError('UKAI_ERR_CONNECT', `TLS with NBD server ${where} failed: ${err.message}`, undefined, { cause: err }))
+    secure.once('secureConnect', ok)
+    secure.once('error', failed)
+  })
+  return secure
+}
+
 export class NbdClient extends EventEmitter {
   readonly exportName: string
   /** Export size in bytes (NBD_INFO_EXPORT or the NBD_OPT_EXPORT_NAME reply). */
@@ -91,6 +128,8 @@ export class NbdClient extends EventEmitter {
   readonly maxPayload: number
   private readonly socket: Socket
   private readonly timeoutMs: number
+  /** True when the connection runs over TLS. */
+  readonly secure: boolean
   private readonly pending = new Map<number, InFlight>()
   private readonly parser: ReplyParser
   private nextCookie = 1
@@ -114,6 +153,7 @@ export class NbdClient extends EventEmitter {
     this.preferredBlockSize = n.preferredBlockSize
     this.maxPayload = n.maxPayload
     this.timeoutMs = options.timeoutMs
+    this.secure = options.tls !== undefined
     this.parser = new ReplyParser({
       payloadOf: (cookie) => this.pending.get(cookie)?.dest,
       complete: (cookie, error) => this.complete(cookie, error)
@@ -164,9 +204,13 @@ export class NbdClient extends EventEmitter {
           return true
         }
       }
-      const socket = 'path' in target
-        ? netConnect({ path: target.path, onread })
-        : netConnect({ host: target.host, port: target.port, onread })
+      // Over TLS the TLS socket reads for itself: chunks come as 'data'.
+      const read = options.tls === undefined ? onread : undefined
+      const raw = 'path' in target
+        ? netConnect({ path: target.path, onread: read })
+        : netConnect({ host: target.host, port: target.port, onread: read })
+      let socket: Socket = raw
+      if (options.tls !== undefined) raw.on('data', (chunk: Buffer) => queue.push(chunk))
       let handshake: Handshake | undefined
       let settled = false
       const finish = (err: UkaiError | undefined, n?: Negotiated): void => {
@@ -208,7 +252,15 @@ export class NbdClient extends EventEmitter {
         // cork), never held back by Nagle. Both are no-ops on a unix socket.
         socket.setNoDelay(true)
         socket.setKeepAlive(true, 30_000)
-        handshake = new Handshake(socket, queue, exportName)
+        const upgrade = options.tls === undefined ? undefined : async (): Promise<Socket> => await startTls(raw, options.tls!, queue, where, (secure) => {
+          socket.off('error', onError)
+          socket.off('close', onClose)
+          socket = secure
+          socket.on('error', onError)
+          socket.on('close', onClose)
+          secure.on('data', (chunk: Buffer) => { if (client !== undefined) client.onData(chunk); else queue.push(chunk) })
+        })
+        handshake = new Handshake(socket, queue, exportName, upgrade)
         handshake.run().then((n) => finish(undefined, n), (err: unknown) => {
           finish(err instanceof UkaiError ? err : new UkaiError('UKAI_ERR_CONNECT', `NBD handshake failed: ${String(err)}`, undefined, { cause: err }))
         })

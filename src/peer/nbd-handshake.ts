@@ -11,7 +11,7 @@ import { UkaiError } from '../errors.js'
 import {
   IHAVEOPT, MAX_PAYLOAD, NBDMAGIC, NBD_EXPORT_NAME_REPLY_SIZE, NBD_EXPORT_NAME_ZEROES, NBD_FLAG_C_FIXED_NEWSTYLE,
   NBD_FLAG_C_NO_ZEROES, NBD_FLAG_FIXED_NEWSTYLE, NBD_FLAG_NO_ZEROES, NBD_HANDSHAKE_SIZE, NBD_INFO_BLOCK_SIZE,
-  NBD_INFO_EXPORT, NBD_OPTION_HEADER_SIZE, NBD_OPTION_REPLY_HEADER_SIZE, NBD_OPT_ABORT, NBD_OPT_EXPORT_NAME, NBD_OPT_GO,
+  NBD_INFO_EXPORT, NBD_OPTION_HEADER_SIZE, NBD_OPTION_REPLY_HEADER_SIZE, NBD_OPT_ABORT, NBD_OPT_EXPORT_NAME, NBD_OPT_GO, NBD_OPT_STARTTLS,
   NBD_REP_ACK, NBD_REP_ERR_UNKNOWN, NBD_REP_ERR_UNSUP, NBD_REP_FLAG_ERROR, NBD_REP_INFO, NBD_REP_MAGIC
 } from '../frontends/nbd/protocol.js'
 import { protocolError } from './nbd-reply-parser.js'
@@ -115,14 +115,17 @@ function effectiveMaxPayload (min: number, max: number): number {
 
 export class Handshake {
   private readonly queue: HandshakeQueue
-  private readonly socket: Socket
+  private socket: Socket
   private readonly name: Buffer
+  /** Runs the TLS handshake after NBD_OPT_STARTTLS; undefined: plain text. */
+  private readonly upgrade: (() => Promise<Socket>) | undefined
   private readonly exportName: string
   /** NBD_OPT_ABORT was sent: the socket should end gracefully rather than be destroyed. */
   softDisconnect = false
 
-  constructor (socket: Socket, queue: HandshakeQueue, exportName: string) {
+  constructor (socket: Socket, queue: HandshakeQueue, exportName: string, upgrade?: () => Promise<Socket>) {
     this.socket = socket
+    this.upgrade = upgrade
     this.queue = queue
     this.exportName = exportName
     this.name = Buffer.from(exportName, 'utf8')
@@ -143,12 +146,36 @@ export class Handshake {
     const clientFlags = Buffer.allocUnsafe(4)
     clientFlags.writeUInt32BE((fixed ? NBD_FLAG_C_FIXED_NEWSTYLE : 0) | (noZeroes ? NBD_FLAG_C_NO_ZEROES : 0), 0)
     this.socket.write(clientFlags)
+    if (this.upgrade !== undefined) {
+      // "The client MUST NOT send NBD_OPT_STARTTLS unless the server is fixed newstyle".
+      if (!fixed) throw this.refused('the server is not fixed newstyle, so it cannot speak TLS')
+      await this.startTls(this.upgrade)
+    }
     // "In non-fixed newstyle only one option can be set (NBD_OPT_EXPORT_NAME)".
     if (fixed) {
       const go = await this.go()
       if (go !== undefined) return go
     }
     return await this.exportNameOption(noZeroes)
+  }
+
+  /** NBD_OPT_STARTTLS: on its ACK, the TLS handshake; everything after goes over TLS. */
+  private async startTls (upgrade: () => Promise<Socket>): Promise<void> {
+    this.socket.write(encodeOption(NBD_OPT_STARTTLS))
+    const h = await this.queue.read(NBD_OPTION_REPLY_HEADER_SIZE)
+    if (h.readBigUInt64BE(0) !== NBD_REP_MAGIC) throw this.refused('bad option reply magic')
+    const option = h.readUInt32BE(8)
+    const type = h.readUInt32BE(12)
+    const length = h.readUInt32BE(16)
+    if (option !== NBD_OPT_STARTTLS) throw this.refused(`reply to option ${option}, but NBD_OPT_STARTTLS was sent`)
+    if (length > MAX_OPTION_REPLY) throw this.refused(`option reply of ${length} bytes`)
+    const data = await this.queue.read(length)
+    if (type !== NBD_REP_ACK) {
+      this.abort()
+      const text = data.toString('utf8')
+      throw this.refused(`the server does not speak TLS (${type >= NBD_REP_FLAG_ERROR ? repErrorName(type) : `reply type ${type}`}${text === '' ? '' : `: ${text}`})`)
+    }
+    this.socket = await upgrade()
   }
 
   /** NBD_OPT_GO with an NBD_INFO_BLOCK_SIZE request; undefined when the server answers NBD_REP_ERR_UNSUP. */

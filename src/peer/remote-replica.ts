@@ -11,7 +11,7 @@
  */
 import { UkaiError } from '../errors.js'
 import type { DiscardMode, Replica } from '../replica/replica.js'
-import { NbdClient, type NbdTarget } from './nbd-client.js'
+import { NbdClient, type ClientTls, type NbdTarget } from './nbd-client.js'
 
 export const REPLICA_EXPORT_PREFIX = 'replica/'
 
@@ -36,6 +36,8 @@ export interface RemoteReplicaOptions {
   connections?: number
   /** Block size of an image (from its metadata). */
   blockSizeOf: (image: string) => number | undefined
+  /** Speak TLS to the peer, with this node's certificate. */
+  tls?: ClientTls
 }
 
 interface Pool { image: string, clients: NbdClient[], next: number, connecting: Promise<NbdClient> | undefined }
@@ -98,7 +100,7 @@ export class RemoteReplica implements Replica {
     }
     if (pool.connecting === undefined) {
       const p = pool
-      pool.connecting = NbdClient.connect(this.target, name, { timeoutMs: this.options.timeoutMs })
+      pool.connecting = NbdClient.connect(this.target, name, { timeoutMs: this.options.timeoutMs, tls: this.options.tls })
         .then((c) => { p.clients.push(c); return c })
         .finally(() => { p.connecting = undefined })
     }

@@ -14,6 +14,12 @@
  * holds the image's writer lease now, and every write passes this node's
  * fence (fences.ts), so a writer that was taken over from cannot write
  * here once the new one has fenced this node or connected to it.
+ *
+ * Over TLS (config key tls_dir) every connection shows a node certificate
+ * of the cluster CA, and a writer generation's export opens only for the
+ * node that holds that generation: no other node, and no client at all,
+ * can write a replica behind the writer's dirty log and out-of-sync
+ * marking.
  */
 import { UkaiError, imageNotFound } from '../errors.js'
 import type { BlockStore, DiscardMode } from '../blockstore/block-store.js'
@@ -25,6 +31,7 @@ import type { UkaiNode } from '../node/node.js'
 import { splitRange, type Piece } from '../volume/block-math.js'
 import type { Extent } from '../volume/volume.js'
 import { parseReplicaExport } from './remote-replica.js'
+import type { PeerIdentity } from '../tls/identity.js'
 
 export class ReplicaExports implements ExportProvider {
   private readonly node: UkaiNode
@@ -53,7 +60,11 @@ export class ReplicaExports implements ExportProvider {
     return h === undefined ? undefined : { size: h.meta.size, readOnly: h.generation === undefined }
   }
 
-  async open (name: string): Promise<OpenExport> {
+  async open (name: string, _who: string, peer?: PeerIdentity): Promise<OpenExport> {
+    // Over TLS, only the cluster's nodes: a hypervisor's client certificate is for the NBD export.
+    if (this.node.tls !== undefined && peer?.role !== 'node') {
+      throw new UkaiError('UKAI_ERR_PERMISSION', `the peer port serves only nodes of this cluster, and the client's certificate is ${peer === undefined ? 'missing' : `${peer.role} ${peer.name}'s`}`)
+    }
     const h = this.held(name)
     if (h === undefined) throw imageNotFound(name)
     // What this node knows of the image (its watch keeps it current): a
@@ -66,6 +77,11 @@ export class ReplicaExports implements ExportProvider {
       if (st.writer === undefined || st.writer.generation !== h.generation) {
         throw new UkaiError('UKAI_ERR_FENCED',
           `image '${h.image}': writer generation ${h.generation} does not hold the writer lease (${st.writer === undefined ? 'nobody does' : `generation ${st.writer.generation} of node ${st.writer.node} does`})`)
+      }
+      // And only from that writer's node, as its certificate proves.
+      if (peer !== undefined && !this.node.sameNode(peer.name, st.writer.node)) {
+        throw new UkaiError('UKAI_ERR_FENCED',
+          `image '${h.image}': node ${peer.name} asked to write as generation ${h.generation}, which is node ${st.writer.node}'s`)
       }
       // The writer's new epoch: its earlier connections' writes are refused from now on.
       await this.node.fences.raise(h.image, h.generation, h.epoch)

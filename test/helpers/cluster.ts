@@ -15,7 +15,7 @@ import { FileCore } from '../../src/metadata/file-core.js'
 import type { RangeSet } from '../../src/metadata/range-set.js'
 import { MetadataStore, type ImageState } from '../../src/metadata/store.js'
 import { TestEtcd } from './etcd.js'
-import { TestNode } from './node-process.js'
+import { CLI, TestNode, run } from './node-process.js'
 
 export interface ClusterOptions {
   nodes: number
@@ -26,6 +26,11 @@ export interface ClusterOptions {
   config?: Record<string, unknown>
   /** Metadata on a real etcd started for the cluster (else a shared metadata directory). */
   etcd?: boolean
+  /**
+   * Nodes speak mutual TLS with certificates of a CA made for the cluster
+   * (default); false: plain text on loopback.
+   */
+  tls?: boolean
 }
 
 export interface StoredImageDoc {
@@ -43,6 +48,8 @@ export class Cluster {
   readonly etcd: TestEtcd | undefined
   /** The metadata keys every node's config names. */
   readonly metadataConfig: Record<string, unknown>
+  /** The cluster CA's directory when its nodes speak TLS. */
+  tlsCa: string | undefined
   private storeOpened: Promise<MetadataStore> | undefined
 
   private constructor (dir: string, nodes: TestNode[], etcd: TestEtcd | undefined, metadataConfig: Record<string, unknown>) {
@@ -62,14 +69,22 @@ export class Cluster {
       const metadataConfig = etcd !== undefined
         ? { metadata_servers: etcd.servers, metadata_prefix: `c-${randomBytes(4).toString('hex')}` }
         : { metadata_root: join(dir, 'metadata') }
+      const tlsCa = opts.tls === false ? undefined : join(dir, 'ca')
+      if (tlsCa !== undefined) {
+        const r = await run(process.execPath, [CLI, 'cert', 'ca', tlsCa])
+        if (r.code !== 0) throw new Error(`ukai cert ca: ${r.stderr}`)
+      }
       for (let i = 0; i < opts.nodes; i++) {
         nodes.push(await TestNode.start({
+          tlsCa,
           mount: opts.mount?.includes(i) ?? false,
           nbd: opts.nbd?.includes(i) ?? false,
           config: { ...metadataConfig, ...opts.config }
         }))
       }
-      return new Cluster(dir, nodes, etcd, metadataConfig)
+      const cluster = new Cluster(dir, nodes, etcd, metadataConfig)
+      cluster.tlsCa = tlsCa
+      return cluster
     } catch (err) {
       for (const n of nodes) await n.destroy()
       await etcd?.destroy()

@@ -42,6 +42,18 @@ export interface TestNodeOptions {
   config?: Record<string, unknown>
   /** Reuse a directory (a restart of the same node). */
   dir?: string
+  /**
+   * A cluster CA directory (ukai cert ca): the node gets its own
+   * certificate from it (in <dir>/tls, config key tls_dir) and speaks
+   * only TLS on its peer port and TCP NBD listeners.
+   */
+  tlsCa?: string
+}
+
+/** Issues node `id`'s certificate from the CA in `caDir` into `outDir` with the project's own CLI. */
+export async function issueNodeCert (caDir: string, id: string, outDir: string): Promise<void> {
+  const r = await run(process.execPath, [CLI, 'cert', 'node', id, '--ca', caDir, '--out', outDir])
+  if (r.code !== 0) throw new Error(`ukai cert node ${id}: ${r.stderr}`)
 }
 
 export class TestNode {
@@ -52,6 +64,8 @@ export class TestNode {
   readonly nbdSocket: string | undefined
   proc: ChildProcess | undefined
   output = ''
+  /** More `ukai server` arguments for the next launch (a TCP --nbd listener, ...). */
+  extraArgs: string[] = []
 
   private constructor (dir: string, config: Record<string, unknown>, mount: boolean, nbd: boolean) {
     this.dir = dir
@@ -75,6 +89,10 @@ export class TestNode {
         proxy_port: proxy,
         id: `127.0.0.1:${proxy}`,
         ...opts.config
+      }
+      if (opts.tlsCa !== undefined) {
+        await issueNodeCert(opts.tlsCa, config.id as string, join(dir, 'tls'))
+        config.tls_dir = 'tls'
       }
       await writeFile(join(dir, 'config.json'), JSON.stringify(config, null, 2))
     }
@@ -100,6 +118,7 @@ export class TestNode {
     const args = [CLI, 'server', '--config', this.configPath]
     if (this.mountpoint !== undefined) args.push('--mount', this.mountpoint)
     if (this.nbdSocket !== undefined) args.push('--nbd', this.nbdSocket)
+    args.push(...this.extraArgs)
     const proc = spawn(process.execPath, args, { stdio: ['ignore', 'pipe', 'pipe'] })
     this.proc = proc
     this.output = ''

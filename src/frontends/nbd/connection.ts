@@ -10,6 +10,7 @@
  * change, and released when it ends.
  */
 import type { Socket } from 'node:net'
+import { TLSSocket } from 'node:tls'
 import { toUkaiError } from '../../errors.js'
 import { processBudget, type BufferBudget, type Ledger } from './budget.js'
 import type { ExportProvider } from './exports.js'
@@ -17,6 +18,7 @@ import { FrameReader } from './frame-reader.js'
 import { HardDisconnect, MAX_OPTION_DATA, negotiate, type HandshakeIO, type Negotiated } from './handshake.js'
 import { NBD_OPTION_HEADER_SIZE } from './protocol.js'
 import { Transmission } from './transmission.js'
+import { clientIdentity, type NodeTls, type PeerIdentity } from '../../tls/identity.js'
 
 /** A client must finish its handshake this long after connecting. */
 export const HANDSHAKE_TIMEOUT_MS = 60_000
@@ -34,10 +36,16 @@ export interface ConnectionOptions {
   handshakeTimeoutMs?: number
   /** What the operator should know that is not an error of the node (a client dropped); default: `warn`. */
   notice?: (message: string) => void
+  /**
+   * The node's TLS identity: the connection runs in FORCEDTLS mode and
+   * every client must show a certificate of the cluster CA.
+   */
+  tls?: NodeTls
 }
 
 export class NbdConnection implements Ledger {
-  readonly socket: Socket
+  /** The client's socket: the TCP one, then the TLS one over it after NBD_OPT_STARTTLS. */
+  socket: Socket
   /** Resolves once the connection is over and its export released. */
   readonly closed: Promise<void>
   /** Bytes this connection holds, as the budget knows it. */
@@ -58,6 +66,7 @@ export class NbdConnection implements Ledger {
   /** The idle check's last look: the transmission's progress count and when it was seen to change. */
   private seenProgress = -1
   private seenAt = 0
+  private readonly tls: NodeTls | undefined
 
   constructor (socket: Socket, exports: ExportProvider, warn: (message: string) => void, options: ConnectionOptions = {}) {
     this.socket = socket
@@ -76,14 +85,59 @@ export class NbdConnection implements Ledger {
     // bytes cannot hold a connection in its handshake for ever.
     this.handshakeTimer = setTimeout(() => { if (this.transmission === undefined) socket.destroy() }, options.handshakeTimeoutMs ?? HANDSHAKE_TIMEOUT_MS)
     this.handshakeTimer.unref()
-    socket.on('data', (chunk: Buffer) => this.guard(() => this.onData(chunk)))
-    socket.on('end', () => this.guard(() => this.onEnd()))
-    socket.on('close', () => this.guard(() => this.onClose()))
-    socket.on('error', () => { /* 'close' follows; the client's trouble is not the node's */ })
-    socket.on('drain', () => this.guard(() => { if (this.transmission !== undefined) this.transmission.pump(); else this.account() }))
+    this.tls = options.tls
+    this.attach(socket)
     this.closed = this.run()
       .catch((err) => this.warn(`NBD connection: ${toUkaiError(err).message}`))
       .finally(() => this.release())
+  }
+
+  private readonly listeners = {
+    data: (chunk: Buffer) => this.guard(() => this.onData(chunk)),
+    end: () => this.guard(() => this.onEnd()),
+    close: () => this.guard(() => this.onClose()),
+    error: () => { /* 'close' follows; the client's trouble is not the node's */ },
+    drain: () => this.guard(() => { if (this.transmission !== undefined) this.transmission.pump(); else this.account() })
+  }
+
+  private attach (socket: Socket): void {
+    for (const [event, fn] of Object.entries(this.listeners)) socket.on(event, fn)
+  }
+
+  private detach (socket: Socket): void {
+    for (const [event, fn] of Object.entries(this.listeners)) socket.off(event, fn)
+  }
+
+  /**
+   * After the ACK to NBD_OPT_STARTTLS: the TLS handshake on this socket,
+   * then everything goes through the TLS socket. "the client MUST NOT
+   * send anything [after STARTTLS] until it has received the reply", so
+   * bytes already received are a protocol violation.
+   */
+  private async startTls (tls: NodeTls): Promise<PeerIdentity | undefined> {
+    const raw = this.socket
+    if (this.reader.length !== 0) throw new HardDisconnect('bytes sent after NBD_OPT_STARTTLS before its reply')
+    // The ACK leaves in plain text before the TLS socket takes the stream over.
+    if (raw.writableLength > 0) await new Promise<void>((resolve) => { raw.once('drain', resolve); raw.once('close', resolve) })
+    this.detach(raw)
+    raw.on('error', () => {})
+    const secure = new TLSSocket(raw, { isServer: true, secureContext: tls.context, requestCert: true, rejectUnauthorized: true })
+    this.socket = secure
+    this.attach(secure)
+    await new Promise<void>((resolve, reject) => {
+      const done = (err?: Error): void => {
+        secure.off('secure', ok)
+        secure.off('close', gone)
+        secure.off('error', done)
+        if (err === undefined) resolve(); else reject(err)
+      }
+      const ok = (): void => done()
+      const gone = (): void => done(new Error('the client closed the connection during the TLS handshake'))
+      secure.once('secure', ok)
+      secure.once('close', gone)
+      secure.once('error', done)
+    })
+    return clientIdentity(secure, tls.ca)
   }
 
   /** The server is closing: a handshake is cut off, a transmission finishes what is in flight. */
@@ -204,7 +258,8 @@ export class NbdConnection implements Ledger {
         return b
       },
       discard: async (n) => { await this.reader.discard(n); this.account() },
-      write: (buf) => { if (!this.socket.destroyed) { this.socket.write(buf, this.written); this.account() } }
+      write: (buf) => { if (!this.socket.destroyed) { this.socket.write(buf, this.written); this.account() } },
+      startTls: this.tls === undefined ? undefined : async () => await this.startTls(this.tls!)
     }
     let negotiated: Negotiated | undefined
     try {

@@ -5,6 +5,7 @@
  * node's replicas to its peers (`replica/<image>` exports over the peer
  * protocol).
  */
+import type { PeerIdentity } from '../../tls/identity.js'
 import { imageNotFound, toUkaiError } from '../../errors.js'
 import type { ImageOpen, UkaiNode } from '../../node/node.js'
 import type { Extent } from '../../volume/volume.js'
@@ -47,8 +48,12 @@ export interface ExportProvider {
   list: () => string[]
   /** What NBD_OPT_INFO reports, without opening; undefined for no such export. */
   describe: (name: string) => ExportInfo | undefined
-  /** Opens for the transmission phase; throws a UkaiError (UKAI_ERR_NOT_FOUND when absent). */
-  open: (name: string, who: string) => Promise<OpenExport>
+  /**
+   * Opens for the transmission phase; throws a UkaiError (UKAI_ERR_NOT_FOUND
+   * when absent). `peer` is the client's verified certificate identity on a
+   * TLS listener, undefined on a plain-text one.
+   */
+  open: (name: string, who: string, peer?: PeerIdentity) => Promise<OpenExport>
 }
 
 /**
@@ -80,8 +85,9 @@ export class VolumeExports implements ExportProvider {
     return { size: meta.usedSize, readOnly: this.readOnly || this.hasWriter(name) }
   }
 
-  async open (name: string, who: string): Promise<OpenExport> {
+  async open (name: string, client: string, peer?: PeerIdentity): Promise<OpenExport> {
     if (this.node.imageMeta(name) === undefined) throw imageNotFound(name)
+    const who = peer === undefined ? client : `${client}, ${peer.role} ${peer.name}`
     let opened: ImageOpen | undefined
     if (!this.readOnly) {
       try {

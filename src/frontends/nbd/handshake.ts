@@ -9,8 +9,16 @@
  * frame that cannot be parsed as an option (wrong magic) or a violation
  * the spec answers with a hard disconnect throws HardDisconnect; anything
  * else gets an error reply and haggling goes on.
+ *
+ * TLS (proto.md, "TLS support"): a listener with a TLS identity runs in
+ * FORCEDTLS mode. Before NBD_OPT_STARTTLS every option but NBD_OPT_ABORT
+ * is answered NBD_REP_ERR_TLS_REQD (NBD_OPT_EXPORT_NAME, which has no
+ * error reply, ends the connection); after it, the same haggling runs over
+ * TLS and the export is opened for the identity in the client's
+ * certificate. A listener without one runs in NOTLS mode.
  */
 import { toUkaiError } from '../../errors.js'
+import type { PeerIdentity } from '../../tls/identity.js'
 import type { ExportInfo, ExportProvider, OpenExport } from './exports.js'
 import {
   encodeExportNameReply, encodeHandshake, encodeInfoBlockSize, encodeInfoExport, encodeInfoName,
@@ -24,7 +32,7 @@ import {
   NBD_FLAG_SEND_FUA, NBD_FLAG_SEND_TRIM, NBD_FLAG_SEND_WRITE_ZEROES, NBD_INFO_NAME, NBD_OPTION_HEADER_SIZE,
   NBD_OPT_ABORT, NBD_OPT_EXPORT_NAME, NBD_OPT_GO, NBD_OPT_INFO, NBD_OPT_LIST, NBD_OPT_LIST_META_CONTEXT,
   NBD_OPT_SET_META_CONTEXT, NBD_OPT_STRUCTURED_REPLY, NBD_REP_ACK, NBD_REP_ERR_INVALID, NBD_REP_ERR_SHUTDOWN,
-  NBD_REP_ERR_TOO_BIG, NBD_REP_ERR_UNKNOWN, NBD_REP_ERR_UNSUP, NBD_REP_INFO, NBD_REP_META_CONTEXT,
+  NBD_REP_ERR_TLS_REQD, NBD_REP_ERR_TOO_BIG, NBD_REP_ERR_UNKNOWN, NBD_OPT_STARTTLS, NBD_REP_ERR_UNSUP, NBD_REP_INFO, NBD_REP_META_CONTEXT,
   NBD_REP_SERVER, PREFERRED_BLOCK_SIZE, optionName
 } from './protocol.js'
 
@@ -42,6 +50,12 @@ export interface HandshakeIO {
   /** Drops the next `n` bytes as they arrive. */
   discard: (n: number) => Promise<void>
   write: (buf: Buffer) => void
+  /**
+   * FORCEDTLS mode: runs the TLS handshake once NBD_OPT_STARTTLS is
+   * acknowledged; resolves with the verified identity of the client,
+   * rejects (the connection ends) when the client cannot prove one.
+   */
+  startTls?: () => Promise<PeerIdentity | undefined>
 }
 
 export interface HandshakeOptions {
@@ -133,8 +147,37 @@ export async function negotiate (io: HandshakeIO, opts: HandshakeOptions): Promi
       h.error(option, NBD_REP_ERR_SHUTDOWN, 'the server is shutting down')
       continue
     }
+    if (io.startTls !== undefined && h.peer === undefined) {
+      // FORCEDTLS: "the server MUST reply to any option apart from
+      // NBD_OPT_STARTTLS or NBD_OPT_ABORT with NBD_REP_ERR_TLS_REQD";
+      // NBD_OPT_EXPORT_NAME has no error reply: "the server MUST terminate
+      // the session".
+      if (option === NBD_OPT_STARTTLS) {
+        // "The client MUST NOT send any data with this option."
+        if (data.length !== 0) { h.error(option, NBD_REP_ERR_INVALID, 'NBD_OPT_STARTTLS takes no data'); continue }
+        io.write(encodeOptionReply(option, NBD_REP_ACK))
+        let peer: PeerIdentity | undefined
+        try {
+          peer = await io.startTls()
+        } catch (err) {
+          throw new HardDisconnect(`TLS handshake failed: ${toUkaiError(err).message}`)
+        }
+        if (peer === undefined) throw new HardDisconnect('the client\'s certificate names neither a node nor a client of this cluster')
+        h.peer = peer
+        continue
+      }
+      if (option === NBD_OPT_EXPORT_NAME) throw new HardDisconnect('NBD_OPT_EXPORT_NAME before NBD_OPT_STARTTLS on a TLS-only listener')
+      if (option !== NBD_OPT_ABORT) { h.error(option, NBD_REP_ERR_TLS_REQD, `this server speaks only TLS: send NBD_OPT_STARTTLS first (${optionName(option)} refused)`); continue }
+    }
     switch (option) {
       case NBD_OPT_EXPORT_NAME: return await h.exportName(data, noZeroes)
+      case NBD_OPT_STARTTLS:
+        // "If the server receives NBD_OPT_STARTTLS when TLS has already
+        // been negotiated, it MUST reply with NBD_REP_ERR_INVALID"; in NOTLS
+        // mode it is not supported.
+        if (h.peer !== undefined) h.error(option, NBD_REP_ERR_INVALID, 'TLS is already on')
+        else h.error(option, NBD_REP_ERR_UNSUP, 'this listener does not speak TLS')
+        break
       case NBD_OPT_ABORT:
         // "The server MUST reply with NBD_REP_ACK"; "a server SHOULD ignore any data sent by the client".
         io.write(encodeOptionReply(option, NBD_REP_ACK))
@@ -151,8 +194,7 @@ export async function negotiate (io: HandshakeIO, opts: HandshakeOptions): Promi
       case NBD_OPT_SET_META_CONTEXT: h.metaContext(option, data); break
       default:
         // "Servers that receive messages which they do not implement MUST
-        // reply to them with NBD_REP_ERR_UNSUP" (NBD_OPT_STARTTLS included:
-        // this server runs in NOTLS mode).
+        // reply to them with NBD_REP_ERR_UNSUP".
         h.error(option, NBD_REP_ERR_UNSUP, `${optionName(option)} is not supported by this server`)
     }
   }
@@ -163,6 +205,8 @@ class Haggler {
   private readonly io: HandshakeIO
   private readonly opts: HandshakeOptions
   private structured = false
+  /** The client's verified identity, once TLS is on. */
+  peer: PeerIdentity | undefined
   /** The last NBD_OPT_SET_META_CONTEXT: its export and whether base:allocation was selected. */
   private meta: { name: string, allocation: boolean } | undefined
 
@@ -208,7 +252,7 @@ class Haggler {
     let opened: OpenExport | undefined
     if (option === NBD_OPT_GO) {
       try {
-        opened = await this.opts.exports.open(req.name, this.opts.who)
+        opened = await this.opts.exports.open(req.name, this.opts.who, this.peer)
       } catch (err) {
         // NBD_REP_ERR_UNKNOWN: "The requested export is not available."
         this.error(option, NBD_REP_ERR_UNKNOWN, `export '${req.name}': ${toUkaiError(err).message}`)
@@ -244,7 +288,7 @@ class Haggler {
     if (isOptionError(name)) throw new HardDisconnect(`NBD_OPT_EXPORT_NAME: ${name.message}`)
     let opened: OpenExport
     try {
-      opened = await this.opts.exports.open(name, this.opts.who)
+      opened = await this.opts.exports.open(name, this.opts.who, this.peer)
     } catch (err) {
       throw new HardDisconnect(`NBD_OPT_EXPORT_NAME '${name}': ${toUkaiError(err).message}`)
     }

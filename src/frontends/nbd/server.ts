@@ -16,6 +16,8 @@ import type { UkaiNode } from '../../node/node.js'
 import { processBudget, type BufferBudget } from './budget.js'
 import { HANDSHAKE_TIMEOUT_MS, IO_TIMEOUT_MS, NbdConnection } from './connection.js'
 import { VolumeExports, type ExportProvider } from './exports.js'
+import { isLoopbackAddress } from '../../config/config.js'
+import type { NodeTls } from '../../tls/identity.js'
 
 /**
  * Connections one server serves at once; more are refused. Peers open two
@@ -50,6 +52,13 @@ export interface NbdServerOptions {
    * export released (default 30 s). Idle clients are never dropped.
    */
   ioTimeoutMs?: number
+  /**
+   * The node's TLS identity for TCP listeners (default: the node's own,
+   * from config key tls_dir). With one, TCP clients must speak TLS with a
+   * certificate of the cluster CA; without one, TCP is allowed only on
+   * loopback. Unix sockets are always plain text.
+   */
+  tls?: NodeTls | null
 }
 
 export type ListenTarget = { path: string } | { host: string, port: number }
@@ -85,6 +94,7 @@ export class NbdServer {
   readonly maxConnections: number
   private readonly handshakeTimeoutMs: number
   private readonly ioTimeoutMs: number
+  private readonly tls: NodeTls | undefined
   private sweep: NodeJS.Timeout | undefined
   private refused = 0
   private refusalWarnedAt = -Infinity
@@ -96,15 +106,21 @@ export class NbdServer {
     this.maxConnections = Math.max(1, options.maxConnections ?? MAX_CONNECTIONS)
     this.handshakeTimeoutMs = options.handshakeTimeoutMs ?? HANDSHAKE_TIMEOUT_MS
     this.ioTimeoutMs = options.ioTimeoutMs ?? IO_TIMEOUT_MS
+    this.tls = options.tls === null ? undefined : (options.tls ?? node.tls)
   }
 
   /** Starts listening on `spec` (see parseListenSpec); may be called for several addresses. */
   async listen (spec: string): Promise<void> {
     if (this.closing) throw new UkaiError('UKAI_ERR_SHUTDOWN', 'the NBD server is closed')
     const target = parseListenSpec(spec)
+    const tls = 'path' in target ? undefined : this.tls
+    if (!('path' in target) && tls === undefined && !isLoopbackAddress(target.host)) {
+      throw new UkaiError('UKAI_ERR_INVALID_ARGUMENT',
+        `NBD server cannot listen on ${spec}: plain-text NBD is served only on loopback and unix sockets; give the node a TLS identity (config key tls_dir) to serve ${target.host}`, { nbd: spec })
+    }
     // allowHalfOpen: a client that shuts down its sending side still gets
     // the replies to what it sent.
-    const server = createServer({ allowHalfOpen: true }, (socket) => this.accept(socket))
+    const server = createServer({ allowHalfOpen: true }, (socket) => this.accept(socket, tls))
     try {
       await listenOn(server, target)
     } catch (err) {
@@ -144,7 +160,7 @@ export class NbdServer {
     return n
   }
 
-  private accept (socket: Socket): void {
+  private accept (socket: Socket, tls: NodeTls | undefined): void {
     if (this.closing) {
       socket.destroy()
       return
@@ -156,7 +172,8 @@ export class NbdServer {
     const c = new NbdConnection(socket, this.exports, (m) => this.warn(m), {
       budget: this.budget,
       handshakeTimeoutMs: this.handshakeTimeoutMs,
-      notice: (m) => this.node.notice(m)
+      notice: (m) => this.node.notice(m),
+      tls
     })
     this.connections.add(c)
     void c.closed.then(() => {
