@@ -285,6 +285,34 @@ describe('a cluster on mutual TLS', () => {
     } finally { u.socket.destroy() }
   })
 
+  test('the control API is HTTPS with the node certificate: the token never crosses in clear', async () => {
+    const { request: httpRequest } = await import('node:http')
+    const { request: httpsRequest } = await import('node:https')
+    const token = (await cliOk(A, 'control-token')).trim()
+    // Plain HTTP gets no answer from the API.
+    const plain = await new Promise<string>((resolve) => {
+      const req = httpRequest({ host: '127.0.0.1', port: A.controlPort, path: '/v1/ping', headers: { authorization: `Bearer ${token}` } }, (res) => resolve(`HTTP ${res.statusCode ?? '?'}`))
+      req.on('error', (err) => resolve(`error ${err.message}`))
+      req.end()
+    })
+    assert.doesNotMatch(plain, /HTTP 200/)
+    // HTTPS trusting the cluster CA, the certificate A's.
+    const ca = await readFile(join(cluster.tlsCa!, 'ca-cert.pem'))
+    const answer = await new Promise<{ status: number, body: string, subject: string }>((resolve, reject) => {
+      const req = httpsRequest({ host: '127.0.0.1', port: A.controlPort, path: '/v1/ping', ca, checkServerIdentity: () => undefined, headers: { authorization: `Bearer ${token}` } }, (res) => {
+        const chunks: Buffer[] = []
+        const subject = String((res.socket as import('node:tls').TLSSocket).getPeerCertificate().subject.CN) as string
+        res.on('data', (c: Buffer) => chunks.push(c))
+        res.on('end', () => resolve({ status: res.statusCode ?? 0, body: Buffer.concat(chunks).toString(), subject }))
+      })
+      req.on('error', reject)
+      req.end()
+    })
+    assert.equal(answer.status, 200, answer.body)
+    assert.equal(answer.subject, A.id)
+    assert.equal((JSON.parse(answer.body) as { id: string }).id, A.id)
+  })
+
   test('a node checks that the server at a location is that node', async () => {
     // Asking A's port while expecting B: A's certificate names A.
     const wrong = await credentials(join(dir, 'third'), 'node', B.id)

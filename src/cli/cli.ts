@@ -7,7 +7,7 @@
 import { readFile } from 'node:fs/promises'
 import { parseArgs, type ParseArgsConfig } from 'node:util'
 import { loadConfig, type Config } from '../config/config.js'
-import { ControlClient, RawJson, callStream, isNotRunning } from '../control/client.js'
+import { ControlClient, RawJson, controlTlsOf, callStream, isNotRunning } from '../control/client.js'
 import { loadControlToken, tokenFromFile } from '../control/token.js'
 import { UkaiError, invalidArgument, toUkaiError } from '../errors.js'
 import { BlockStore } from '../blockstore/block-store.js'
@@ -85,7 +85,7 @@ async function controlToken (config: Config): Promise<string> {
 
 /** A client of this config's node, with the cluster's token. */
 async function controlClient (config: Config): Promise<ControlClient> {
-  return new ControlClient(config.control_address, config.control_port, 0, await controlToken(config))
+  return new ControlClient(config.control_address, config.control_port, 0, await controlToken(config), controlTlsOf(config, config.id))
 }
 
 /** Runs `fn` against the running node's API, or offline against the local stores. */

@@ -2,8 +2,23 @@
  * Client of the control API, used by the CLI. Errors from the node come
  * back as UkaiError with the node's code and message.
  */
-import { request } from 'node:http'
+import { request as httpRequest, type ClientRequest, type IncomingMessage, type RequestOptions } from 'node:http'
+import { request as httpsRequest } from 'node:https'
 import { CODES, UkaiError, type ErrorCode } from '../errors.js'
+import { clusterCa, expectNode, type ControlTls } from '../tls/identity.js'
+import type { Config } from '../config/config.js'
+import { canonicalLocation } from '../metadata/names.js'
+
+/**
+ * How this config's CLI or node reaches node `node`'s control API: HTTPS
+ * trusting the cluster CA in tls_dir, or plain HTTP without one.
+ */
+export function controlTlsOf (config: Config, node: string): ControlTls | undefined {
+  if (config.tls_dir === undefined) return undefined
+  const canonical = (id: string): string | undefined => { try { return canonicalLocation(id, config.proxy_port) } catch { return undefined } }
+  const want = canonical(node)
+  return { ca: clusterCa(config.tls_dir), node, isNode: (name) => want !== undefined && canonical(name) === want }
+}
 
 /** A request body that is JSON text already, sent as it is. */
 export class RawJson {
@@ -17,12 +32,22 @@ export class ControlClient {
   readonly timeoutMs: number
   /** The cluster's bearer token (control/token.ts); never shown. */
   private readonly token: string | undefined
+  /** HTTPS to a node of a cluster on TLS (config key tls_dir); plain HTTP otherwise. */
+  private readonly tls: ControlTls | undefined
 
-  constructor (host: string, port: number, timeoutMs = 0, token?: string) {
+  constructor (host: string, port: number, timeoutMs = 0, token?: string, tls?: ControlTls) {
     this.host = host
     this.port = port
     this.timeoutMs = timeoutMs
     this.token = token
+    this.tls = tls
+  }
+
+  /** One request to the node, over HTTPS when the cluster is on TLS (the token never crosses in clear). */
+  request (options: RequestOptions, onResponse: (res: IncomingMessage) => void): ClientRequest {
+    const o = { ...options, host: this.host, port: this.port }
+    if (this.tls === undefined) return httpRequest(o, onResponse)
+    return httpsRequest({ ...o, ca: this.tls.ca, checkServerIdentity: expectNode(this.tls.node, this.tls.isNode) }, onResponse)
   }
 
   /** Headers of every call: the token, and a body's type and length. */
@@ -36,9 +61,7 @@ export class ControlClient {
   async call<T = unknown> (method: string, path: string, body?: unknown): Promise<T> {
     const payload = body === undefined ? undefined : Buffer.from(body instanceof RawJson ? body.text : JSON.stringify(body))
     return await new Promise<T>((resolve, reject) => {
-      const req = request({
-        host: this.host,
-        port: this.port,
+      const req = this.request({
         method,
         path,
         headers: this.headers(payload)
@@ -76,9 +99,7 @@ export class ControlClient {
 export async function callStream<T> (client: ControlClient, method: string, path: string, body: unknown, onLine: (progress: unknown) => void): Promise<T> {
   const payload = Buffer.from(JSON.stringify(body ?? {}))
   return await new Promise<T>((resolve, reject) => {
-    const req = request({
-      host: client.host,
-      port: client.port,
+    const req = client.request({
       method,
       path,
       headers: client.headers(payload)

@@ -11,12 +11,13 @@
  * carries a browser's Origin is refused too, token or not.
  */
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http'
+import { createServer as createHttpsServer } from 'node:https'
 import { hostname, networkInterfaces } from 'node:os'
 import { bearerMatches } from './token.js'
 import { UkaiError, invalidArgument, toUkaiError } from '../errors.js'
 import { describe, describeState, parseInfoFormat, summarise } from '../node/images.js'
 import type { UkaiNode } from '../node/node.js'
-import { ControlClient, callStream } from './client.js'
+import { ControlClient, callStream, controlTlsOf } from './client.js'
 import { jsonError, show } from '../util/show.js'
 
 /** Largest request body: a per-block export of a large image is big. */
@@ -152,7 +153,7 @@ const routes: Route[] = [
       // The sync runs where the image is written: that node's writer session copies.
       const writer = await node.writerElsewhere(name!)
       if (writer !== undefined) {
-        const client = new ControlClient(writer.control_address, writer.control_port, 0, await node.images.directory.controlToken())
+        const client = new ControlClient(writer.control_address, writer.control_port, 0, await node.images.directory.controlToken(), controlTlsOf(node.config, writer.id))
         return await callStream(client, 'POST', `/v1/images/${encodeURIComponent(name!)}/sync`, b, emit)
       }
       return await node.syncImage(name!, start, last === undefined ? undefined : last + 1, emit)
@@ -251,7 +252,10 @@ export class ControlServer {
   async listen (port: number, host: string): Promise<void> {
     this.token = await this.node.images.directory.controlToken()
     this.names = hostNamesOf(host, this.node.config.id)
-    const server = createServer((req, res) => { void this.handle(req, res) })
+    // With the node's TLS identity, HTTPS: the token never crosses the network in clear.
+    const tls = this.node.tls
+    const handler = (req: IncomingMessage, res: ServerResponse): void => { void this.handle(req, res) }
+    const server = tls === undefined ? createServer(handler) : createHttpsServer({ ...tls.pem, minVersion: 'TLSv1.2' }, handler)
     await new Promise<void>((resolve, reject) => {
       server.once('error', reject)
       server.listen(port, host, () => { server.off('error', reject); resolve() })

@@ -8,7 +8,7 @@
  * block files of an image destroyed elsewhere when it sees the metadata go.
  */
 import type { Config } from '../config/config.js'
-import { ControlClient } from '../control/client.js'
+import { ControlClient, controlTlsOf } from '../control/client.js'
 import { UkaiError, toUkaiError } from '../errors.js'
 import { canonicalLocation } from '../metadata/names.js'
 import type { MetadataStore, NodeInfo } from '../metadata/store.js'
@@ -66,7 +66,7 @@ export class NodeDirectory {
   }
 
   private async client (n: NodeInfo, timeoutMs = PROBE_TIMEOUT_MS): Promise<ControlClient> {
-    return new ControlClient(n.control_address, n.control_port, timeoutMs, await this.controlToken())
+    return new ControlClient(n.control_address, n.control_port, timeoutMs, await this.controlToken(), controlTlsOf(this.config, n.id))
   }
 
   private async require (location: string): Promise<NodeInfo> {

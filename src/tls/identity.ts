@@ -33,6 +33,8 @@ export interface NodeTls {
   id: string
   /** The cluster CA, which every peer's certificate must come from. */
   ca: X509Certificate
+  /** The PEM files, for servers that build their own context (the control API's HTTPS). */
+  pem: { ca: Buffer, cert: Buffer, key: Buffer }
 }
 
 function field (subject: string | Record<string, string | string[] | undefined> | undefined, key: string): string | undefined {
@@ -112,7 +114,7 @@ export function loadNodeTls (dir: string, id: string): NodeTls {
   } catch (err) {
     throw bad(`${NODE_KEY} does not go with ${NODE_CERT} or is not a key (${(err as Error).message.split('\n')[0] ?? ''})`)
   }
-  return { dir, context, id, ca }
+  return { dir, context, id, ca, pem: { ca: caPem, cert: certPem, key: keyPem } }
 }
 
 /**
@@ -126,4 +128,20 @@ export function expectNode (id: string, isId: (name: string) => boolean): (host:
     if (who?.role === 'node' && isId(who.name)) return undefined
     return new UkaiError('UKAI_ERR_PERMISSION', `the peer at ${id} presented the certificate of ${who === undefined ? 'an unknown subject' : `${who.role} ${who.name}`}, not node ${id}'s`)
   }
+}
+
+/**
+ * How a control API client reaches a node of a cluster on TLS: HTTPS,
+ * trusting only the cluster CA, and only the node certificate of `node`.
+ */
+export interface ControlTls {
+  ca: Buffer
+  /** The node expected at the other end (its id); its certificate must name it. */
+  node: string
+  isNode: (name: string) => boolean
+}
+
+/** The cluster CA certificate of a tls_dir, for a control API client (the CLI needs no node key). */
+export function clusterCa (dir: string): Buffer {
+  return readPem(dir, CA_CERT)
 }

@@ -8,6 +8,8 @@ import { spawn, type ChildProcess } from 'node:child_process'
 import { once } from 'node:events'
 import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises'
 import { createServer } from 'node:net'
+import { request as httpRequest, type IncomingMessage } from 'node:http'
+import { request as httpsRequest } from 'node:https'
 import { tmpdir } from 'node:os'
 import { join, resolve } from 'node:path'
 
@@ -162,19 +164,34 @@ export class TestNode {
     return this.token
   }
 
-  /** A control API call with the cluster's token (`token: null`: none; a string: that one instead). */
+  /**
+   * A control API call with the cluster's token (`token: null`: none; a
+   * string: that one instead); HTTPS trusting the cluster CA when the node
+   * has a TLS identity.
+   */
   async api<T = unknown> (method: string, path: string, body?: unknown, options: { token?: string | null, headers?: Record<string, string> } = {}): Promise<{ status: number, body: T }> {
     const token = options.token === undefined ? await this.controlToken() : options.token
-    const res = await fetch(`http://127.0.0.1:${this.controlPort}${path}`, {
-      method,
-      headers: {
-        ...(token !== null ? { authorization: `Bearer ${token}` } : {}),
-        ...(body === undefined ? {} : { 'content-type': 'application/json' }),
-        ...options.headers
-      },
-      body: body === undefined ? undefined : (typeof body === 'string' ? body : JSON.stringify(body))
+    const payload = body === undefined ? undefined : Buffer.from(typeof body === 'string' ? body : JSON.stringify(body))
+    const headers = {
+      ...(token !== null ? { authorization: `Bearer ${token}` } : {}),
+      ...(payload === undefined ? {} : { 'content-type': 'application/json', 'content-length': String(payload.length) }),
+      ...options.headers
+    }
+    const tlsDir = this.config.tls_dir as string | undefined
+    const ca = tlsDir === undefined ? undefined : await readFile(join(resolve(this.dir, tlsDir), 'ca-cert.pem'))
+    const text = await new Promise<{ status: number, text: string }>((resolveCall, reject) => {
+      const onResponse = (res: IncomingMessage): void => {
+        const chunks: Buffer[] = []
+        res.on('data', (c: Buffer) => chunks.push(c))
+        res.on('error', reject)
+        res.on('end', () => resolveCall({ status: res.statusCode ?? 0, text: Buffer.concat(chunks).toString() }))
+      }
+      const o = { host: '127.0.0.1', port: this.controlPort, method, path, headers }
+      const req = ca === undefined ? httpRequest(o, onResponse) : httpsRequest({ ...o, ca, checkServerIdentity: () => undefined }, onResponse)
+      req.on('error', reject)
+      req.end(payload)
     })
-    return { status: res.status, body: await res.json() as T }
+    return { status: text.status, body: JSON.parse(text.text) as T }
   }
 
   /** Ends the process with `signal` and waits for it; returns its exit code. */
