@@ -26,6 +26,7 @@ import { makeReferenceFile, populateBlocks, residency, warm } from './lib/data.m
 import { BenchEtcd } from './lib/etcd.mjs'
 import { WORKLOADS } from './lib/fio.mjs'
 import { abuse } from './lib/abuse.mjs'
+import { tlsCost } from './lib/tls.mjs'
 import { peakRss } from './lib/memory.mjs'
 import { metadataCost, propagation } from './lib/metadata.mjs'
 import { migrationPause } from './lib/migration.mjs'
@@ -40,7 +41,7 @@ import { UkaiNode, snapshotBuild } from './lib/ukai.mjs'
 
 const HERE = dirname(fileURLToPath(import.meta.url))
 const REPO = resolve(HERE, '..')
-const PHASES = ['throughput', 'resync', 'delta', 'metadata', 'propagation', 'migration', 'memory', 'abuse']
+const PHASES = ['throughput', 'resync', 'delta', 'metadata', 'propagation', 'migration', 'memory', 'abuse', 'tls']
 const GIB = 2 ** 30
 const MIB = 2 ** 20
 
@@ -222,7 +223,7 @@ async function main () {
     await b.configure()
     const images = { one: 'bench-1', two: 'bench-2', remote: 'bench-remote' }
 
-    const needsCluster = phases.some((p) => p !== 'memory' && p !== 'abuse')
+    const needsCluster = phases.some((p) => p !== 'memory' && p !== 'abuse' && p !== 'tls')
     if (phases.includes('throughput')) {
       log('images: one replica on A, two replicas (A, B), one replica on B only; block files filled with the reference bytes')
       const sz = String(size)
@@ -376,6 +377,8 @@ async function main () {
         await d.stop()
       }
     })
+    // Mutual TLS on the peer port against plain text, on two pairs of nodes of their own.
+    await phase('tls', async () => await tlsCost({ tmp, cli, quick, rawDir, size: Math.min(size, 1024 * MIB), blockSize, log }))
   } finally {
     await cleanup()
     await keepOrRemove()

@@ -37,7 +37,32 @@ export function verdicts (r) {
     } else out.push({ what, target: '< 10 ms', value: 'not measured', met: undefined })
   }
   abuseVerdicts(out, r.abuse)
+  tlsVerdicts(out, r.tls)
   return out
+}
+
+/** The tls phase's target: TLS / plain text on writes to two replicas, each write workload. */
+function tlsVerdicts (out, t) {
+  if (t?.rows === undefined) {
+    out.push({ what: 'NBD 2 replicas, peers over mutual TLS / plain text, writes', target: '≥ 0.9×', value: 'not measured', met: undefined })
+    return
+  }
+  for (const row of t.rows.filter((x) => x.write)) {
+    const m = median(row.ratios)
+    out.push({ what: `peers over mutual TLS / plain text, ${row.label}`, target: `≥ ${t.target.min}×`, value: fmtRatio(m), met: m >= t.target.min })
+  }
+}
+
+/** The tls phase's rows (results of bench/lib/tls.mjs). */
+function tlsRows (L, t) {
+  if (t?.rows === undefined) {
+    L.push(`| peers over mutual TLS | not measured: ${esc1(t?.error)} | | | |`)
+    return
+  }
+  for (const row of t.rows) {
+    const f = (xs) => `${fmt(median(xs))} ${row.unit} (${fmt(min(xs))}–${fmt(max(xs))})`
+    L.push(`| UKAI NBD, ${row.label}: peers over mutual TLS vs plain text (${t.rounds} alternating pairs of ${t.runtime} s, ${fmtBytes(t.size)} image) | TLS ${f(row.tls)} | plain ${f(row.plain)} | ${fmtRatio(median(row.ratios))} (${min(row.ratios).toFixed(2)}–${max(row.ratios).toFixed(2)}) | ${row.write ? `≥ ${t.target.min}×: ${median(row.ratios) >= t.target.min ? YES : NO}` : ''} |`)
+  }
 }
 
 /** The abuse phase's two targets, judged on the worst scenario. */
@@ -185,6 +210,7 @@ export function markdownReport (r) {
     L.push(`| peak RSS of a node serving ${mm.images} open images (1 GiB each, NBD, random 4 KiB I/O on all at once; ${mm.openMax} open at the same time) | ${fmtBytes(mm.peakRss)} (VmHWM) | idle node: ${fmtBytes(mm.idleRss)}; with the images created, closed: ${fmtBytes(mm.createdRss)} | ${fmtBytes((mm.peakRss - mm.idleRss) / mm.images)} per open image | |`)
   } else L.push(`| peak RSS, 100 open images | not measured: ${esc1(r.memory?.error)} | | | |`)
   abuseRows(L, r.abuse, v)
+  tlsRows(L, r.tls)
   L.push('')
   L.push('## Targets', '')
   L.push('| target | measured | verdict |')

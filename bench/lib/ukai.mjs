@@ -36,10 +36,12 @@ export async function freePort () {
 
 export class UkaiNode {
   /**
-   * @param {{ name: string, dir: string, metadataRoot: string, cli: string, mount?: boolean, env?: Record<string, string>, metadataServers?: string[], metadataPrefix?: string }} o
+   * @param {{ name: string, dir: string, metadataRoot: string, cli: string, mount?: boolean, tlsCa?: string, env?: Record<string, string>, metadataServers?: string[], metadataPrefix?: string }} o
    */
   constructor (o) {
     this.name = o.name
+    /** A cluster CA directory: the node gets a certificate from it and speaks mutual TLS to its peers. */
+    this.tlsCa = o.tlsCa
     /** etcd client URLs; empty: the embedded store under metadataRoot. */
     this.metadataServers = o.metadataServers ?? []
     this.metadataPrefix = o.metadataPrefix ?? 'ukai'
@@ -68,7 +70,12 @@ export class UkaiNode {
     await mkdir(this.dir, { recursive: true })
     this.controlPort = await freePort()
     this.proxyPort = await freePort()
+    if (this.tlsCa !== undefined) {
+      const r = await run(process.execPath, [this.cli, 'cert', 'node', this.id, '--ca', this.tlsCa, '--out', join(this.dir, 'tls')])
+      if (r.code !== 0) throw new Error(`ukai cert node ${this.id}: ${r.stderr}`)
+    }
     await writeFile(this.configPath, JSON.stringify({
+      ...(this.tlsCa !== undefined ? { tls_dir: join(this.dir, 'tls') } : {}),
       image_root: this.imageRoot,
       metadata_root: this.metadataRoot,
       control_port: this.controlPort,
