@@ -159,17 +159,22 @@ export class Handshake {
     return await this.exportNameOption(noZeroes)
   }
 
+  /** One option reply to `option`: "S: 64 bits, 0x3e889045565a9; S: 32 bits, option; S: 32 bits, reply type; S: 32 bits, length". */
+  private async reply (option: number, name: string): Promise<{ type: number, length: number, data: Buffer }> {
+    const h = await this.queue.read(NBD_OPTION_REPLY_HEADER_SIZE)
+    if (h.readBigUInt64BE(0) !== NBD_REP_MAGIC) throw this.refused('bad option reply magic')
+    const replied = h.readUInt32BE(8)
+    const type = h.readUInt32BE(12)
+    const length = h.readUInt32BE(16)
+    if (replied !== option) throw this.refused(`reply to option ${replied}, but ${name} was sent`)
+    if (length > MAX_OPTION_REPLY) throw this.refused(`option reply of ${length} bytes`)
+    return { type, length, data: await this.queue.read(length) }
+  }
+
   /** NBD_OPT_STARTTLS: on its ACK, the TLS handshake; everything after goes over TLS. */
   private async startTls (upgrade: () => Promise<Socket>): Promise<void> {
     this.socket.write(encodeOption(NBD_OPT_STARTTLS))
-    const h = await this.queue.read(NBD_OPTION_REPLY_HEADER_SIZE)
-    if (h.readBigUInt64BE(0) !== NBD_REP_MAGIC) throw this.refused('bad option reply magic')
-    const option = h.readUInt32BE(8)
-    const type = h.readUInt32BE(12)
-    const length = h.readUInt32BE(16)
-    if (option !== NBD_OPT_STARTTLS) throw this.refused(`reply to option ${option}, but NBD_OPT_STARTTLS was sent`)
-    if (length > MAX_OPTION_REPLY) throw this.refused(`option reply of ${length} bytes`)
-    const data = await this.queue.read(length)
+    const { type, data } = await this.reply(NBD_OPT_STARTTLS, 'NBD_OPT_STARTTLS')
     if (type !== NBD_REP_ACK) {
       this.abort()
       const text = data.toString('utf8')
@@ -187,15 +192,7 @@ export class Handshake {
     let preferred = 4096
     let max = MAX_PAYLOAD
     for (;;) {
-      // "S: 64 bits, 0x3e889045565a9; S: 32 bits, option; S: 32 bits, reply type; S: 32 bits, length".
-      const h = await this.queue.read(NBD_OPTION_REPLY_HEADER_SIZE)
-      if (h.readBigUInt64BE(0) !== NBD_REP_MAGIC) throw this.refused('bad option reply magic')
-      const option = h.readUInt32BE(8)
-      const type = h.readUInt32BE(12)
-      const length = h.readUInt32BE(16)
-      if (option !== NBD_OPT_GO) throw this.refused(`reply to option ${option}, but NBD_OPT_GO was sent`)
-      if (length > MAX_OPTION_REPLY) throw this.refused(`option reply of ${length} bytes`)
-      const data = await this.queue.read(length)
+      const { type, length, data } = await this.reply(NBD_OPT_GO, 'NBD_OPT_GO')
       if (type === NBD_REP_INFO) {
         // "The acceptable values for the header length field are determined by the information type".
         if (length < 2) throw this.refused('NBD_REP_INFO without an information type')
