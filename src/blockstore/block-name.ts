@@ -21,3 +21,19 @@ export function parseBlockNameFormat (format: string): BlockNamer {
   if (width < 1 || width > 20) throw new Error(`blockname_format width must be 1-20, got ${width}`)
   return (index: number) => prefix + String(index).padStart(width, '0') + suffix
 }
+
+/** The inverse of a format's namer: the block a file name is of, undefined for any other name. */
+export function blockNameParser (format: string): (name: string) => number | undefined {
+  const namer = parseBlockNameFormat(format)
+  const m = FORMAT.exec(format)!
+  const prefix = m[1]!
+  const suffix = m[3]!
+  return (name) => {
+    if (!name.startsWith(prefix) || !name.endsWith(suffix) || name.length <= prefix.length + suffix.length) return undefined
+    const digits = name.slice(prefix.length, name.length - suffix.length)
+    if (!/^\d{1,16}$/.test(digits)) return undefined
+    const index = Number(digits)
+    // Only the name the format gives that block ("7" is not "%016d"'s block 7).
+    return Number.isSafeInteger(index) && namer(index) === name ? index : undefined
+  }
+}

@@ -30,7 +30,7 @@ import * as fs from 'node:fs'
 import { join } from 'node:path'
 import { UkaiError } from '../errors.js'
 import { validateImageName } from '../metadata/names.js'
-import { parseBlockNameFormat, type BlockNamer } from './block-name.js'
+import { blockNameParser, parseBlockNameFormat, type BlockNamer } from './block-name.js'
 import { mkdirDurable, replaceFileDurable, rmDurable } from '../util/durable-fs.js'
 
 /** The file in an image's directory that names the incarnation its block files belong to. */
@@ -93,6 +93,10 @@ export class BlockStore {
   private readonly failed = new Map<string, Error>()
   /** Images with block files created since their last flush: the directory's entries need an fsync too. */
   private readonly newFiles = new Set<string>()
+  /** The block a file name in an image directory is of (undefined: not a block file). */
+  private readonly blockOf: (name: string) => number | undefined
+  /** Block files being removed (image/block): no I/O may open them meanwhile. */
+  private readonly removing = new Set<string>()
   /** Per image, the incarnation (id) its directory was bound to by this process. */
   private readonly bound = new Map<string, string>()
   /** Binds in progress, per image (one at a time). */
@@ -101,6 +105,7 @@ export class BlockStore {
   constructor (root: string, blocknameFormat: string, options: BlockStoreOptions = {}) {
     this.root = root
     this.name = parseBlockNameFormat(blocknameFormat)
+    this.blockOf = blockNameParser(blocknameFormat)
     this.maxOpen = options.maxOpen ?? 1024
   }
 
@@ -198,6 +203,49 @@ export class BlockStore {
     this.failed.delete(image)
     this.syncedAll.delete(image)
     this.bound.delete(image)
+  }
+
+  /**
+   * Removes the block files of `image` whose block `keep` turns down (the
+   * node no longer holds those blocks): I/O already on such a file
+   * finishes first, then its handle is dropped (its data with it: nothing
+   * is synced) and the file unlinked; I/O that asks for such a block while
+   * it is removed is refused. Returns how many files went.
+   */
+  async removeBlocks (image: string, keep: (block: number) => boolean): Promise<number> {
+    let names: string[]
+    try {
+      names = await fs.promises.readdir(this.imageDir(image))
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return 0
+      throw err
+    }
+    let removed = 0
+    for (const file of names) {
+      const block = this.blockOf(file)
+      if (block === undefined || keep(block)) continue
+      const key = `${image}/${block}`
+      this.removing.add(key)
+      try {
+        for (;;) {
+          const opening = this.opening.get(key)
+          if (opening !== undefined) { await opening.catch(() => {}); continue }
+          const h = this.handles.get(key)
+          if (h !== undefined && h.users > 0) { await new Promise((resolve) => setTimeout(resolve, 2)); continue }
+          if (h !== undefined) {
+            this.handles.delete(key)
+            if (h.fd >= 0) await pClose(h.fd).catch(() => {})
+          }
+          break
+        }
+        await fs.promises.unlink(join(this.imageDir(image), file)).catch((err: NodeJS.ErrnoException) => { if (err.code !== 'ENOENT') throw err })
+        removed++
+      } finally {
+        this.removing.delete(key)
+      }
+    }
+    if (removed > 0) this.newFiles.add(image)
+    return removed
   }
 
   /** Reads `buf.length` bytes of block `block` at `offset`; holes and missing files read as zeros. */
@@ -346,6 +394,9 @@ export class BlockStore {
 
   private async acquire (image: string, block: number, create: boolean): Promise<Handle> {
     const key = `${image}/${block}`
+    if (this.removing.has(key)) {
+      throw new UkaiError('UKAI_ERR_PERMISSION', `block ${block} of image '${image}' is being removed from this node (no longer placed here)`, { image, block })
+    }
     let h = this.handles.get(key)
     if (h === undefined || (create && h.fd < 0)) {
       let p = this.opening.get(key)

@@ -19,7 +19,7 @@ import { UkaiError, imageNotFound, toUkaiError } from '../errors.js'
 import type { Watcher } from '../metadata/core.js'
 import { EtcdCore } from '../metadata/etcd-core.js'
 import { FileCore } from '../metadata/file-core.js'
-import type { ImageMeta } from '../metadata/image.js'
+import type { ImageMeta, LocationState } from '../metadata/image.js'
 import { migrateV1 } from '../metadata/migrate-v1.js'
 import { canonicalLocation, parseLocation } from '../metadata/names.js'
 import { RangeSet } from '../metadata/range-set.js'
@@ -63,6 +63,9 @@ export interface FenceReply {
 
 interface Known { meta: ImageMeta, seen: Date, incarnation: string, headerCreate: number }
 
+/** How long after a location lost blocks their files are removed (see scheduleReclaim). */
+export const RECLAIM_DELAY_MS = 5000
+
 export class UkaiNode extends EventEmitter implements ReplicaProvider, ClusterContext {
   readonly config: Config
   readonly store: MetadataStore
@@ -83,6 +86,8 @@ export class UkaiNode extends EventEmitter implements ReplicaProvider, ClusterCo
   private readonly openWrites = new Map<string, Promise<void>>()
   private readonly reloading = new Map<string, { again: boolean, done: Promise<void> }>()
   private watcher: Watcher | undefined
+  /** Reclaims waiting for their delay, per image. */
+  private readonly reclaims = new Map<string, NodeJS.Timeout>()
   private closed = false
 
   private constructor (config: Config, store: MetadataStore, membership: NodeMembership, tls: NodeTls | undefined) {
@@ -156,8 +161,14 @@ export class UkaiNode extends EventEmitter implements ReplicaProvider, ClusterCo
       const known = this.known.get(name)
       const meta = known?.meta
       const loc = meta === undefined ? undefined : [...meta.locations.keys()].find((l) => isLocalLocation(this.config, l))
-      if (known === undefined || meta === undefined || loc === undefined) continue
+      if (known === undefined || meta === undefined) continue
+      // Blocks moved away while this node was down: their files go (after the delay).
+      if (loc === undefined) {
+        if (await this.blocks.has(name)) this.scheduleReclaim(name)
+        continue
+      }
       if (await this.blocks.has(name)) {
+        this.scheduleReclaim(name)
         // Files of an earlier image of this name (destroyed while this node was down) go now.
         await this.images.bindLocal(name, incarnationOf(known), false)
           .catch((err) => this.emit('warning', `image '${name}': binding this node's replica: ${toUkaiError(err).message}`))
@@ -414,6 +425,7 @@ export class UkaiNode extends EventEmitter implements ReplicaProvider, ClusterCo
     if (had !== undefined && had.incarnation === st.incarnation && had.meta.revision > st.meta.revision) return
     if (had !== undefined && had.incarnation !== st.incarnation) this.fences.drop(name)
     this.known.set(name, { meta: st.meta, seen: had?.seen ?? new Date(), incarnation: st.incarnation, headerCreate: st.headerCreate })
+    if (had !== undefined && had.incarnation === st.incarnation && this.placementShrank(had.meta, st.meta)) this.scheduleReclaim(name)
     const volume = this.volumes.get(name)?.volume
     volume?.refresh(st.meta)
     // Another session holds the writer lease: older generations are fenced here.
@@ -423,6 +435,51 @@ export class UkaiNode extends EventEmitter implements ReplicaProvider, ClusterCo
       if (volume !== undefined && !volume.ownsSession(w.session)) this.fenceVolume(name, w.generation, `node ${w.node} took the image over, generation ${w.generation}`)
     }
     if (had === undefined) this.emit('images')
+  }
+
+  /** True when `after` places fewer blocks on this node than `before`. */
+  private placementShrank (before: ImageMeta, after: ImageMeta): boolean {
+    const here = (m: ImageMeta): LocationState | undefined => {
+      for (const [loc, st] of m.locations) if (this.isMe(loc)) return st
+      return undefined
+    }
+    const b = here(before)
+    if (b === undefined) return false
+    const a = here(after)
+    return a === undefined || b.blocks.clone().removeSet(a.blocks).size > 0
+  }
+
+  /**
+   * Reclaim (remove-location, or a location gone while this node was
+   * down): the block files of blocks no longer placed on this node are
+   * removed, RECLAIM_DELAY_MS after the change, so that a node whose view
+   * was a moment older reads elsewhere by then. Out-of-sync blocks still
+   * placed here are kept (a resync starts from them). Nothing is removed
+   * while the image is open on this node; the next change or start does it.
+   */
+  private scheduleReclaim (name: string): void {
+    if (this.closed || this.reclaims.has(name)) return
+    const timer = setTimeout(() => {
+      this.reclaims.delete(name)
+      void this.reclaim(name).catch((err) => this.emit('warning', `image '${name}': removing block files no longer placed on this node: ${toUkaiError(err).message}`))
+    }, RECLAIM_DELAY_MS)
+    timer.unref()
+    this.reclaims.set(name, timer)
+  }
+
+  private async reclaim (name: string): Promise<void> {
+    const k = this.known.get(name)
+    if (this.closed || k === undefined || this.isOpen(name)) return
+    let here: LocationState | undefined
+    for (const [loc, st] of k.meta.locations) if (this.isMe(loc)) here = st
+    const placed = here?.blocks
+    const removed = await this.blocks.removeBlocks(name, (b) => placed !== undefined && placed.has(b))
+    if (placed === undefined && await this.blocks.has(name)) {
+      await this.blocks.destroy(name)
+      this.notice(`image '${name}' places no block on this node any more: its replica here (${removed} block file(s)) was removed`)
+    } else if (removed > 0) {
+      this.notice(`image '${name}': removed ${removed} block file(s) of blocks no longer placed on this node`)
+    }
   }
 
   // ---- volumes and opens ----------------------------------------------------------------
@@ -628,6 +685,8 @@ export class UkaiNode extends EventEmitter implements ReplicaProvider, ClusterCo
   async close (): Promise<void> {
     if (this.closed) return
     this.closed = true
+    for (const t of this.reclaims.values()) clearTimeout(t)
+    this.reclaims.clear()
     await this.watcher?.close()
     for (const { volume } of this.volumes.values()) await volume.close().catch(() => {})
     this.volumes.clear()
