@@ -165,6 +165,27 @@ describe('BlockStore', () => {
     assert.equal(await again.incarnationOf('fresh'), null)
   })
 
+  test('removeBlocks: files of the blocks turned down go, open handles too; others and other files stay', async (t) => {
+    const store = await newStore(t, undefined, 'blk-%04d.raw')
+    for (const b of [0, 1, 2, 7]) await store.write(IMG, b, 0, pattern(4096, b))
+    await store.flush(IMG)
+    // A stranger in the directory is never taken for a block ("blk-1.raw" is not %04d's block 1).
+    fs.writeFileSync(join(store.imageDir(IMG), 'blk-1.raw'), 'x')
+    // A read in flight on block 1 finishes before its file goes.
+    const inFlight = read(store, 1, 0, 4096)
+    assert.equal(await store.removeBlocks(IMG, (b) => b === 0 || b === 7), 2)
+    assert.ok((await inFlight).equals(pattern(4096, 1)))
+    const left = (await readdir(store.imageDir(IMG))).filter((f) => f !== INCARNATION_FILE).sort()
+    assert.deepEqual(left, ['blk-0000.raw', 'blk-0007.raw', 'blk-1.raw'])
+    // The cached handles went with the files: a new write makes a new file, and reads see it alone.
+    assert.ok((await read(store, 1, 0, 4096)).equals(Buffer.alloc(4096)))
+    await store.write(IMG, 2, 100, Buffer.from('new'))
+    const b2 = await read(store, 2, 0, 4096)
+    assert.equal(b2.subarray(100, 103).toString(), 'new')
+    assert.ok(b2.subarray(0, 100).equals(Buffer.alloc(100)), 'the removed file\'s bytes came back')
+    assert.equal(await store.removeBlocks('nothing-here', () => false), 0)
+  })
+
   test('allocatedLength follows writes', async (t) => {
     const s = await newStore(t)
     assert.equal(await s.allocatedLength(IMG, 0), 0)
