@@ -34,6 +34,8 @@ declare -A provides=(
   [nbdinfo]=libnbd-bin
   [nbdcopy]=libnbd-bin
   [fio]=fio
+  # `ukai cert`: the cluster's CA and certificates.
+  [openssl]=openssl
 )
 if [ "$want_tests" = 1 ]; then
   provides[etcd]=etcd-server
