@@ -292,7 +292,9 @@ export class UkaiNode extends EventEmitter implements ReplicaProvider, ClusterCo
     }
     await this.fences.raise(image, generation)
     const sessions = this.fenceVolume(image, generation, `writer generation ${generation} took the image over`)
-    return { sessions: sessions.map((s) => ({ session: s.session, unsafe: s.unsafe.toJSON() })) }
+    // A session that cannot vouch for anything is not listed: the new
+    // holder then reconciles the whole dirty-block log.
+    return { sessions: sessions.flatMap((s) => s.unsafe === undefined ? [] : [{ session: s.session, unsafe: s.unsafe.toJSON() }]) }
   }
 
   /** Resolves once this node's view of `image` is at `revision` or newer. */
@@ -308,11 +310,13 @@ export class UkaiNode extends EventEmitter implements ReplicaProvider, ClusterCo
   }
 
   /** Fences this node's sessions of `image` older than `generation` (all without one), saying so. */
-  private fenceVolume (image: string, generation: number | undefined, why: string): Array<{ session: string, unsafe: RangeSet }> {
+  private fenceVolume (image: string, generation: number | undefined, why: string): Array<{ session: string, unsafe: RangeSet | undefined }> {
     const sessions = this.volumes.get(image)?.volume.fenceSession(generation) ?? []
     if (sessions.length > 0) {
-      const unsafe = sessions.reduce((n, s) => n + s.unsafe.size, 0)
-      this.notice(`image '${image}': this node's writer is fenced (${why}); its writes are refused from now on, ${unsafe} block(s) left for the new writer to reconcile`)
+      const left = sessions.some((s) => s.unsafe === undefined)
+        ? 'every block of the dirty-block log'
+        : `${sessions.reduce((n, s) => n + (s.unsafe?.size ?? 0), 0)} block(s)`
+      this.notice(`image '${image}': this node's writer is fenced (${why}); its writes are refused from now on, ${left} left for the new writer to reconcile`)
     }
     return sessions
   }

@@ -187,9 +187,9 @@ export class Volume {
   /**
    * Ends this volume's sessions older than `generation` (all, without
    * one): no write of them lands from now on. Returns each with the blocks
-   * it cannot vouch for.
+   * it cannot vouch for (undefined: none, see writer-lease.ts).
    */
-  fenceSession (generation?: number): Array<{ session: string, unsafe: RangeSet }> {
+  fenceSession (generation?: number): Array<{ session: string, unsafe: RangeSet | undefined }> {
     return this.lease.fence(generation)
   }
 

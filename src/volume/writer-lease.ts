@@ -8,8 +8,9 @@
  * 2. this node's fence raised, then every other location's and the old
  *    holder's (ClusterContext.fenceOthers);
  * 3. the blocks the old holder cannot vouch for reconciled (all of the
- *    dirty-block log when it could not tell), before the session's first
- *    write.
+ *    dirty-block log when it could not tell, which includes an old holder
+ *    fenced before it had learnt what it inherited itself), before the
+ *    session's first write.
  *
  * The session ends when the volume's last writer closes (the lease is
  * given back, after a flush) or when it is fenced (it stays fenced until
@@ -104,10 +105,11 @@ export class WriterLease {
       const prev = grant.previous
       const log = grant.state.dirty
       let unsafe: RangeSet | undefined
-      if (prev !== undefined && this.lastSession?.id === prev.session) unsafe = this.lastSession.unsafe.clone()
+      if (prev !== undefined && this.lastSession?.id === prev.session) unsafe = this.lastSession.inherited ? this.lastSession.unsafe.clone() : undefined
       else if (prev !== undefined || !log.isEmpty) unsafe = await c.fenceOthers(name, grant, this.holder.meta)
       const reconcile = prev !== undefined && unsafe !== undefined ? unsafe : log
       s.unsafe.addSet(reconcile)
+      s.inherited = true
       this.holder.adoptLog(log)
       if (!reconcile.isEmpty) await this.holder.reconcile(s, reconcile)
       // What the log held is reconciled now, or was vouched for by its writer.
@@ -136,16 +138,20 @@ export class WriterLease {
   /**
    * Ends the sessions older than `generation` (all of them without one:
    * this node lost its own lease): none of their writes lands from now on.
-   * Returns each with the blocks it cannot vouch for.
+   * Returns each with the blocks it cannot vouch for (undefined: it
+   * cannot vouch for any).
    */
-  fence (generation?: number): Array<{ session: string, unsafe: RangeSet }> {
-    const out: Array<{ session: string, unsafe: RangeSet }> = []
+  fence (generation?: number): Array<{ session: string, unsafe: RangeSet | undefined }> {
+    const out: Array<{ session: string, unsafe: RangeSet | undefined }> = []
     for (const s of [this.lastSession, this.session]) {
       // A session still acquiring is fenced by the gates if it loses: its
       // generation is not known yet.
       if (s === undefined || s.state === 'acquiring' || s.state === 'released') continue
       if (generation !== undefined && s.generation >= generation) continue
-      out.push({ session: s.id, unsafe: s.fence() })
+      const unsafe = s.fence()
+      // A session that did not know yet what it inherited vouches for
+      // nothing (undefined): the next holder reconciles the whole log.
+      out.push({ session: s.id, unsafe: s.inherited ? unsafe : undefined })
     }
     return out
   }

@@ -30,6 +30,13 @@ export class WriterSession {
   guard = 0
   /** Blocks this session cannot vouch for (see the module comment). */
   readonly unsafe = new RangeSet()
+  /**
+   * True once `unsafe` holds what the session inherited. A session fenced
+   * before (between its grant and learning what the old holder could not
+   * vouch for) can vouch for nothing: its `unsafe` is incomplete, and the
+   * next holder must reconcile the whole dirty-block log.
+   */
+  inherited = false
   /** Blocks with writes of this session in progress. */
   private readonly inflight = new Map<number, number>()
   private readonly idle = new Set<() => void>()
