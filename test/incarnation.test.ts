@@ -46,20 +46,14 @@ describe('an image destroyed while one of its nodes was down', { timeout: 180_00
   })
   after(async () => { await cluster?.destroy() })
 
-  const cli = async (n: TestNode, ...args: string[]): Promise<string> => {
-    const r = await n.cli(...args)
-    assert.equal(r.code, 0, `ukai ${args.join(' ')}: ${r.stderr}`)
-    return r.stdout
-  }
-
   /** 'vm' on A and B with data on both; B goes down; 'vm' is destroyed through A. */
   const destroyedWhileBDown = async (): Promise<Buffer> => {
-    await cli(A, 'image', 'create', 'vm', '-s', '4M', '-b', '1M', '-l', A.id, '-l', B.id)
+    await A.cliOk('image', 'create', 'vm', '-s', '4M', '-b', '1M', '-l', A.id, '-l', B.id)
     const old = randomBytes(SIZE)
     await writeAll(A, 'vm', old)
     assert.deepEqual(await cluster.checkReplicas('vm', old), [])
     await B.stop()
-    await cli(A, 'image', 'destroy', 'vm')
+    await A.cliOk('image', 'destroy', 'vm')
     // B's files of the old image are still there.
     assert.ok((await readFile(join(B.imageRoot, 'vm', '0000000000000000'))).equals(old.subarray(0, MiB)))
     return old
@@ -68,7 +62,7 @@ describe('an image destroyed while one of its nodes was down', { timeout: 180_00
   test('B back before the new image is made: the new image reads as zeros through both nodes, and B\'s old files are gone', async () => {
     await destroyedWhileBDown()
     await B.launch()
-    await cli(A, 'image', 'create', 'vm', '-s', '4M', '-b', '1M', '-l', A.id, '-l', B.id)
+    await A.cliOk('image', 'create', 'vm', '-s', '4M', '-b', '1M', '-l', A.id, '-l', B.id)
     assert.ok((await readAll(B, 'vm')).equals(ZEROS), 'B served the destroyed image\'s bytes')
     assert.ok((await readAll(A, 'vm')).equals(ZEROS))
     assert.deepEqual(await cluster.checkReplicas('vm', ZEROS), [])
@@ -78,12 +72,12 @@ describe('an image destroyed while one of its nodes was down', { timeout: 180_00
     await writeAll(A, 'vm', fresh)
     assert.ok((await readAll(B, 'vm')).equals(fresh))
     assert.deepEqual(await cluster.checkReplicas('vm', fresh), [])
-    await cli(A, 'image', 'destroy', 'vm')
+    await A.cliOk('image', 'destroy', 'vm')
   })
 
   test('B back only after the new image is made and written: nothing of the old image is read, and a sync makes both copies equal', async () => {
     await destroyedWhileBDown()
-    await cli(A, 'image', 'create', 'vm', '-s', '4M', '-b', '1M', '-l', A.id, '-l', B.id)
+    await A.cliOk('image', 'create', 'vm', '-s', '4M', '-b', '1M', '-l', A.id, '-l', B.id)
     // Half of it written while B is down: those blocks are marked out of sync on B.
     const fresh = Buffer.concat([randomBytes(2 * MiB), Buffer.alloc(2 * MiB)])
     const c = await NbdClient.connect({ path: A.nbdSocket! }, 'vm', { timeoutMs: 30_000 })
@@ -93,13 +87,13 @@ describe('an image destroyed while one of its nodes was down', { timeout: 180_00
     await B.launch()
     assert.ok((await readAll(B, 'vm')).equals(fresh), 'B served the destroyed image\'s bytes')
     assert.deepEqual(await cluster.checkReplicas('vm', fresh), [])
-    await cli(A, 'sync', 'vm')
+    await A.cliOk('sync', 'vm')
     assert.deepEqual(await cluster.checkReplicas('vm', fresh, { includeOutOfSync: true }), [])
-    await cli(A, 'image', 'destroy', 'vm')
+    await A.cliOk('image', 'destroy', 'vm')
   })
 
   test('a replica directory that names another incarnation when its node starts is emptied before anything reads it', async () => {
-    await cli(A, 'image', 'create', 'vm', '-s', '4M', '-b', '1M', '-l', A.id, '-l', B.id)
+    await A.cliOk('image', 'create', 'vm', '-s', '4M', '-b', '1M', '-l', A.id, '-l', B.id)
     // What a node left of an older image of the name, as if it had been made by one:
     // another incarnation's marker and a block file. B rereads it at its next start.
     await B.stop()
@@ -110,6 +104,6 @@ describe('an image destroyed while one of its nodes was down', { timeout: 180_00
     assert.ok((await readAll(B, 'vm')).equals(ZEROS), 'B served another image\'s block')
     const st = await cluster.state('vm')
     assert.equal((await readFile(join(dir, INCARNATION_FILE), 'utf8')).trim(), `${st.incarnation} ${st.headerCreate}`)
-    await cli(A, 'image', 'destroy', 'vm')
+    await A.cliOk('image', 'destroy', 'vm')
   })
 })

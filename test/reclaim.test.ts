@@ -48,14 +48,8 @@ describe('reclaim: remove-location deletes the block files of that node', { time
   })
   after(async () => { await cluster?.destroy() })
 
-  const cli = async (n: TestNode, ...args: string[]): Promise<string> => {
-    const r = await n.cli(...args)
-    assert.equal(r.code, 0, `ukai ${args.join(' ')}: ${r.stderr}`)
-    return r.stdout
-  }
-
   test('blocks 0-3 removed from B while A writes: B drops those four files, keeps the rest; nothing is lost', async () => {
-    await cli(A, 'image', 'create', 'vm', '-s', '8M', '-b', '1M', '-l', A.id, '-l', B.id)
+    await A.cliOk('image', 'create', 'vm', '-s', '8M', '-b', '1M', '-l', A.id, '-l', B.id)
     const model = randomBytes(SIZE)
     const c = await NbdClient.connect({ path: A.nbdSocket! }, 'vm', { timeoutMs: 30_000 })
     let stop = false
@@ -73,7 +67,7 @@ describe('reclaim: remove-location deletes the block files of that node', { time
           await new Promise((r) => setTimeout(r, 5))
         }
       })()
-      await cli(A, 'image', 'remove-location', 'vm', B.id, '-s', '0', '-e', '3')
+      await A.cliOk('image', 'remove-location', 'vm', B.id, '-s', '0', '-e', '3')
       await until('B removes the files of blocks 0-3', async () => (await filesOn(B, 'vm')).join() === '4,5,6,7')
       // And nothing brings them back.
       await new Promise((r) => setTimeout(r, 1000))
@@ -97,7 +91,7 @@ describe('reclaim: remove-location deletes the block files of that node', { time
 
   test('a node that was down when its blocks moved away removes them when it is back', async () => {
     await B.stop()
-    await cli(A, 'image', 'remove-location', 'vm', B.id)
+    await A.cliOk('image', 'remove-location', 'vm', B.id)
     assert.ok(await exists(join(B.imageRoot, 'vm')))
     await B.launch()
     await until("B removes its replica of 'vm'", async () => !await exists(join(B.imageRoot, 'vm')))
@@ -108,8 +102,8 @@ describe('reclaim: remove-location deletes the block files of that node', { time
   })
 
   test('placed again, a removed block comes back out of sync and sync copies it whole', async () => {
-    await cli(A, 'image', 'add-location', 'vm', B.id, '-s', '2', '-e', '5')
-    await cli(A, 'sync', 'vm')
+    await A.cliOk('image', 'add-location', 'vm', B.id, '-s', '2', '-e', '5')
+    await A.cliOk('sync', 'vm')
     assert.deepEqual(await filesOn(B, 'vm'), [2, 3, 4, 5])
     assert.deepEqual(await cluster.checkReplicas('vm'), [])
   })

@@ -33,12 +33,6 @@ async function ukai (...args: string[]): Promise<{ code: number, stdout: string,
   return await run(process.execPath, [CLI, ...args])
 }
 
-async function cliOk (node: TestNode, ...args: string[]): Promise<string> {
-  const r = await node.cli(...args)
-  assert.equal(r.code, 0, `ukai ${args.join(' ')}: ${r.stderr}`)
-  return r.stdout
-}
-
 /** TLS credentials of a node or client directory, checking that the server is node `id` (any node when undefined). */
 async function credentials (dir: string, role: 'node' | 'client', id?: string): Promise<ClientTls> {
   const context = createSecureContext({
@@ -159,7 +153,7 @@ describe('a cluster on mutual TLS', () => {
     await cp(join(ca, 'ca-cert.pem'), join(dir, 'fake-a', 'ca-cert.pem'))
     assert.equal((await ukai('cert', 'client', 'hv1', '--ca', join(dir, 'evil-ca'), '--out', join(dir, 'evil-hv'))).code, 0)
     await cp(join(ca, 'ca-cert.pem'), join(dir, 'evil-hv', 'ca-cert.pem'))
-    await cliOk(A, 'image', 'create', 'vm', '-s', '8M', '-b', '1M', '-l', A.id, '-l', B.id)
+    await A.cliOk('image', 'create', 'vm', '-s', '8M', '-b', '1M', '-l', A.id, '-l', B.id)
     // A's NBD export for hypervisors, on TCP: TLS only.
     await A.stop()
     A.extraArgs = ['--nbd', `127.0.0.1:${nbdPort}`]
@@ -184,7 +178,7 @@ describe('a cluster on mutual TLS', () => {
     model.fill(0xa5, 5 * MB, 6 * MB)
     // Both replicas in sync, the same bytes on both nodes.
     assert.deepEqual(await cluster.checkReplicas('vm', model), [])
-    const info = JSON.parse(await cliOk(A, 'image', 'info', 'vm', '--json')) as { locations: Record<string, { out_of_sync: unknown[] }> }
+    const info = JSON.parse(await A.cliOk('image', 'info', 'vm', '--json')) as { locations: Record<string, { out_of_sync: unknown[] }> }
     for (const [loc, st] of Object.entries(info.locations)) assert.deepEqual(st.out_of_sync, [], `${loc} out of sync`)
   })
 
@@ -242,7 +236,7 @@ describe('a cluster on mutual TLS', () => {
       qemu.stdin.write('write -P 0x11 1M 4k\n')
       let info: { writer: { node: string, generation: number } | null } = { writer: null }
       for (let i = 0; i < 100 && info.writer === null; i++) {
-        info = JSON.parse(await cliOk(A, 'image', 'info', 'vm', '--json'))
+        info = JSON.parse(await A.cliOk('image', 'info', 'vm', '--json'))
         if (info.writer === null) await new Promise((r) => setTimeout(r, 100))
       }
       assert.equal(info.writer?.node, A.id)
@@ -288,7 +282,7 @@ describe('a cluster on mutual TLS', () => {
   test('the control API is HTTPS with the node certificate: the token never crosses in clear', async () => {
     const { request: httpRequest } = await import('node:http')
     const { request: httpsRequest } = await import('node:https')
-    const token = (await cliOk(A, 'control-token')).trim()
+    const token = (await A.cliOk('control-token')).trim()
     // Plain HTTP gets no answer from the API.
     const plain = await new Promise<string>((resolve) => {
       const req = httpRequest({ host: '127.0.0.1', port: A.controlPort, path: '/v1/ping', headers: { authorization: `Bearer ${token}` } }, (res) => resolve(`HTTP ${res.statusCode ?? '?'}`))

@@ -152,6 +152,13 @@ export class TestNode {
     return await run(process.execPath, [CLI, '--config', this.configPath, ...args])
   }
 
+  /** `ukai ARGS` with this node's config, which must succeed; its standard output. */
+  async cliOk (...args: string[]): Promise<string> {
+    const r = await this.cli(...args)
+    if (r.code !== 0) throw new Error(`ukai ${args.join(' ')} exited ${r.code}: ${r.stderr}`)
+    return r.stdout
+  }
+
   private token: string | undefined
 
   /** The cluster's control token, as `ukai control-token` prints it. */
