@@ -12,7 +12,7 @@
  */
 import { expectNode, loadNodeTls, type NodeTls } from '../tls/identity.js'
 import { EventEmitter } from 'node:events'
-import { statfs } from 'node:fs/promises'
+import { readdir, statfs } from 'node:fs/promises'
 import { BlockStore, type Incarnation } from '../blockstore/block-store.js'
 import { isLocalLocation, type Config } from '../config/config.js'
 import { UkaiError, imageNotFound, toUkaiError } from '../errors.js'
@@ -21,7 +21,7 @@ import { EtcdCore } from '../metadata/etcd-core.js'
 import { FileCore } from '../metadata/file-core.js'
 import type { ImageMeta, LocationState } from '../metadata/image.js'
 import { migrateV1 } from '../metadata/migrate-v1.js'
-import { canonicalLocation, parseLocation } from '../metadata/names.js'
+import { canonicalLocation, parseLocation, validateImageName } from '../metadata/names.js'
 import { RangeSet } from '../metadata/range-set.js'
 import { MetadataStore, type ImageState, type NodeInfo, type WriterGrant, type WriterRecord } from '../metadata/store.js'
 import { RemoteReplica } from '../peer/remote-replica.js'
@@ -140,6 +140,7 @@ export class UkaiNode extends EventEmitter implements ReplicaProvider, ClusterCo
       })
       await node.reloadAll()
       await node.checkLocalReplicas()
+      await node.removeLeftovers()
     } catch (err) {
       await node.close()
       throw err
@@ -197,6 +198,29 @@ export class UkaiNode extends EventEmitter implements ReplicaProvider, ClusterCo
       } else {
         this.emit('warning', `image '${name}': this node's replica is missing (${this.blocks.imageDir(name)}) and holds the only in-sync copy of ${sole} block(s): they read as errors; nothing was made up`)
       }
+    }
+  }
+
+  /**
+   * At start: replica directories of images destroyed while this node was
+   * away go. Only a directory bound to an incarnation (a replica this
+   * node made) whose image the store no longer has, read again just before
+   * (an image created meanwhile has its metadata before its directory).
+   * Directories without a marker are left alone.
+   */
+  private async removeLeftovers (): Promise<void> {
+    let names: string[]
+    try { names = await readdir(this.config.image_root) } catch { return }
+    for (const name of names) {
+      if (this.known.has(name)) continue
+      try { validateImageName(name) } catch { continue }
+      const incarnation = await this.blocks.incarnationOf(name).catch(() => null)
+      if (incarnation === null || incarnation === undefined) continue
+      const st = await this.store.state(name).catch(() => null)
+      if (st !== undefined) continue
+      await this.blocks.destroy(name)
+        .then(() => this.notice(`image '${name}' was destroyed while this node was away: its replica here (${this.blocks.imageDir(name)}) was removed`))
+        .catch((err) => this.emit('warning', `image '${name}': removing the replica of a destroyed image: ${toUkaiError(err).message}`))
     }
   }
 
