@@ -7,7 +7,6 @@ import { request as httpsRequest } from 'node:https'
 import { CODES, UkaiError, type ErrorCode } from '../errors.js'
 import { clusterCa, expectNode, type ControlTls } from '../tls/identity.js'
 import type { Config } from '../config/config.js'
-import { canonicalLocation } from '../metadata/names.js'
 
 /**
  * How this config's CLI or node reaches node `node`'s control API: HTTPS
@@ -15,9 +14,7 @@ import { canonicalLocation } from '../metadata/names.js'
  */
 export function controlTlsOf (config: Config, node: string): ControlTls | undefined {
   if (config.tls_dir === undefined) return undefined
-  const canonical = (id: string): string | undefined => { try { return canonicalLocation(id, config.proxy_port) } catch { return undefined } }
-  const want = canonical(node)
-  return { ca: clusterCa(config.tls_dir), node, isNode: (name) => want !== undefined && canonical(name) === want }
+  return { ca: clusterCa(config.tls_dir), node, defaultPort: config.proxy_port }
 }
 
 /** A request body that is JSON text already, sent as it is. */
@@ -47,7 +44,7 @@ export class ControlClient {
   request (options: RequestOptions, onResponse: (res: IncomingMessage) => void): ClientRequest {
     const o = { ...options, host: this.host, port: this.port }
     if (this.tls === undefined) return httpRequest(o, onResponse)
-    return httpsRequest({ ...o, ca: this.tls.ca, checkServerIdentity: expectNode(this.tls.node, this.tls.isNode) }, onResponse)
+    return httpsRequest({ ...o, ca: this.tls.ca, checkServerIdentity: expectNode(this.tls.node, this.tls.defaultPort) }, onResponse)
   }
 
   /** Headers of every call: the token, and a body's type and length. */

@@ -51,6 +51,13 @@ export function validateLocation (location: unknown, defaultPort: number): strin
   return location as string
 }
 
+/** True when two locations (node ids) name the same node; false when either is not a location. */
+export function sameLocation (a: string, b: string, defaultPort: number): boolean {
+  try {
+    return canonicalLocation(a, defaultPort) === canonicalLocation(b, defaultPort)
+  } catch { return false }
+}
+
 /** The canonical "host:port" form, to compare locations written either way. */
 export function canonicalLocation (location: string, defaultPort: number): string {
   const { host, port } = parseLocation(location, defaultPort)

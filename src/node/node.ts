@@ -21,7 +21,7 @@ import { EtcdCore } from '../metadata/etcd-core.js'
 import { FileCore } from '../metadata/file-core.js'
 import type { ImageMeta, LocationState } from '../metadata/image.js'
 import { migrateV1 } from '../metadata/migrate-v1.js'
-import { canonicalLocation, parseLocation, validateImageName } from '../metadata/names.js'
+import { canonicalLocation, parseLocation, sameLocation, validateImageName } from '../metadata/names.js'
 import { RangeSet } from '../metadata/range-set.js'
 import { MetadataStore, type ImageState, type NodeInfo, type WriterGrant, type WriterRecord } from '../metadata/store.js'
 import { RemoteReplica } from '../peer/remote-replica.js'
@@ -247,7 +247,7 @@ export class UkaiNode extends EventEmitter implements ReplicaProvider, ClusterCo
 
   /** True when two node ids (locations) name the same node. */
   sameNode (a: string, b: string): boolean {
-    try { return canonicalLocation(a, this.config.proxy_port) === canonicalLocation(b, this.config.proxy_port) } catch { return false }
+    return sameLocation(a, b, this.config.proxy_port)
   }
 
   /**
@@ -374,7 +374,7 @@ export class UkaiNode extends EventEmitter implements ReplicaProvider, ClusterCo
       // Over TLS the peer must prove it is the node this location names.
       tls: this.tls === undefined
         ? undefined
-        : { context: this.tls.context, checkServerIdentity: expectNode(location, (id) => this.sameNode(id, location)) }
+        : { context: this.tls.context, checkServerIdentity: expectNode(location, this.config.proxy_port) }
     })
     this.remotes.set(location, remote)
     return remote
@@ -467,14 +467,16 @@ export class UkaiNode extends EventEmitter implements ReplicaProvider, ClusterCo
 
   /** True when `after` places fewer blocks on this node than `before`. */
   private placementShrank (before: ImageMeta, after: ImageMeta): boolean {
-    const here = (m: ImageMeta): LocationState | undefined => {
-      for (const [loc, st] of m.locations) if (this.isMe(loc)) return st
-      return undefined
-    }
-    const b = here(before)
+    const b = this.placedHere(before)
     if (b === undefined) return false
-    const a = here(after)
+    const a = this.placedHere(after)
     return a === undefined || b.blocks.clone().removeSet(a.blocks).size > 0
+  }
+
+  /** This node's location state in `meta` (the blocks placed here), if it has one. */
+  placedHere (meta: ImageMeta): LocationState | undefined {
+    for (const [loc, st] of meta.locations) if (this.isMe(loc)) return st
+    return undefined
   }
 
   /**
@@ -498,9 +500,7 @@ export class UkaiNode extends EventEmitter implements ReplicaProvider, ClusterCo
   private async reclaim (name: string): Promise<void> {
     const k = this.known.get(name)
     if (this.closed || k === undefined || this.isOpen(name)) return
-    let here: LocationState | undefined
-    for (const [loc, st] of k.meta.locations) if (this.isMe(loc)) here = st
-    const placed = here?.blocks
+    const placed = this.placedHere(k.meta)?.blocks
     const removed = await this.blocks.removeBlocks(name, (b) => placed !== undefined && placed.has(b))
     if (placed === undefined && await this.blocks.has(name)) {
       await this.blocks.destroy(name)

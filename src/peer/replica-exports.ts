@@ -24,7 +24,6 @@
 import { UkaiError, imageNotFound } from '../errors.js'
 import type { BlockStore, DiscardMode } from '../blockstore/block-store.js'
 import { incarnationOf } from '../node/images.js'
-import { isLocalLocation } from '../config/config.js'
 import type { ExportInfo, ExportProvider, NbdBackend, OpenExport } from '../frontends/nbd/exports.js'
 import type { ImageMeta, LocationState } from '../metadata/image.js'
 import type { UkaiNode } from '../node/node.js'
@@ -49,10 +48,8 @@ export class ReplicaExports implements ExportProvider {
     const { image, generation, epoch } = parsed
     const meta = this.node.imageMeta(image)
     if (meta === undefined) return undefined
-    for (const [loc, st] of meta.locations) {
-      if (isLocalLocation(this.node.config, loc)) return { image, generation, epoch, meta, here: st }
-    }
-    return undefined
+    const here = this.node.placedHere(meta)
+    return here === undefined ? undefined : { image, generation, epoch, meta, here }
   }
 
   describe (name: string): ExportInfo | undefined {
@@ -139,8 +136,7 @@ class ReplicaBackend implements NbdBackend {
   private pieces (offset: number, length: number): Piece[] {
     const meta = this.meta()
     const pieces = splitRange(offset, length, meta.blockSize, meta.size)
-    let here: LocationState | undefined
-    for (const [loc, st] of meta.locations) if (isLocalLocation(this.node.config, loc)) here = st
+    const here = this.node.placedHere(meta)
     for (const p of pieces) {
       if (here === undefined || !here.blocks.has(p.block)) {
         throw new UkaiError('UKAI_ERR_PERMISSION', `block ${p.block} of image '${this.image}' is not placed on this node`)

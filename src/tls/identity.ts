@@ -16,6 +16,7 @@ import { readFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { createSecureContext, type PeerCertificate, type SecureContext, type TLSSocket } from 'node:tls'
 import { UkaiError } from '../errors.js'
+import { sameLocation } from '../metadata/names.js'
 import { CA_CERT, NODE_CERT, NODE_KEY } from './certs.js'
 
 /** Who a verified certificate says the other end is. */
@@ -119,13 +120,13 @@ export function loadNodeTls (dir: string, id: string): NodeTls {
 
 /**
  * The server-identity check of a client connecting to node `id`: the
- * certificate, already verified against the CA, must be a node's whose
- * id `isId` accepts (the caller compares ids in their canonical form).
+ * certificate, already verified against the CA, must be that node's (ids
+ * compared as locations, `defaultPort` where one names no port).
  */
-export function expectNode (id: string, isId: (name: string) => boolean): (host: string, cert: PeerCertificate) => Error | undefined {
+export function expectNode (id: string, defaultPort: number): (host: string, cert: PeerCertificate) => Error | undefined {
   return (_host, cert) => {
     const who = identityOf(cert.subject as unknown as Record<string, string | string[] | undefined>)
-    if (who?.role === 'node' && isId(who.name)) return undefined
+    if (who?.role === 'node' && sameLocation(who.name, id, defaultPort)) return undefined
     return new UkaiError('UKAI_ERR_PERMISSION', `the peer at ${id} presented the certificate of ${who === undefined ? 'an unknown subject' : `${who.role} ${who.name}`}, not node ${id}'s`)
   }
 }
@@ -138,7 +139,8 @@ export interface ControlTls {
   ca: Buffer
   /** The node expected at the other end (its id); its certificate must name it. */
   node: string
-  isNode: (name: string) => boolean
+  /** The port of a node id that names none (the cluster's proxy_port). */
+  defaultPort: number
 }
 
 /** The cluster CA certificate of a tls_dir, for a control API client (the CLI needs no node key). */
