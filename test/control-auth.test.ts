@@ -7,39 +7,12 @@
  */
 import { after, before, describe, test } from 'node:test'
 import assert from 'node:assert/strict'
-import { request } from 'node:http'
 import { mkdir, mkdtemp, readFile, rm, stat, symlink, writeFile } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { CLI, TestNode, freePort, run } from './helpers/node-process.js'
 
-interface Raw { status: number, headers: Record<string, string | string[] | undefined>, body: { error?: { code: string, message: string } } }
-
-/** One request with exactly these headers (fetch cannot set Host). */
-async function raw (port: number, method: string, path: string, headers: Record<string, string>, body?: string): Promise<Raw> {
-  return await new Promise((resolve, reject) => {
-    const payload = body === undefined ? undefined : Buffer.from(body)
-    const req = request({
-      host: '127.0.0.1',
-      port,
-      method,
-      path,
-      agent: false,
-      setHost: false,
-      headers: { ...headers, ...(payload !== undefined ? { 'content-length': String(payload.length) } : {}) }
-    }, (res) => {
-      const chunks: Buffer[] = []
-      res.on('data', (c: Buffer) => chunks.push(c))
-      res.on('end', () => {
-        const text = Buffer.concat(chunks).toString('utf8')
-        try { resolve({ status: res.statusCode ?? 0, headers: res.headers, body: JSON.parse(text) }) } catch { reject(new Error(`${method} ${path}: ${res.statusCode ?? '?'}: ${text.slice(0, 200)}`)) }
-      })
-    })
-    req.on('error', reject)
-    req.setTimeout(10_000, () => req.destroy(new Error('no answer in 10 s')))
-    req.end(payload)
-  })
-}
+interface ErrorBody { error?: { code: string, message: string } }
 
 describe('control API authentication', { timeout: 120_000 }, () => {
   let node: TestNode
@@ -54,6 +27,10 @@ describe('control API authentication', { timeout: 120_000 }, () => {
     assert.equal(r.code, 0, r.stderr)
   })
   after(async () => { await node?.destroy() })
+
+  /** One request with exactly these headers (no token unless they carry one). */
+  const call = async (method: string, path: string, headers: Record<string, string>, body?: string): Promise<{ status: number, headers: Record<string, string | string[] | undefined>, body: ErrorBody }> =>
+    await node.api<ErrorBody>(method, path, body, { token: null, headers, timeoutMs: 10_000 })
 
   const locations = async (): Promise<unknown> => {
     const r = await node.api<{ locations: unknown }>('GET', '/v1/images/vm')
@@ -71,7 +48,7 @@ describe('control API authentication', { timeout: 120_000 }, () => {
         ['DELETE', '/v1/images/vm', undefined],
         ['POST', '/v1/images/vm/locations', JSON.stringify({ location: '127.0.0.1:1' })]
       ] as const) {
-        const r = await raw(node.controlPort, method, path, { ...headers, 'content-type': 'application/json' }, body)
+        const r = await call(method, path, { ...headers, 'content-type': 'application/json' }, body)
         assert.equal(r.status, 401, `${method} ${path} with ${JSON.stringify(Object.keys(headers))}: ${JSON.stringify(r.body)}`)
         assert.equal(r.body.error?.code, 'UKAI_ERR_UNAUTHENTICATED')
         assert.match(String(r.headers['www-authenticate']), /^Bearer/)
@@ -84,14 +61,14 @@ describe('control API authentication', { timeout: 120_000 }, () => {
   test('two text/plain POSTs from a web page (foreign Origin and Host) cannot add a location and sync to it', async () => {
     const before = await locations()
     const page = { host: `evil.example:${node.controlPort}`, origin: 'http://evil.example', 'content-type': 'text/plain' }
-    const add = await raw(node.controlPort, 'POST', '/v1/images/vm/locations', page, JSON.stringify({ location: '127.0.0.1:1' }))
-    const sync = await raw(node.controlPort, 'POST', '/v1/images/vm/sync', page, '{}')
+    const add = await call('POST', '/v1/images/vm/locations', page, JSON.stringify({ location: '127.0.0.1:1' }))
+    const sync = await call('POST', '/v1/images/vm/sync', page, '{}')
     for (const r of [add, sync]) {
       assert.equal(r.status, 403, JSON.stringify(r.body))
       assert.equal(r.body.error?.code, 'UKAI_ERR_PERMISSION')
     }
     // Even with the token (a page cannot have it, but the rules hold on their own).
-    const withToken = await raw(node.controlPort, 'POST', '/v1/images/vm/locations', { ...page, host, authorization: `Bearer ${token}` }, JSON.stringify({ location: '127.0.0.1:1' }))
+    const withToken = await call('POST', '/v1/images/vm/locations', { ...page, host, authorization: `Bearer ${token}` }, JSON.stringify({ location: '127.0.0.1:1' }))
     assert.equal(withToken.status, 403)
     assert.match(withToken.body.error!.message, /a state-changing call from a web page \(Origin "http:\/\/evil.example"\) is refused/)
     assert.deepEqual(await locations(), before)
@@ -99,16 +76,16 @@ describe('control API authentication', { timeout: 120_000 }, () => {
 
   test('a Host that is not the node\'s is refused, whatever the method (DNS rebinding)', async () => {
     for (const h of [`evil.example:${node.controlPort}`, 'evil.example', `127.0.0.1:${node.controlPort + 1}`, '']) {
-      const r = await raw(node.controlPort, 'GET', '/v1/images', { host: h, authorization: `Bearer ${token}` })
+      const r = await call('GET', '/v1/images', { host: h, authorization: `Bearer ${token}` })
       assert.equal(r.status, 403, `Host ${h}: ${JSON.stringify(r.body)}`)
       assert.match(r.body.error!.message, /does not name this node's control API/)
     }
     for (const h of [host, `localhost:${node.controlPort}`, `[::1]:${node.controlPort}`]) {
-      const r = await raw(node.controlPort, 'GET', '/v1/images', { host: h, authorization: `Bearer ${token}` })
+      const r = await call('GET', '/v1/images', { host: h, authorization: `Bearer ${token}` })
       assert.equal(r.status, 200, `Host ${h}: ${JSON.stringify(r.body)}`)
     }
     // A GET from a page with the token is fine (a browser's cross-origin GET cannot carry it).
-    const r = await raw(node.controlPort, 'GET', '/v1/images', { host, origin: 'http://evil.example', authorization: `Bearer ${token}` })
+    const r = await call('GET', '/v1/images', { host, origin: 'http://evil.example', authorization: `Bearer ${token}` })
     assert.equal(r.status, 200)
   })
 

@@ -8,7 +8,7 @@ import { spawn, type ChildProcess } from 'node:child_process'
 import { once } from 'node:events'
 import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises'
 import { createServer } from 'node:net'
-import { request as httpRequest, type IncomingMessage } from 'node:http'
+import { request as httpRequest, type IncomingHttpHeaders, type IncomingMessage } from 'node:http'
 import { request as httpsRequest } from 'node:https'
 import { tmpdir } from 'node:os'
 import { join, resolve } from 'node:path'
@@ -174,31 +174,41 @@ export class TestNode {
   /**
    * A control API call with the cluster's token (`token: null`: none; a
    * string: that one instead); HTTPS trusting the cluster CA when the node
-   * has a TLS identity.
+   * has a TLS identity. `headers` are sent as given, a `host` one included
+   * (fetch cannot set Host); `timeoutMs` bounds the call.
    */
-  async api<T = unknown> (method: string, path: string, body?: unknown, options: { token?: string | null, headers?: Record<string, string> } = {}): Promise<{ status: number, body: T }> {
+  async api<T = unknown> (method: string, path: string, body?: unknown,
+    options: { token?: string | null, headers?: Record<string, string>, timeoutMs?: number } = {}): Promise<{ status: number, headers: IncomingHttpHeaders, body: T }> {
     const token = options.token === undefined ? await this.controlToken() : options.token
     const payload = body === undefined ? undefined : Buffer.from(typeof body === 'string' ? body : JSON.stringify(body))
     const headers = {
+      host: `127.0.0.1:${this.controlPort}`,
       ...(token !== null ? { authorization: `Bearer ${token}` } : {}),
       ...(payload === undefined ? {} : { 'content-type': 'application/json', 'content-length': String(payload.length) }),
       ...options.headers
     }
     const tlsDir = this.config.tls_dir as string | undefined
     const ca = tlsDir === undefined ? undefined : await readFile(join(resolve(this.dir, tlsDir), 'ca-cert.pem'))
-    const text = await new Promise<{ status: number, text: string }>((resolveCall, reject) => {
+    return await new Promise((resolveCall, reject) => {
       const onResponse = (res: IncomingMessage): void => {
         const chunks: Buffer[] = []
         res.on('data', (c: Buffer) => chunks.push(c))
         res.on('error', reject)
-        res.on('end', () => resolveCall({ status: res.statusCode ?? 0, text: Buffer.concat(chunks).toString() }))
+        res.on('end', () => {
+          const text = Buffer.concat(chunks).toString('utf8')
+          try {
+            resolveCall({ status: res.statusCode ?? 0, headers: res.headers, body: JSON.parse(text) as T })
+          } catch {
+            reject(new Error(`${method} ${path}: ${res.statusCode ?? '?'}: ${text.slice(0, 200)}`))
+          }
+        })
       }
-      const o = { host: '127.0.0.1', port: this.controlPort, method, path, headers }
+      const o = { host: '127.0.0.1', port: this.controlPort, method, path, headers, agent: false, setHost: false }
       const req = ca === undefined ? httpRequest(o, onResponse) : httpsRequest({ ...o, ca, checkServerIdentity: () => undefined }, onResponse)
       req.on('error', reject)
+      if (options.timeoutMs !== undefined) req.setTimeout(options.timeoutMs, () => req.destroy(new Error(`no answer in ${options.timeoutMs!} ms`)))
       req.end(payload)
     })
-    return { status: text.status, body: JSON.parse(text.text) as T }
   }
 
   /** Ends the process with `signal` and waits for it; returns its exit code. */
