@@ -79,5 +79,11 @@ if [ "$force" = 1 ] || [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$lock_sum" ]
   echo "$lock_sum" > "$stamp"
 fi
 
+# The native file addon (npm ci builds it too); rebuilt when its source changed.
+if [ "$force" = 1 ] || [ ! -f build/Release/ukai_fs.node ] || [ -n "$(find native binding.gyp -newer build/Release/ukai_fs.node 2>/dev/null)" ]; then
+  echo "setup: building the native file addon"
+  bash scripts/build-native.sh
+fi
+
 echo "setup: compiling TypeScript"
 npx tsc -p .

@@ -206,15 +206,17 @@ describe('BlockStore', () => {
       return { s, data }
     }
 
-    test("'trim' to the end of the file shortens it; bytes before stay", async (t) => {
-      const { s, data } = await filled(t)
-      await s.discard(IMG, 0, 600, 400, 'trim')
-      assert.equal(await s.allocatedLength(IMG, 0), 600)
-      assert.deepEqual(await read(s, 0, 0, 600), data.subarray(0, 600))
-      assert.deepEqual(await read(s, 0, 600, 400), Buffer.alloc(400))
+    test("'trim' to the end of the file frees it; bytes before stay", async (t) => {
+      const s = await newStore(t)
+      const data = pattern(3 * 4096, 0)
+      await s.write(IMG, 0, 0, data)
+      await s.discard(IMG, 0, 4096, 2 * 4096, 'trim')
+      assert.deepEqual(await s.dataExtents(IMG, 0, 0, 3 * 4096), [[0, 4096]])
+      assert.deepEqual(await read(s, 0, 0, 4096), data.subarray(0, 4096))
+      assert.deepEqual(await read(s, 0, 4096, 2 * 4096), Buffer.alloc(2 * 4096))
       // Past the end too.
-      await s.discard(IMG, 0, 500, 5000, 'trim')
-      assert.equal(await s.allocatedLength(IMG, 0), 500)
+      await s.discard(IMG, 0, 0, 50_000, 'trim')
+      assert.deepEqual(await s.dataExtents(IMG, 0, 0, 50_000), [])
     })
 
     test("'trim' inside the file keeps its length and the bytes around the range", async (t) => {
@@ -234,18 +236,47 @@ describe('BlockStore', () => {
       assert.deepEqual(await read(s, 0, 300, 700), data.subarray(300))
     })
 
+    test("'zero' and 'trim' inside the file punch a hole: the space goes, the data extents say so", async (t) => {
+      const s = await newStore(t)
+      const MiB = 2 ** 20
+      await s.write(IMG, 0, 0, Buffer.alloc(4 * MiB, 7))
+      const before = (await stat(s.blockPath(IMG, 0))).blocks
+      await s.discard(IMG, 0, MiB, MiB, 'zero')
+      await s.discard(IMG, 0, 2 * MiB, MiB, 'trim')
+      const after = (await stat(s.blockPath(IMG, 0))).blocks
+      assert.equal(before - after, 2 * MiB / 512)
+      assert.equal(await s.allocatedLength(IMG, 0), 4 * MiB)
+      assert.deepEqual(await s.dataExtents(IMG, 0, 0, 4 * MiB), [[0, MiB], [3 * MiB, 4 * MiB]])
+      assert.deepEqual(await s.dataExtents(IMG, 0, MiB / 2, 3 * MiB + 10), [[MiB / 2, MiB], [3 * MiB, 3 * MiB + 10]])
+      assert.deepEqual(await read(s, 0, MiB, 2 * MiB), Buffer.alloc(2 * MiB))
+      assert.deepEqual(await s.dataExtents(IMG, 9, 0, MiB), [])
+    })
+
     test("'zero' to or past the end of the file frees the tail", async (t) => {
       const { s, data } = await filled(t)
       await s.discard(IMG, 0, 900, 100, 'zero')
-      assert.equal(await s.allocatedLength(IMG, 0), 900)
       await s.discard(IMG, 0, 800, 10_000, 'zero')
-      assert.equal(await s.allocatedLength(IMG, 0), 800)
       assert.deepEqual(await read(s, 0, 0, 800), data.subarray(0, 800))
       assert.deepEqual(await read(s, 0, 800, 300), Buffer.alloc(300))
-      // A whole-file zero leaves an empty file that reads as zeros.
+      // A whole-file zero leaves a file that reads as zeros (and, whole file-system blocks, holds no data).
       await s.discard(IMG, 0, 0, 800, 'zero')
-      assert.equal(await s.allocatedLength(IMG, 0), 0)
       assert.deepEqual(await read(s, 0, 0, 1000), Buffer.alloc(1000))
+      await s.write(IMG, 1, 0, Buffer.alloc(8192, 3))
+      await s.discard(IMG, 1, 0, 8192, 'zero')
+      assert.deepEqual(await s.dataExtents(IMG, 1, 0, 8192), [])
+    })
+
+    test('a zero to the end of the file never loses a write past it that runs at the same time', async (t) => {
+      const s = await newStore(t)
+      const MiB = 2 ** 20
+      for (let b = 0; b < 50; b++) {
+        await s.write(IMG, b, 0, Buffer.alloc(MiB, 1))
+        const tail = Buffer.alloc(4096, 2 + b)
+        // The zero reaches the file's end; the write starts right after it.
+        await Promise.all([s.discard(IMG, b, 4096, MiB - 4096, 'zero'), s.write(IMG, b, MiB, tail)])
+        assert.deepEqual(await read(s, b, MiB, 4096), tail, `block ${b}`)
+        assert.deepEqual(await read(s, b, 4096, 4096), Buffer.alloc(4096))
+      }
     })
 
     test("'zero-allocated' zeroes and keeps the range allocated, even past the end", async (t) => {

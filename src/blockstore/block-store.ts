@@ -32,6 +32,8 @@ import { UkaiError } from '../errors.js'
 import { validateImageName } from '../metadata/names.js'
 import { blockNameParser, parseBlockNameFormat, type BlockNamer } from './block-name.js'
 import { mkdirDurable, replaceFileDurable, rmDurable } from '../util/durable-fs.js'
+import type { Range } from '../metadata/range-set.js'
+import { dataExtents, punchHole } from './sparse.js'
 
 /** The file in an image's directory that names the incarnation its block files belong to. */
 export const INCARNATION_FILE = '.incarnation'
@@ -66,8 +68,6 @@ const pClose = (fd: number): Promise<void> =>
   new Promise((resolve, reject) => fs.close(fd, (e) => e ? reject(e) : resolve()))
 const pOpen = (path: string, flags: number): Promise<number> =>
   new Promise((resolve, reject) => fs.open(path, flags, 0o644, (e, fd) => e ? reject(e) : resolve(fd)))
-const pFtruncate = (fd: number, len: number): Promise<void> =>
-  new Promise((resolve, reject) => fs.ftruncate(fd, len, (e) => e ? reject(e) : resolve()))
 const pFstat = (fd: number): Promise<fs.Stats> =>
   new Promise((resolve, reject) => fs.fstat(fd, (e, st) => e ? reject(e) : resolve(st)))
 
@@ -277,32 +277,39 @@ export class BlockStore {
 
   /**
    * Discards or zeroes [offset, offset+length) of a block:
-   * - 'trim': the range's contents may be dropped. A range reaching the
-   *   end of the file shortens it (space freed); inside the file it is
-   *   left alone (a trim is advice, not a promise).
-   * - 'zero': the range reads as zeros afterwards; the file's tail is
-   *   freed as for 'trim', the rest is written with zeros.
+   * - 'trim' and 'zero': the range reads as zeros afterwards and its space
+   *   is freed: it becomes a hole (fallocate PUNCH_HOLE). The file keeps
+   *   its length: cutting it short would race with a write past the range
+   *   (a write that lands between the size check and the cut is lost).
    * - 'zero-allocated': the range reads as zeros and stays allocated (NBD's
    *   NO_HOLE): zeros are written everywhere.
    */
   async discard (image: string, block: number, offset: number, length: number, mode: DiscardMode): Promise<void> {
     const h = await this.acquire(image, block, mode === 'zero-allocated')
     try {
-      if (h.fd < 0) return
-      const size = mode === 'zero-allocated' ? Infinity : (await pFstat(h.fd)).size
-      if (offset >= size) return
-      if (offset + length >= size) {
-        await pFtruncate(h.fd, offset)
+      if (h.fd < 0 || length === 0) return
+      if (mode !== 'zero-allocated') {
+        await punchHole(h.fd, offset, length)
         h.dirty = true
         return
       }
-      if (mode === 'trim') return
       const chunk = Buffer.alloc(Math.min(length, 1 << 20))
       for (let done = 0; done < length;) {
         const n = Math.min(chunk.length, length - done)
         done += await pWrite(h.fd, chunk, 0, n, offset + done)
       }
       h.dirty = true
+    } finally { this.release(h) }
+  }
+
+  /**
+   * The data ranges of a block's file within [start, end) (offsets in the
+   * block); everything else reads as zeros. A missing file has none.
+   */
+  async dataExtents (image: string, block: number, start: number, end: number): Promise<Range[]> {
+    const h = await this.acquire(image, block, false)
+    try {
+      return h.fd < 0 ? [] : await dataExtents(h.fd, start, end)
     } finally { this.release(h) }
   }
 

@@ -10,6 +10,7 @@
  * measured on every request so reads can prefer the closest node.
  */
 import { UkaiError } from '../errors.js'
+import type { Range } from '../metadata/range-set.js'
 import type { DiscardMode, Replica } from '../replica/replica.js'
 import { NbdClient, type ClientTls, type NbdTarget } from './nbd-client.js'
 
@@ -189,6 +190,11 @@ export class RemoteReplica implements Replica {
   /** Without block status on the peer path, a remote block is all data. */
   async allocatedLength (image: string, _block: number): Promise<number> {
     return this.blockSize(image)
+  }
+
+  /** Without block status on the peer path, all of the range may hold data (copies find the zeros by reading). */
+  async dataExtents (_image: string, _block: number, start: number, end: number): Promise<Range[]> {
+    return start < end ? [[start, end]] : []
   }
 
   private async closePool (name: string): Promise<void> {

@@ -177,10 +177,14 @@ class ReplicaBackend implements NbdBackend {
   async extents (offset: number, length: number): Promise<Extent[]> {
     const out: Extent[] = []
     for (const p of this.pieces(offset, length)) {
-      const allocated = await this.blocks.allocatedLength(this.image, p.block)
-      const data = Math.max(0, Math.min(p.length, allocated - p.offset))
-      if (data > 0) out.push({ offset: offset + p.bufferOffset, length: data, hole: false, zero: false })
-      if (data < p.length) out.push({ offset: offset + p.bufferOffset + data, length: p.length - data, hole: true, zero: true })
+      const base = offset + p.bufferOffset - p.offset
+      let at = p.offset
+      for (const [s, e] of await this.blocks.dataExtents(this.image, p.block, p.offset, p.offset + p.length)) {
+        if (s > at) out.push({ offset: base + at, length: s - at, hole: true, zero: true })
+        out.push({ offset: base + s, length: e - s, hole: false, zero: false })
+        at = e
+      }
+      if (at < p.offset + p.length) out.push({ offset: base + at, length: p.offset + p.length - at, hole: true, zero: true })
     }
     return out
   }

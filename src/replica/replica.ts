@@ -6,6 +6,7 @@
  */
 import type { BlockStore, DiscardMode } from '../blockstore/block-store.js'
 import type { FenceTable } from '../node/fences.js'
+import type { Range } from '../metadata/range-set.js'
 
 export type { DiscardMode }
 
@@ -26,6 +27,12 @@ export interface Replica {
   flush (image: string): Promise<void>
   /** Bytes from the start of the block that may hold data (the rest reads as zeros). */
   allocatedLength (image: string, block: number): Promise<number>
+  /**
+   * The ranges of [start, end) of the block (offsets in it) that may hold
+   * data; the rest reads as zeros. Reporting data where there is none is
+   * allowed (a copy then reads zeros), never the other way round.
+   */
+  dataExtents (image: string, block: number, start: number, end: number): Promise<Range[]>
 }
 
 /** Finds the replica object for a location, or undefined when it cannot be reached at all. */
@@ -70,5 +77,9 @@ export class LocalReplica implements Replica {
 
   async allocatedLength (image: string, block: number): Promise<number> {
     return await this.blocks.allocatedLength(image, block)
+  }
+
+  async dataExtents (image: string, block: number, start: number, end: number): Promise<Range[]> {
+    return await this.blocks.dataExtents(image, block, start, end)
   }
 }
