@@ -13,7 +13,7 @@
  * stored from a document that fails.
  */
 import { UkaiError } from '../errors.js'
-import { ImageMeta, validateImage, type LocationState } from './image.js'
+import { ImageMeta, emptyLocation, validateImage, type LocationState } from './image.js'
 import { validateImageName } from './names.js'
 import { RangeSet, type Range } from './range-set.js'
 import { show } from '../util/show.js'
@@ -29,7 +29,7 @@ export interface StoredImage {
   hypervisors: string[]
   /** The store's revision it was read at (informative; ignored on import). */
   revision: number
-  locations: Record<string, { blocks: Range[], out_of_sync: Range[] }>
+  locations: Record<string, { blocks: Range[], out_of_sync: Range[], fine?: Range[], changed?: Range[] }>
 }
 
 export type ExportFormat = 'seed' | 'ukai'
@@ -58,7 +58,11 @@ function nameOf (doc: Record<string, unknown>): string {
 export function encodeStored (meta: ImageMeta): StoredImage {
   const locations: StoredImage['locations'] = {}
   for (const [loc, st] of meta.locations) {
-    locations[loc] = { blocks: st.blocks.toJSON(), out_of_sync: st.outOfSync.toJSON() }
+    locations[loc] = {
+      blocks: st.blocks.toJSON(),
+      out_of_sync: st.outOfSync.toJSON(),
+      ...(st.fine.isEmpty ? {} : { fine: st.fine.toJSON(), changed: st.changed.toJSON() })
+    }
   }
   return {
     format: STORED_FORMAT_VERSION,
@@ -96,10 +100,12 @@ export function decodeStored (doc: unknown, defaultPort: number): ImageMeta {
   const locations = new Map<string, LocationState>()
   for (const [loc, st] of Object.entries(doc.locations)) {
     if (!isObject(st)) throw invalid(`image '${name}': location ${loc} must be an object`)
-    checkKeys(st, ['blocks', 'out_of_sync'], `image '${name}' location ${loc}`)
+    checkKeys(st, ['blocks', 'out_of_sync', 'fine', 'changed'], `image '${name}' location ${loc}`)
     const state = {
       blocks: decodeRanges(st.blocks, `image '${name}' location ${loc} blocks`),
-      outOfSync: decodeRanges(st.out_of_sync ?? [], `image '${name}' location ${loc} out_of_sync`)
+      outOfSync: decodeRanges(st.out_of_sync ?? [], `image '${name}' location ${loc} out_of_sync`),
+      fine: decodeRanges(st.fine ?? [], `image '${name}' location ${loc} fine`),
+      changed: decodeRanges(st.changed ?? [], `image '${name}' location ${loc} changed`)
     }
     locations.set(loc, state)
   }
@@ -180,7 +186,7 @@ export function importPerBlock (doc: unknown, defaultPort: number): ImageMeta {
       const inSync = decodeReplicaState(entry[loc], `${where} location ${loc}`)
       let st = locations.get(loc)
       if (st === undefined) {
-        st = { blocks: new RangeSet(), outOfSync: new RangeSet() }
+        st = emptyLocation()
         locations.set(loc, st)
       }
       st.blocks.add(index, index + 1)

@@ -8,7 +8,7 @@
  */
 import { UkaiError } from '../errors.js'
 import { validateImageName, validateLocation } from './names.js'
-import { RangeSet } from './range-set.js'
+import { RangeSet, type Range } from './range-set.js'
 import { show } from '../util/show.js'
 
 export interface LocationState {
@@ -16,6 +16,30 @@ export interface LocationState {
   blocks: RangeSet
   /** Blocks (a subset of `blocks`) whose replica here is out of sync. */
   outOfSync: RangeSet
+  /**
+   * Out-of-sync blocks (a subset of `outOfSync`) with a fine record: the
+   * replica here differs from the in-sync ones only in the granules of
+   * `changed`, so a resync copies those alone. An out-of-sync block
+   * without one is copied whole.
+   */
+  fine: RangeSet
+  /** Granules (GRANULE bytes of the image each) of `fine` blocks that changed. */
+  changed: RangeSet
+}
+
+/** Bytes per granule of a fine record: what one resync copy covers at least. */
+export const GRANULE = 4096
+
+/** Most ranges of changed granules one location keeps; past it, blocks fall back to whole copies. */
+export const MAX_CHANGED_RANGES = 16384
+
+/** The granules [first, end) that bytes [start, end) of the image touch. */
+export function granulesOf (start: number, end: number): Range {
+  return [Math.floor(start / GRANULE), Math.ceil(end / GRANULE)]
+}
+
+export function emptyLocation (): LocationState {
+  return { blocks: new RangeSet(), outOfSync: new RangeSet(), fine: new RangeSet(), changed: new RangeSet() }
 }
 
 export interface ReplicaState {
@@ -74,7 +98,7 @@ export class ImageMeta {
   clone (): ImageMeta {
     const locations = new Map<string, LocationState>()
     for (const [loc, st] of this.locations) {
-      locations.set(loc, { blocks: st.blocks.clone(), outOfSync: st.outOfSync.clone() })
+      locations.set(loc, { blocks: st.blocks.clone(), outOfSync: st.outOfSync.clone(), fine: st.fine.clone(), changed: st.changed.clone() })
     }
     return new ImageMeta({
       name: this.name,
@@ -91,7 +115,7 @@ export class ImageMeta {
   addLocation (location: string, start: number, end: number, inSync: boolean): void {
     let st = this.locations.get(location)
     if (st === undefined) {
-      st = { blocks: new RangeSet(), outOfSync: new RangeSet() }
+      st = emptyLocation()
       this.locations.set(location, st)
     }
     // Blocks already held keep their state; only the new ones get `inSync`.
@@ -103,10 +127,99 @@ export class ImageMeta {
   setSync (location: string, start: number, end: number, inSync: boolean): void {
     const st = this.locations.get(location)
     if (st === undefined) return
-    if (inSync) st.outOfSync.remove(start, end)
-    else {
+    if (inSync) {
+      st.outOfSync.remove(start, end)
+      this.dropFine(location, start, end)
+    } else {
       for (const [s, e] of st.blocks.within(start, end)) st.outOfSync.add(s, e)
     }
+  }
+
+  /** True when fine records can be kept for this image (its blocks are whole granules). */
+  get fineGrained (): boolean { return this.blockSize % GRANULE === 0 }
+
+  /** The granules of block `block`. */
+  blockGranules (block: number): Range {
+    return granulesOf(block * this.blockSize, block * this.blockSize + this.blockLength(block))
+  }
+
+  /**
+   * Marks `block` out of sync at `location` after a write it missed. With
+   * `changed` (the granules it may differ in) a block that was in sync
+   * gets a fine record of them, and one with a fine record already gets
+   * them added; without, the block is copied whole when resynced.
+   */
+  markOutOfSync (location: string, block: number, changed: RangeSet | undefined): void {
+    const st = this.locations.get(location)
+    if (st === undefined || !st.blocks.has(block)) return
+    const wasInSync = !st.outOfSync.has(block)
+    st.outOfSync.add(block, block + 1)
+    if (changed === undefined || !this.fineGrained || (!wasInSync && !st.fine.has(block))) {
+      this.dropFine(location, block, block + 1)
+      return
+    }
+    st.fine.add(block, block + 1)
+    this.addChanged(location, changed)
+  }
+
+  /**
+   * Adds granules that changed to the fine records of `location`; those
+   * of blocks without one are dropped (they are copied whole anyway). A
+   * location whose record grew past MAX_CHANGED_RANGES has the blocks
+   * touched here fall back to whole copies.
+   */
+  addChanged (location: string, granules: RangeSet): void {
+    const st = this.locations.get(location)
+    if (st === undefined || st.fine.isEmpty) return
+    const touched = new RangeSet()
+    const per = this.blockSize / GRANULE
+    for (const [s, e] of granules.ranges()) {
+      for (const [bs, be] of st.fine.within(Math.floor(s / per), Math.ceil(e / per))) {
+        const [g0, g1] = [Math.max(s, bs * per), Math.min(e, be * per)]
+        if (g0 >= g1) continue
+        st.changed.add(g0, g1)
+        touched.add(bs, be)
+      }
+    }
+    if (st.changed.rangeCount > MAX_CHANGED_RANGES) {
+      for (const [s, e] of touched.ranges()) this.dropFine(location, s, e)
+    }
+  }
+
+  /** Blocks [start, end) at `location` (every location without one) lose their fine records: copied whole when resynced. */
+  dropFine (location: string | undefined, start: number, end: number): void {
+    for (const [loc, st] of this.locations) {
+      if (location !== undefined && loc !== location) continue
+      if (!st.fine.overlaps(start, end)) continue
+      st.fine.remove(start, end)
+      const per = this.blockSize / GRANULE
+      st.changed.remove(start * per, end * per)
+    }
+  }
+
+  /**
+   * The byte ranges (offsets in the block) that a resync of `block` must
+   * copy to `targets`: the changed granules of their fine records, or
+   * undefined (the whole block) when one of them has none.
+   */
+  changedIn (block: number, targets: string[]): RangeSet | undefined {
+    const [g0, g1] = this.blockGranules(block)
+    const out = new RangeSet()
+    for (const t of targets) {
+      const st = this.locations.get(t)
+      if (st === undefined || !st.fine.has(block)) return undefined
+      for (const [s, e] of st.changed.within(g0, g1)) out.add(s, e)
+    }
+    return out
+  }
+
+  /** Removes blocks [start, end) from `location` (placement shrinks). */
+  removeBlocks (location: string, start: number, end: number): void {
+    const st = this.locations.get(location)
+    if (st === undefined) return
+    this.dropFine(location, start, end)
+    st.blocks.remove(start, end)
+    st.outOfSync.remove(start, end)
   }
 }
 
@@ -199,6 +312,20 @@ export function validateImage (meta: ImageMeta, defaultPort: number): ImageMeta 
     for (const [s, e] of st.outOfSync.ranges()) {
       if (!st.blocks.covers(s, e)) {
         throw invalid(`image '${name}': location ${loc} marks blocks [${s}, ${e}) out of sync but does not hold them all`, { key: 'locations' })
+      }
+    }
+    for (const [s, e] of st.fine.ranges()) {
+      if (!st.outOfSync.covers(s, e)) {
+        throw invalid(`image '${name}': location ${loc} keeps a fine record of blocks [${s}, ${e}) that are not all out of sync`, { key: 'locations' })
+      }
+    }
+    if (!st.fine.isEmpty && !meta.fineGrained) {
+      throw invalid(`image '${name}': location ${loc} keeps fine records, but block_size is not a multiple of ${GRANULE}`, { key: 'locations' })
+    }
+    for (const [s, e] of st.changed.ranges()) {
+      const per = meta.blockSize / GRANULE
+      if (!st.fine.covers(Math.floor(s / per), Math.ceil(e / per))) {
+        throw invalid(`image '${name}': location ${loc} records changed granules [${s}, ${e}) outside its fine records`, { key: 'locations' })
       }
     }
     placed.addSet(st.blocks)

@@ -19,7 +19,7 @@
  * Image names and locations cannot contain '/', so no key is ambiguous.
  */
 import { UkaiError } from '../errors.js'
-import { ImageMeta, type LocationState } from './image.js'
+import { GRANULE, ImageMeta, emptyLocation, type LocationState } from './image.js'
 import { RangeSet, type Range } from './range-set.js'
 import { jsonError, show } from '../util/show.js'
 
@@ -65,7 +65,8 @@ export interface ImageHeader {
   created: string
 }
 
-interface SegmentDoc { blocks: Range[], out_of_sync: Range[] }
+/** A location's state of one segment; `fine` and `changed` only when it keeps fine records there (granules of GRANULE bytes). */
+interface SegmentDoc { blocks: Range[], out_of_sync: Range[], fine?: Range[], changed?: Range[] }
 
 const corrupt = (name: string, what: string): UkaiError =>
   new UkaiError('UKAI_ERR_INVALID_METADATA', `stored metadata of image '${name}': ${what}`)
@@ -94,6 +95,12 @@ export function encodeImageKeys (meta: ImageMeta, incarnation: string, created: 
       const lo = seg * SEGMENT_BLOCKS
       const hi = lo + SEGMENT_BLOCKS
       const doc: SegmentDoc = { blocks: rangesWithin(st.blocks, lo, hi), out_of_sync: rangesWithin(st.outOfSync, lo, hi) }
+      const fine = rangesWithin(st.fine, lo, hi)
+      if (fine.length > 0) {
+        const per = meta.blockSize / GRANULE
+        doc.fine = fine
+        doc.changed = rangesWithin(st.changed, lo * per, hi * per)
+      }
       out.set(segmentKey(meta.name, loc, seg), JSON.stringify(doc))
     }
   }
@@ -141,7 +148,8 @@ export function decodeHeader (text: string, name: string): ImageHeader {
 export function decodeImage (header: ImageHeader, segments: Array<{ key: string, value: string }>, revision: number): ImageMeta {
   const name = header.name
   const locations = new Map<string, LocationState>()
-  for (const loc of header.locations) locations.set(loc, { blocks: new RangeSet(), outOfSync: new RangeSet() })
+  for (const loc of header.locations) locations.set(loc, emptyLocation())
+  const per = Number.isSafeInteger(header.block_size / GRANULE) ? header.block_size / GRANULE : 1
   const prefix = locPrefix(name)
   for (const { key, value } of segments) {
     const rest = key.slice(prefix.length)
@@ -155,6 +163,8 @@ export function decodeImage (header: ImageHeader, segments: Array<{ key: string,
     const lo = seg * SEGMENT_BLOCKS
     for (const [s, e] of decodeRanges(doc?.blocks, lo, lo + SEGMENT_BLOCKS, name, key)) st.blocks.add(s, e)
     for (const [s, e] of decodeRanges(doc?.out_of_sync, lo, lo + SEGMENT_BLOCKS, name, key)) st.outOfSync.add(s, e)
+    for (const [s, e] of decodeRanges(doc?.fine ?? [], lo, lo + SEGMENT_BLOCKS, name, key)) st.fine.add(s, e)
+    for (const [s, e] of decodeRanges(doc?.changed ?? [], lo * per, (lo + SEGMENT_BLOCKS) * per, name, key)) st.changed.add(s, e)
   }
   return new ImageMeta({
     name,

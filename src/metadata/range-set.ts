@@ -128,6 +128,9 @@ export class RangeSet {
     for (const [s, e] of this.ranges()) for (let x = s; x < e; x++) yield x
   }
 
+  /** How many disjoint ranges the set is made of. */
+  get rangeCount (): number { return this.r.length / 2 }
+
   /** Smallest index, or undefined when empty. */
   get first (): number | undefined { return this.r[0] }
   /** One past the largest index, or undefined when empty. */

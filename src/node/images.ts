@@ -240,8 +240,7 @@ export class ImageService {
           `removing ${loc} would leave block ${b} of image '${name}' without an in-sync replica; add and sync another location first`,
           { block: b, location: loc })
       }
-      st.blocks.remove(s, e)
-      st.outOfSync.remove(s, e)
+      meta.removeBlocks(loc, s, e)
       if (st.blocks.isEmpty) meta.locations.delete(loc)
       return meta
     }, { notOpenOn: loc })

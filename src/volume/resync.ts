@@ -7,7 +7,7 @@
  */
 import { toUkaiError, type ErrorCode } from '../errors.js'
 import type { ImageMeta } from '../metadata/image.js'
-import { RangeSet } from '../metadata/range-set.js'
+import { RangeSet, type Range } from '../metadata/range-set.js'
 import type { Replica, ReplicaProvider } from '../replica/replica.js'
 import type { NodeErrors } from './node-errors.js'
 import type { RangeLock } from './range-lock.js'
@@ -25,6 +25,8 @@ export interface Failure {
    */
   transport?: boolean
   code?: ErrorCode
+  /** The granules of the image the failed request covered (see GRANULE in image.ts), when it was a write. */
+  granules?: Range
 }
 
 /** The failure of `location` for `block`, classified (see Failure). */
@@ -51,23 +53,35 @@ export interface CopyContext {
 
 /** Bytes read and written at a time when a block is copied. */
 const COPY_CHUNK = 4 * 2 ** 20
+/** Chunks of one block copied at once. */
+const COPY_PARALLEL = 4
+/** Runs of zeros at least this long (and aligned so) are written as holes. */
+const ZERO_GRAIN = 64 * 1024
+const ZEROS = Buffer.alloc(ZERO_GRAIN)
 
 /** Takes the write lock of a byte range of the image; resolves with its release. */
 export type RangeLocker = (start: number, end: number) => Promise<() => void>
 
+/** What one chunk of a copy writes: data at offsets of the block, and the ranges that read as zeros. */
+interface ChunkPlan { data: Array<{ offset: number, buf: Buffer }>, zeros: Range[], release: () => void }
+
 /**
  * Copies block `block` from `source` to `targets` so they end byte-for-
- * byte equal (holes stay holes past the source's allocated length), and
- * flushes the targets unless `flush` is false (the caller flushes a batch).
- * Returns the targets that failed.
+ * byte equal, and flushes the targets unless `flush` is false (the caller
+ * flushes a batch). Returns the targets that failed.
+ *
+ * The copy is sparse: only the source's data extents are read, runs of
+ * zeros in them are not written, and every range that reads as zeros on
+ * the source is zeroed on the targets as a hole (never skipped: a target
+ * may hold old data there). With `only` (byte ranges of the block: what
+ * a fine record says the targets differ in), only those are copied.
  *
  * With `lock`, each chunk is copied under the write lock of its own byte
- * range (at most two chunks locked at a time: the one being written and
- * the one read ahead), for a caller whose writes reach the targets while
- * the copy runs (a resync): a write waits for one chunk's copy at most.
- * Without, the caller holds the whole block.
+ * range (a few chunks at a time), for a caller whose writes reach the
+ * targets while the copy runs (a resync): a write waits for one chunk's
+ * copy at most. Without, the caller holds the whole block.
  */
-export async function copyBlock (ctx: CopyContext, block: number, source: Replica, targets: string[], onBytes?: (n: number) => void, flush = true, lock?: RangeLocker): Promise<Failure[]> {
+export async function copyBlock (ctx: CopyContext, block: number, source: Replica, targets: string[], onBytes?: (n: number) => void, flush = true, lock?: RangeLocker, only?: RangeSet): Promise<Failure[]> {
   const failures: Failure[] = []
   const live = new Map<string, Replica>()
   for (const t of targets) {
@@ -79,56 +93,71 @@ export async function copyBlock (ctx: CopyContext, block: number, source: Replic
   const base = block * ctx.meta.blockSize
   const length = ctx.meta.blockLength(block)
   const fail = (location: string, err: unknown): void => {
+    if (!live.has(location)) return
     failures.push(failure(block, location, live.get(location), err))
     live.delete(location)
   }
-  const hold = async (start: number, end: number): Promise<() => void> =>
-    lock === undefined ? () => {} : await lock(base + start, base + end)
-  const writeAll = async (off: number, buf: Buffer): Promise<void> => {
-    await Promise.all([...live].map(async ([loc, r]) => await r.write(ctx.image, block, off, buf, ctx.generation).catch((err) => fail(loc, err))))
-    onBytes?.(buf.length)
+  // The chunks to copy: the whole block, or the ranges asked for.
+  const chunks: Range[] = []
+  for (const [s, e] of (only ?? RangeSet.of(0, length)).within(0, length)) {
+    for (let c = s; c < e; c += COPY_CHUNK) chunks.push([c, Math.min(e, c + COPY_CHUNK)])
   }
-  // Chunk by chunk, each read while the one before is being written.
-  let allocated = Math.min(length, await source.allocatedLength(ctx.image, block))
-  const readChunk = async (off: number): Promise<{ buf: Buffer, release: () => void }> => {
-    const release = await hold(off, Math.min(off + COPY_CHUNK, allocated))
+  const plan = async ([start, end]: Range): Promise<ChunkPlan> => {
+    const release = lock === undefined ? () => {} : await lock(base + start, base + end)
     try {
-      const buf = Buffer.allocUnsafe(Math.min(COPY_CHUNK, allocated - off))
-      await source.read(ctx.image, block, off, buf)
-      return { buf, release }
+      const data: ChunkPlan['data'] = []
+      const zeros = new RangeSet().add(start, end)
+      for (const [s, e] of await source.dataExtents(ctx.image, block, start, end)) {
+        const buf = Buffer.allocUnsafe(e - s)
+        await source.read(ctx.image, block, s, buf)
+        for (const [rs, re] of nonZeroRuns(buf, s)) {
+          data.push({ offset: rs, buf: buf.subarray(rs - s, re - s) })
+          zeros.remove(rs, re)
+        }
+      }
+      return { data, zeros: zeros.toJSON(), release }
     } catch (err) { release(); throw err }
   }
-  let next = allocated > 0 ? readChunk(0) : undefined
-  let off = 0
-  for (; off < allocated; off += COPY_CHUNK) {
-    const { buf, release } = await next!
+  const apply = async (p: ChunkPlan): Promise<void> => {
     try {
-      next = off + COPY_CHUNK < allocated ? readChunk(off + COPY_CHUNK) : undefined
-      await writeAll(off, buf)
-    } finally { release() }
+      await Promise.all([...live].map(async ([loc, r]) => {
+        try {
+          for (const d of p.data) await r.write(ctx.image, block, d.offset, d.buf, ctx.generation)
+          for (const [s, e] of p.zeros) await r.discard(ctx.image, block, s, e - s, 'zero', ctx.generation)
+        } catch (err) { fail(loc, err) }
+      }))
+      onBytes?.(p.data.reduce((n, d) => n + d.buf.length, 0))
+    } finally { p.release() }
   }
-  // The tail, under one lock: the source may have grown meanwhile (its
-  // writes reached the targets too, but past where the copy looked).
-  const release = await hold(off, length)
-  try {
-    allocated = Math.min(length, await source.allocatedLength(ctx.image, block))
-    for (; off < allocated; off += COPY_CHUNK) {
-      const buf = Buffer.allocUnsafe(Math.min(COPY_CHUNK, allocated - off))
-      await source.read(ctx.image, block, off, buf)
-      await writeAll(off, buf)
-    }
-    await Promise.all([...live].map(async ([loc, r]) => {
-      try {
-        if (allocated < length) await r.discard(ctx.image, block, allocated, length - allocated, 'zero', ctx.generation)
-      } catch (err) { fail(loc, err) }
-    }))
-  } finally { release() }
+  let next = 0
+  const worker = async (): Promise<void> => {
+    while (next < chunks.length && live.size > 0) await apply(await plan(chunks[next++]!))
+  }
+  await Promise.all(Array.from({ length: Math.min(COPY_PARALLEL, chunks.length) }, worker))
   if (flush) {
     await Promise.all([...live].map(async ([loc, r]) => {
       try { await r.flush(ctx.image) } catch (err) { fail(loc, err) }
     }))
   }
   return failures
+}
+
+/** The ranges of `buf` (which starts at `at`) that are not runs of zeros of ZERO_GRAIN, aligned, or more. */
+export function nonZeroRuns (buf: Buffer, at: number): Range[] {
+  const out: Range[] = []
+  const end = at + buf.length
+  let runStart = -1
+  // Grains aligned to the block: the first and last may be partial.
+  for (let g = at; g < end;) {
+    const gEnd = Math.min(end, (Math.floor(g / ZERO_GRAIN) + 1) * ZERO_GRAIN)
+    const piece = buf.subarray(g - at, gEnd - at)
+    const zero = piece.length === ZERO_GRAIN && piece.equals(ZEROS)
+    if (!zero && runStart < 0) runStart = g
+    if (zero && runStart >= 0) { out.push([runStart, g]); runStart = -1 }
+    g = gEnd
+  }
+  if (runStart >= 0) out.push([runStart, end])
+  return out
 }
 
 export interface SyncProgress {
@@ -154,6 +183,12 @@ export interface SyncContext extends Omit<CopyContext, 'meta'> {
    */
   mirror: (block: number, targets: string[]) => () => void
   mirrorFailed: (block: number) => ReadonlySet<string>
+  /**
+   * Called once the block's writes are mirrored: the byte ranges of the
+   * block the targets may differ in (their fine records), or undefined
+   * to copy it whole.
+   */
+  changedIn: (block: number, targets: string[]) => RangeSet | undefined
   /** Stores the copied replicas as in sync, as the writer session. */
   markInSync: (done: Array<{ block: number, targets: string[] }>) => Promise<void>
   /** A replica refused the session's generation: ends the session; the error to throw. */
@@ -210,8 +245,10 @@ async function syncBatch (ctx: SyncContext, batch: number[], progress: SyncProgr
             progress.failed.push({ block, reason: 'no in-sync location reachable' })
           } else {
             mirrors.push(ctx.mirror(block, targets))
+            // After the mirror: a write either reached the fine record read now, or reaches the targets.
+            const only = ctx.changedIn(block, targets)
             const failed = await copyBlock({ ...ctx, meta }, block, source, targets, (n) => { progress.bytes += n }, false,
-              async (start, end) => await ctx.lock.acquire(start, end))
+              async (start, end) => await ctx.lock.acquire(start, end), only)
             failures.push(...failed)
             copied.push({ block, targets: targets.filter((t) => !failed.some((f) => f.location === t)) })
           }

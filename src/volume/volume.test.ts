@@ -7,7 +7,7 @@
  */
 import { test, describe } from 'node:test'
 import assert from 'node:assert/strict'
-import { readdir, readFile, rm } from 'node:fs/promises'
+import { readdir, readFile, rm, stat } from 'node:fs/promises'
 import { join } from 'node:path'
 import fc from 'fast-check'
 import { BlockStore } from '../blockstore/block-store.js'
@@ -654,6 +654,36 @@ describe('Volume: resync while the image is written (issue 9)', () => {
     }) as never })
     return { open, held }
   }
+
+  test('a whole-block resync is sparse: holes of the source are punched on the target, never skipped, and only data is copied', async () => {
+    const MiB = 2 ** 20
+    await withRig({ size: 4 * MiB, blockSize: MiB, local: [A] }, async (rig) => {
+      await rig.vol.write(0, bytes(MiB, 1))
+      await rig.vol.zero(MiB / 4, MiB / 2)
+      await rig.vol.flush()
+      // B holds stale data where A has holes, in a block A holds data in and in one A never wrote.
+      await rig.blocks[B]!.write(IMG, 0, MiB / 4, bytes(MiB / 2, 2))
+      await rig.blocks[B]!.write(IMG, 2, 0, bytes(MiB / 4, 3))
+      await rig.store.update(IMG, (m) => { m.setSync(B, 0, 4, false); return m })
+      rig.vol.refresh(await rig.store.require(IMG))
+      const result = await rig.vol.sync(0, 4)
+      assert.deepEqual(result.failed, [])
+      assert.equal(result.bytes, MiB / 2, 'more than the source\'s data was copied')
+      const b = rig.replicas.get(B)!
+      for (const [block, off, len] of [[0, MiB / 4, MiB / 2], [2, 0, MiB]] as const) {
+        const got = Buffer.alloc(len, 0xee)
+        await b.read(IMG, block, off, got)
+        assert.ok(got.equals(Buffer.alloc(len)), `block ${block}: the stale data at ${off} was not zeroed`)
+      }
+      const model = bytes(MiB, 1).fill(0, MiB / 4, 3 * MiB / 4)
+      const got = Buffer.alloc(MiB)
+      await b.read(IMG, 0, 0, got)
+      assert.ok(got.equals(model))
+      const allocated = async (block: number): Promise<number> => (await stat(rig.blocks[B]!.blockPath(IMG, block))).blocks * 512
+      assert.ok(await allocated(0) <= MiB / 2 + 64 * 1024, `block 0 on B allocates ${await allocated(0)} bytes`)
+      assert.equal(await allocated(2), 0)
+    })
+  })
 
   test('a write to a block the resync has not reached does not wait for the resync', async () => {
     await withRig({ size: 16 * 1000, blockSize: 1000, local: [A] }, async (rig) => {

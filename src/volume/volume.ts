@@ -19,7 +19,7 @@
  * - one writer per image on this node; readers are unlimited.
  */
 import { UkaiError, toUkaiError } from '../errors.js'
-import type { ImageMeta } from '../metadata/image.js'
+import { GRANULE, granulesOf, type ImageMeta } from '../metadata/image.js'
 import { fenced, type ImageState, type MetadataStore, type WriterGrant, type WriterRecord } from '../metadata/store.js'
 import { RangeSet } from '../metadata/range-set.js'
 import type { FenceTable } from '../node/fences.js'
@@ -98,6 +98,20 @@ export class Volume {
   private syncs = 0
   /** Blocks written per location since that location's last flush. */
   private readonly unflushed = new Map<string, RangeSet>()
+  /**
+   * Granules written per location since its last flush: what a location
+   * that died may have lost, for its fine records (undefined once too
+   * many to keep: its blocks are then copied whole).
+   */
+  private readonly unflushedGranules = new Map<string, RangeSet | undefined>()
+  /**
+   * Per location, granules of writes it missed that its fine records do
+   * not hold yet (storeFine stores them). Their blocks stay in the
+   * dirty-block log until stored, and a fenced session counts them
+   * unsafe: a writer that dies with them unstored leaves whole-block
+   * copies behind, never a fine record that misses a write.
+   */
+  private readonly pendingFine = new Map<string, RangeSet>()
   /** Flushes in progress (see flush). */
   private readonly flushing = new Set<Promise<void>>()
   /** Flush failures not recorded yet (the metadata store was away): the next flush records them first. */
@@ -124,7 +138,7 @@ export class Volume {
       refresh: (m) => this.refresh(m),
       adoptLog: (log) => this.dirty.adopt(log),
       reconcile: async (s, blocks) => await this.reconcile(s, blocks),
-      trimLog: async (s) => await this.dirty.trim(this.owner(s), 0),
+      trimLog: async (s) => { await this.storeFine(s); await this.dirty.trim(this.owner(s), 0) },
       flush: async () => await this.flush()
     }, ctx.store, ctx.cluster)
   }
@@ -190,7 +204,8 @@ export class Volume {
    * it cannot vouch for (undefined: none, see writer-lease.ts).
    */
   fenceSession (generation?: number): Array<{ session: string, unsafe: RangeSet | undefined }> {
-    return this.lease.fence(generation)
+    const pending = this.pendingFineBlocks()
+    return this.lease.fence(generation).map((f) => ({ session: f.session, unsafe: f.unsafe?.addSet(pending) }))
   }
 
   private async releaseIfIdle (): Promise<void> {
@@ -347,12 +362,22 @@ export class Volume {
     for (const p of pieces) {
       reached.set(p.block, 0)
       const inSyncHere = new Set<string>()
+      const at = p.block * this.blockSize + p.offset
+      const granules = granulesOf(at, at + p.length)
       for (const { location, inSync } of this.current.replicasOf(p.block)) {
-        if (!inSync) continue
+        if (!inSync) {
+          // A location this write misses: its fine record must learn of it.
+          if (this.current.locations.get(location)?.fine.has(p.block) === true) addTo(this.pendingFine, location, granules)
+          continue
+        }
         inSyncHere.add(location)
+        if (this.unflushedGranules.get(location) !== undefined || !this.unflushedGranules.has(location)) {
+          const set = addTo(this.unflushedGranules as Map<string, RangeSet>, location, granules)
+          if (set.rangeCount > MAX_UNFLUSHED_RANGES) this.unflushedGranules.set(location, undefined)
+        }
         const r = this.ctx.errors.isFailed(location) ? undefined : this.ctx.replicas.replicaFor(location)
         if (r === undefined) {
-          failures.push(failure(p.block, location, undefined, undefined))
+          failures.push({ ...failure(p.block, location, undefined, undefined), granules })
           continue
         }
         jobs.push(op(r, p).then(() => {
@@ -361,7 +386,7 @@ export class Volume {
         }, (err) => {
           const f = failure(p.block, location, r, err)
           if (f.fenced === true) refused = toUkaiError(err)
-          else failures.push(f)
+          else failures.push({ ...f, granules })
         }))
       }
       // Replicas being resynced get the write too; one they miss is not
@@ -454,15 +479,27 @@ export class Volume {
    */
   private async recordFailures (s: WriterSession, failures: Failure[]): Promise<Failure[]> {
     if (failures.length === 0) return []
-    const lost = new Map<string, RangeSet>()
+    // Per location and block, the granules it may differ in (undefined: not known, the block is copied whole).
+    const lost = new Map<string, Map<number, RangeSet | undefined>>()
     for (const f of failures) {
       if (f.transport === true) this.ctx.errors.fail(f.location, f.reason)
-      let set = lost.get(f.location)
-      if (set === undefined) {
-        set = f.transport === true ? (this.unflushed.get(f.location)?.clone() ?? new RangeSet()) : new RangeSet()
-        lost.set(f.location, set)
+      let blocks = lost.get(f.location)
+      if (blocks === undefined) {
+        blocks = new Map()
+        lost.set(f.location, blocks)
+        if (f.transport === true) {
+          const written = this.unflushedGranules.get(f.location)
+          for (const b of this.unflushed.get(f.location)?.values() ?? []) {
+            blocks.set(b, written === undefined || !this.current.fineGrained ? undefined : new RangeSet(written.within(...this.current.blockGranules(b))))
+          }
+        }
       }
-      set.add(f.block, f.block + 1)
+      const mine = f.granules === undefined ? undefined : RangeSet.of(f.granules[0], f.granules[1])
+      if (!blocks.has(f.block)) blocks.set(f.block, mine)
+      else {
+        const had = blocks.get(f.block)
+        blocks.set(f.block, had === undefined || mine === undefined ? undefined : had.addSet(mine))
+      }
     }
     const failedAt = (location: string, b: number): boolean => lost.get(location)?.has(b) === true
     const kept: Failure[] = []
@@ -471,10 +508,10 @@ export class Volume {
       kept.length = 0
       marked = false
       for (const [location, blocks] of lost) {
-        for (const b of blocks.values()) {
+        for (const [b, changed] of blocks) {
           const others = meta.replicasOf(b).some((r) => r.inSync && r.location !== location && !failedAt(r.location, b))
           if (others) {
-            meta.setSync(location, b, b + 1, false)
+            meta.markOutOfSync(location, b, changed)
             marked = true
           } else {
             const f = failures.find((x) => x.location === location && x.block === b)
@@ -485,9 +522,51 @@ export class Volume {
       return meta
     })
     // Only once the marks are durable are the unflushed blocks forgotten.
-    for (const [location, blocks] of lost) this.unflushed.get(location)?.removeSet(blocks)
+    for (const [location, blocks] of lost) {
+      for (const b of blocks.keys()) {
+        this.unflushed.get(location)?.remove(b, b + 1)
+        this.unflushedGranules.get(location)?.remove(...this.current.blockGranules(b))
+      }
+    }
     if (marked) await this.ctx.cluster.publish(this.name, this.current.revision)
     return kept
+  }
+
+  /** Blocks with granules in pendingFine. */
+  private pendingFineBlocks (): RangeSet {
+    const per = this.blockSize / GRANULE
+    const out = new RangeSet()
+    for (const set of this.pendingFine.values()) {
+      for (const [s, e] of set.ranges()) out.add(Math.floor(s / per), Math.ceil(e / per))
+    }
+    return out
+  }
+
+  /**
+   * Stores pendingFine in the fine records, as the session's change;
+   * what was stored leaves pendingFine once durable (a fence meanwhile
+   * still counts it unsafe).
+   */
+  private async storeFine (s: WriterSession): Promise<void> {
+    if (this.pendingFine.size === 0) return
+    const taken = [...this.pendingFine].map(([loc, set]) => [loc, set.clone()] as const)
+    await this.update(s, (meta) => {
+      for (const [loc, set] of taken) meta.addChanged(loc, set)
+      return meta
+    })
+    for (const [loc, set] of taken) {
+      const now = this.pendingFine.get(loc)
+      if (now === undefined) continue
+      now.removeSet(set)
+      if (now.isEmpty) this.pendingFine.delete(loc)
+    }
+  }
+
+  /** Granules in pendingFine, all locations together. */
+  private pendingFineRanges (): number {
+    let n = 0
+    for (const set of this.pendingFine.values()) n += set.rangeCount
+    return n
   }
 
   /** A metadata change of the session: guarded by its lease; a refusal ends the session. */
@@ -506,7 +585,7 @@ export class Volume {
    * single-replica images pay nothing.
    */
   private async tracked<T> (s: WriterSession, pieces: Piece[], fn: () => Promise<T>): Promise<T> {
-    const blocks = pieces.map((p) => p.block).filter((b) => this.inSyncCount(b) > 1)
+    const blocks = pieces.map((p) => p.block).filter((b) => this.inSyncCount(b) > 1 || this.hasFine(b))
     if (blocks.length === 0) return await fn()
     try {
       return await this.dirty.around(this.owner(s), blocks, fn)
@@ -514,6 +593,12 @@ export class Volume {
       if (toUkaiError(err).code === 'UKAI_ERR_FENCED') s.fence()
       throw err
     }
+  }
+
+  /** True when some location keeps a fine record of the block (its writes must be remembered: see pendingFine). */
+  private hasFine (block: number): boolean {
+    for (const st of this.current.locations.values()) if (st.fine.has(block)) return true
+    return false
   }
 
   private inSyncCount (block: number): number {
@@ -540,6 +625,14 @@ export class Volume {
    * blocks differ.
    */
   private async reconcile (s: WriterSession, blocks: RangeSet): Promise<void> {
+    // A writer that died may have written what fine records of these
+    // blocks do not hold: they are copied whole from now on.
+    if ([...blocks.ranges()].some(([b, e]) => [...this.current.locations.values()].some((st) => st.fine.overlaps(b, e)))) {
+      await this.update(s, (meta) => {
+        for (const [b, e] of blocks.ranges()) meta.dropFine(undefined, b, e)
+        return meta
+      })
+    }
     for (const block of [...blocks.values()]) {
       if (block >= this.current.blockCount) { s.unsafe.remove(block, block + 1); continue }
       const start = block * this.blockSize
@@ -593,16 +686,36 @@ export class Volume {
         begin: (blocks) => s.begin(blocks),
         mirror: (block, targets) => this.mirror(block, targets),
         mirrorFailed: (block) => this.mirrorFailures.get(block) ?? new Set(),
-        markInSync: async (done) => await this.update(s, (meta) => {
-          for (const c of done) for (const loc of c.targets) meta.setSync(loc, c.block, c.block + 1, true)
-          return meta
-        }),
+        changedIn: (block, targets) => this.changedIn(block, targets),
+        markInSync: async (done) => {
+          await this.update(s, (meta) => {
+            for (const c of done) for (const loc of c.targets) meta.setSync(loc, c.block, c.block + 1, true)
+            return meta
+          })
+          for (const c of done) for (const loc of c.targets) this.pendingFine.get(loc)?.remove(...this.current.blockGranules(c.block))
+        },
         fenced: () => { s.fence(); return fenced(this.name) }
       }, start, end, onProgress)
     } finally {
       this.syncs--
       await this.releaseIfIdle()
     }
+  }
+
+  /**
+   * The byte ranges of `block` (offsets in it) that `targets` may differ
+   * in: their fine records and what is pending for them; undefined when
+   * one of them has none (the block is copied whole).
+   */
+  private changedIn (block: number, targets: string[]): RangeSet | undefined {
+    const granules = this.current.changedIn(block, targets)
+    if (granules === undefined) return undefined
+    const [g0, g1] = this.current.blockGranules(block)
+    for (const t of targets) for (const [s, e] of this.pendingFine.get(t)?.within(g0, g1) ?? []) granules.add(s, e)
+    const base = block * this.blockSize
+    const out = new RangeSet()
+    for (const [s, e] of granules.ranges()) out.add(s * GRANULE - base, Math.min(e * GRANULE - base, this.current.blockLength(block)))
+    return out
   }
 
   /** The blocks written to `location` since its last flush (made empty when there are none). */
@@ -662,6 +775,7 @@ export class Volume {
     const mark = this.dirty.markFlush()
     const pending = [...this.unflushed]
     this.unflushed.clear()
+    for (const [location] of pending) this.unflushedGranules.delete(location)
     const failures: Failure[] = this.unrecorded
     this.unrecorded = []
     await Promise.all(pending.map(async ([location, blocks]) => {
@@ -705,7 +819,11 @@ export class Volume {
     }
     // The dirty-block log is an activity log: hot blocks stay in it, so a
     // steady writer does not pay a metadata write per flush.
-    if (s?.held === true) await this.dirty.trim(this.owner(s), DIRTY_KEEP, mark)
+    if (s?.held === true) {
+      // Blocks leave the log only once their fine records are stored.
+      if (this.dirty.size > DIRTY_KEEP || this.pendingFineRanges() > PENDING_FINE_RANGES) await this.storeFine(s)
+      await this.dirty.trim(this.owner(s), DIRTY_KEEP, mark)
+    }
   }
 
   private localReplica (): Replica | undefined {
@@ -736,29 +854,19 @@ export class Volume {
   }
 
   /**
-   * True when zero(offset, length, true) would write no data: a block
-   * store zeroes a range that reaches the end of a block file by cutting
-   * the file short (or does nothing past its end), and writes zeros only
-   * where data follows the range inside a block. Only the last block of
-   * the range can have data after it; that is checked on this node's
-   * replica. Without a local in-sync replica the answer is false (the
-   * cost cannot be known cheaply). Serves NBD_CMD_FLAG_FAST_ZERO.
+   * True when zero(offset, length, true) would write no data: every block
+   * store punches a hole for it (block-store.ts), so it always is. Serves
+   * NBD_CMD_FLAG_FAST_ZERO.
    */
   async zeroIsFast (offset: number, length: number): Promise<boolean> {
     checkOffset(offset, length)
-    if (length === 0) return true
-    const block = Math.floor((offset + length - 1) / this.blockSize)
-    const end = offset + length - block * this.blockSize
-    if (end >= this.current.blockLength(block)) return true
-    const local = this.localReplica()
-    if (local === undefined || !this.current.replicasOf(block).some((r) => r.location === local.location && r.inSync)) return false
-    return await local.allocatedLength(this.name, block) <= end
+    return true
   }
 
   /**
    * Allocation of [offset, offset + length) as extents, from the local
-   * replica's block files. Without a local in-sync replica everything is
-   * reported as data (always safe).
+   * replica's block files (their data extents). Without a local in-sync
+   * replica everything is reported as data (always safe).
    */
   async extents (offset: number, length: number): Promise<Extent[]> {
     checkOffset(offset, length)
@@ -772,13 +880,16 @@ export class Volume {
       else out.push({ offset: off, length: len, hole, zero: hole })
     }
     for (const p of pieces) {
-      const base = offset + p.bufferOffset
+      const base = offset + p.bufferOffset - p.offset
       const inSyncHere = local !== undefined && this.current.replicasOf(p.block).some((r) => r.location === local.location && r.inSync)
-      if (!inSyncHere) { push(base, p.length, false); continue }
-      const allocated = await local.allocatedLength(this.name, p.block)
-      const dataLen = Math.max(0, Math.min(p.length, allocated - p.offset))
-      push(base, dataLen, false)
-      push(base + dataLen, p.length - dataLen, true)
+      if (!inSyncHere) { push(base + p.offset, p.length, false); continue }
+      let at = p.offset
+      for (const [s, e] of await local.dataExtents(this.name, p.block, p.offset, p.offset + p.length)) {
+        push(base + at, s - at, true)
+        push(base + s, e - s, false)
+        at = e
+      }
+      push(base + at, p.offset + p.length - at, true)
     }
     return out
   }
@@ -793,6 +904,17 @@ export class Volume {
 
 /** Blocks the dirty-block log may keep after a flush before it is trimmed. */
 const DIRTY_KEEP = 64
+/** Ranges of granules pendingFine may hold before a flush stores them. */
+const PENDING_FINE_RANGES = 4096
+/** Ranges of granules kept per location in unflushedGranules. */
+const MAX_UNFLUSHED_RANGES = 65536
+
+/** Adds `range` to the set of `key` (made when missing); returns the set. */
+function addTo (map: Map<string, RangeSet>, key: string, [s, e]: [number, number]): RangeSet {
+  let set = map.get(key)
+  if (set === undefined) { set = new RangeSet(); map.set(key, set) }
+  return set.add(s, e)
+}
 
 export function newIoStats (): IoStats {
   return { reads: 0, writes: 0, bytesRead: 0, bytesWritten: 0, readsFrom: {} }

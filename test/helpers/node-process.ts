@@ -197,7 +197,10 @@ export class TestNode {
         res.on('end', () => {
           const text = Buffer.concat(chunks).toString('utf8')
           try {
-            resolveCall({ status: res.statusCode ?? 0, headers: res.headers, body: JSON.parse(text) as T })
+            // A streamed answer (application/x-ndjson) is the list of its lines.
+            const ndjson = res.headers['content-type'] === 'application/x-ndjson'
+            const parsed: unknown = ndjson ? text.split('\n').filter((l) => l !== '').map((l) => JSON.parse(l)) : JSON.parse(text)
+            resolveCall({ status: res.statusCode ?? 0, headers: res.headers, body: parsed as T })
           } catch {
             reject(new Error(`${method} ${path}: ${res.statusCode ?? '?'}: ${text.slice(0, 200)}`))
           }
