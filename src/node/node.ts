@@ -442,9 +442,18 @@ export class UkaiNode extends EventEmitter implements ReplicaProvider, ClusterCo
         this.ioStats.delete(name)
         this.fences.drop(name)
         this.emit('images')
-        // Destroyed by another node: this node's replica goes too.
-        if ([...had.meta.locations.keys()].some((l) => isLocalLocation(this.config, l)) && !this.isOpen(name)) {
-          await this.blocks.destroy(name).catch((err) => this.emit('warning', `removing the block files of destroyed image '${name}': ${(err as Error).message}`))
+        // Destroyed: this node's replica goes too, also when the image no
+        // longer placed blocks here and their reclaim was still waiting (a
+        // former location). Only the directory of that image: bound to its
+        // incarnation, or (no marker) placed here in the last view.
+        const timer = this.reclaims.get(name)
+        if (timer !== undefined) { clearTimeout(timer); this.reclaims.delete(name) }
+        const marker = await this.blocks.incarnationOf(name).catch(() => null)
+        const ours = marker === undefined ? this.placedHere(had.meta) !== undefined : marker !== null && marker.id === had.incarnation
+        if (ours && !this.isOpen(name)) {
+          await this.blocks.destroy(name)
+            .then(() => { if (this.placedHere(had.meta) === undefined) this.notice(`image '${name}' was destroyed: the block files its former replica here still had were removed`) })
+            .catch((err) => this.emit('warning', `removing the block files of destroyed image '${name}': ${(err as Error).message}`))
         }
         for (const r of this.remotes.values()) if (r instanceof RemoteReplica) await r.closeImage(name)
       }
