@@ -18,6 +18,8 @@ import { formatSize, parseSize } from '../util/size.js'
 import type { SyncProgress } from '../volume/volume.js'
 import { runServer } from './server.js'
 import { exportImage, importImage } from './transfer.js'
+import { formatStorage } from './storage.js'
+import type { NodeStorageStatus } from '../node/directory.js'
 import { jsonError, show } from '../util/show.js'
 import { CA_CERT, createCa, describeCert, issueCert } from '../tls/certs.js'
 import { canonicalLocation } from '../metadata/names.js'
@@ -42,6 +44,7 @@ const USAGE = `usage: ukai [--config PATH] COMMAND ...
   nodes list [--json]                                registered nodes: alive (lease), reachable, RTT, free space
   nodes best                                         the node with the most free space
   nodes errors [--json]                              locations in the error state
+  nodes storage [--json]                             per node: space each image's block files take, orphans
   control-token                                      print the control API's bearer token
   cert ca DIR                                        create the cluster's CA (ca-cert.pem, ca-key.pem)
   cert node ID --ca DIR --out DIR [--host HOST]...   a node's key and certificate (the node's tls_dir)
@@ -299,6 +302,15 @@ async function nodesCommand (args: string[], configPath: string | undefined): Pr
         n.capacity !== undefined ? formatSize(n.capacity.available) : '-', n.capacity !== undefined ? formatSize(n.capacity.total) : '-',
         (n.open_images ?? []).join(',') || '-'])]))
     return
+  }
+  if (sub === 'storage') {
+    const { values, positionals } = parse(rest, { json: { type: 'boolean' } })
+    expect(positionals, [], 'nodes storage')
+    const config = loadConfig(configPath)
+    const nodes = await withImages(config,
+      async (c) => await c.call<NodeStorageStatus[]>('GET', '/v1/nodes/storage'),
+      async (svc) => await svc.directory.storage())
+    return values.json === true ? printJson(nodes) : print(formatStorage(nodes))
   }
   if (sub !== 'errors') throw invalidArgument(`unknown nodes command ${show(sub ?? '')} (see 'ukai --help')`)
   const { values, positionals } = parse(rest, { json: { type: 'boolean' } })

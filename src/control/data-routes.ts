@@ -1,6 +1,6 @@
 /**
  * Control API routes that move an image's data (`ukai image import` and
- * `export`). Data goes through
+ * `export`) and report storage (`ukai nodes storage`). Data goes through
  * the image's Volume on this node, as a hypervisor's I/O does: replicated
  * writes, reads from an in-sync replica, the writer lease.
  *
@@ -10,12 +10,15 @@
  *   GET    /v1/images/NAME/data?offset=N&length=L[&session]   raw bytes
  *   GET    /v1/images/NAME/extents?offset=N&length=L[&session]
  *   POST   /v1/images/NAME/flush[?session]
+ *   GET    /v1/storage                             this node's image_root
+ *   GET    /v1/nodes/storage                       every registered node's
  *
  * Without a session, a request opens the image for itself (a PUT is
  * flushed before it answers).
  */
 import type { IncomingMessage } from 'node:http'
 import { UkaiError, invalidArgument } from '../errors.js'
+import { storageReport } from '../node/storage.js'
 import type { Extent } from '../volume/volume.js'
 import { show } from '../util/show.js'
 import type { Route } from './server.js'
@@ -154,5 +157,7 @@ export const dataRoutes: Route[] = [
       await node.dataSessions.use(name!, sessionParam(query), true, 'flush', async (v) => await v.flush())
       return { flushed: name }
     }
-  }
+  },
+  { method: 'GET', pattern: /^\/v1\/storage$/, handler: async (node) => await storageReport(node) },
+  { method: 'GET', pattern: /^\/v1\/nodes\/storage$/, handler: async (node) => await node.images.directory.storage() }
 ]
