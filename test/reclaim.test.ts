@@ -4,7 +4,8 @@
  * few seconds after the change (RECLAIM_DELAY_MS), while the image keeps
  * being written elsewhere; a node that was down when its blocks were moved
  * away removes them when it is back. Blocks still placed there, in sync or
- * not, keep their files.
+ * not, keep their files. An image destroyed before that node's reclaim ran
+ * loses its files there too.
  */
 import { after, before, describe, test } from 'node:test'
 import assert from 'node:assert/strict'
@@ -99,6 +100,22 @@ describe('reclaim: remove-location deletes the block files of that node', { time
     // A still holds every block, in sync.
     assert.deepEqual(await filesOn(A, 'vm'), [0, 1, 2, 3, 4, 5, 6, 7])
     assert.deepEqual(await cluster.checkReplicas('vm'), [])
+  })
+
+  test('an image destroyed while its former location still waits to reclaim: that node removes the files too', async () => {
+    await A.cliOk('image', 'create', 'gone', '-s', '8M', '-b', '1M', '-l', A.id, '-l', B.id)
+    const c = await NbdClient.connect({ path: A.nbdSocket! }, 'gone', { timeoutMs: 30_000 })
+    try {
+      await c.write(0, randomBytes(SIZE))
+      await c.flush()
+    } finally { await c.close() }
+    assert.deepEqual(await filesOn(B, 'gone'), [0, 1, 2, 3, 4, 5, 6, 7])
+    // Destroyed before B's reclaim of the removed location ran: no current location names B.
+    await A.cliOk('image', 'remove-location', 'gone', B.id)
+    await A.cliOk('image', 'destroy', 'gone')
+    await until("B removes its former replica of the destroyed 'gone'", async () => !await exists(join(B.imageRoot, 'gone')))
+    assert.ok(!await exists(join(A.imageRoot, 'gone')))
+    assert.match(B.output, /image 'gone' was destroyed: the block files its former replica here still had were removed/)
   })
 
   test('placed again, a removed block comes back out of sync and sync copies it whole', async () => {

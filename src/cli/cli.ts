@@ -17,6 +17,9 @@ import type { NodeStatus } from '../node/directory.js'
 import { formatSize, parseSize } from '../util/size.js'
 import type { SyncProgress } from '../volume/volume.js'
 import { runServer } from './server.js'
+import { exportImage, importImage } from './transfer.js'
+import { formatStorage } from './storage.js'
+import type { NodeStorageStatus } from '../node/directory.js'
 import { jsonError, show } from '../util/show.js'
 import { CA_CERT, createCa, describeCert, issueCert } from '../tls/certs.js'
 import { canonicalLocation } from '../metadata/names.js'
@@ -27,6 +30,9 @@ const USAGE = `usage: ukai [--config PATH] COMMAND ...
   server [--mount DIR] [--nbd SOCKET|HOST:PORT]...   run this node
   image create NAME -s SIZE [-b BLOCK_SIZE] [-l LOCATION]... [-h HYPERVISOR]...
   image import-metadata FILE|-                       add an image from its metadata JSON
+  image import FILE NAME [-b BLOCK_SIZE] [-l LOCATION]... [-h HYPERVISOR]... [--resume] [--json]
+                                                     a new image with a raw disk file's data (holes kept)
+  image export NAME FILE [--force] [--json]          the image's data into a raw, sparse file
   image list [--json]
   image info NAME [--json | --format seed|ukai]
   image destroy NAME
@@ -38,6 +44,7 @@ const USAGE = `usage: ukai [--config PATH] COMMAND ...
   nodes list [--json]                                registered nodes: alive (lease), reachable, RTT, free space
   nodes best                                         the node with the most free space
   nodes errors [--json]                              locations in the error state
+  nodes storage [--json]                             per node: space each image's block files take, orphans
   control-token                                      print the control API's bearer token
   cert ca DIR                                        create the cluster's CA (ca-cert.pem, ca-key.pem)
   cert node ID --ca DIR --out DIR [--host HOST]...   a node's key and certificate (the node's tls_dir)
@@ -153,6 +160,30 @@ async function imageCommand (args: string[], configPath: string | undefined): Pr
         async (c) => await c.call<ImageSummary>('POST', '/v1/images/import', new RawJson(text)),
         async (svc) => summarise(await svc.importMetadata(doc)))
       print(`imported image '${s.name}': ${formatSize(s.size)} in ${s.blocks} blocks on ${s.locations.join(', ')}`)
+      return
+    }
+    case 'import': {
+      const { values, positionals } = parse(rest, {
+        'block-size': { type: 'string', short: 'b' },
+        location: { type: 'string', short: 'l', multiple: true },
+        hypervisor: { type: 'string', short: 'h', multiple: true },
+        resume: { type: 'boolean' },
+        json: { type: 'boolean' }
+      })
+      const [file, name] = expect(positionals, ['FILE', 'NAME'], 'image import')
+      const blockSize = values['block-size'] === undefined ? undefined : parseSize(values['block-size'] as string, 'block size')
+      const config = loadConfig(configPath)
+      await inNode(config, 'import', async (c) => await importImage(c, {
+        file: file!, name: name!, blockSize, locations: values.location as string[] | undefined, hypervisors: values.hypervisor as string[] | undefined,
+        resume: values.resume === true, json: values.json === true
+      }))
+      return
+    }
+    case 'export': {
+      const { values, positionals } = parse(rest, { force: { type: 'boolean' }, json: { type: 'boolean' } })
+      const [name, file] = expect(positionals, ['NAME', 'FILE'], 'image export')
+      const config = loadConfig(configPath)
+      await inNode(config, 'export', async (c) => await exportImage(c, { name: name!, file: file!, force: values.force === true, json: values.json === true }))
       return
     }
     case 'list': {
@@ -272,6 +303,15 @@ async function nodesCommand (args: string[], configPath: string | undefined): Pr
         (n.open_images ?? []).join(',') || '-'])]))
     return
   }
+  if (sub === 'storage') {
+    const { values, positionals } = parse(rest, { json: { type: 'boolean' } })
+    expect(positionals, [], 'nodes storage')
+    const config = loadConfig(configPath)
+    const nodes = await withImages(config,
+      async (c) => await c.call<NodeStorageStatus[]>('GET', '/v1/nodes/storage'),
+      async (svc) => await svc.directory.storage())
+    return values.json === true ? printJson(nodes) : print(formatStorage(nodes))
+  }
   if (sub !== 'errors') throw invalidArgument(`unknown nodes command ${show(sub ?? '')} (see 'ukai --help')`)
   const { values, positionals } = parse(rest, { json: { type: 'boolean' } })
   expect(positionals, [], 'nodes errors')
@@ -287,6 +327,16 @@ async function nodesCommand (args: string[], configPath: string | undefined): Pr
   if (values.json === true) return printJson(list)
   if (list.length === 0) return print('no node is in the error state')
   print(table([['LOCATION', 'RETRY AFTER', 'REASON'], ...list.map((e) => [e.location, e.retry_after, e.reason])]))
+}
+
+/** Runs `fn` against the running node's API; the command needs one (it moves data through a node). */
+async function inNode (config: Config, what: string, fn: (c: ControlClient) => Promise<void>): Promise<void> {
+  try {
+    await fn(await controlClient(config))
+  } catch (err) {
+    if (isNotRunning(err)) throw new UkaiError('UKAI_ERR_CONNECT', `no node is running at ${config.control_address}:${config.control_port}; ${what} runs through a node`)
+    throw err
+  }
 }
 
 /** -s START / -e END block numbers (END inclusive), as the API takes them. */

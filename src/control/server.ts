@@ -19,6 +19,7 @@ import { describe, describeState, parseInfoFormat, summarise } from '../node/ima
 import type { UkaiNode } from '../node/node.js'
 import { ControlClient, callStream, controlTlsOf } from './client.js'
 import { jsonError, show } from '../util/show.js'
+import { MAX_DATA, dataRoutes, readRawBody } from './data-routes.js'
 
 /** Largest request body: a per-block export of a large image is big. */
 export const MAX_BODY = 256 * 2 ** 20
@@ -28,13 +29,15 @@ export const API_VERSION = 'v1'
 /** `emit` sends one progress object as a line of the streamed answer. */
 type Handler = (node: UkaiNode, params: string[], body: unknown, query: URLSearchParams, emit: (v: unknown) => void) => Promise<unknown>
 
-interface Route {
+export interface Route {
   method: string
   pattern: RegExp
   handler: Handler
   status?: number
   /** Answered as NDJSON: progress lines, then {"result": ...} or {"error": ...}. */
   stream?: boolean
+  /** The body is raw bytes (a Buffer of at most MAX_DATA), not JSON. */
+  raw?: boolean
 }
 
 /** `{location|hypervisor, start?, end?}`; `end` is the last block, inclusive. */
@@ -202,7 +205,8 @@ const routes: Route[] = [
       await node.destroyImage(name!)
       return { destroyed: name }
     }
-  }
+  },
+  ...dataRoutes
 ]
 
 async function readBody (req: IncomingMessage): Promise<unknown> {
@@ -225,6 +229,11 @@ function send (res: ServerResponse, status: number, value: unknown): void {
   const body = JSON.stringify(value) + '\n'
   res.writeHead(status, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(body) })
   res.end(body)
+}
+
+function sendBytes (res: ServerResponse, status: number, data: Buffer): void {
+  res.writeHead(status, { 'content-type': 'application/octet-stream', 'content-length': data.length })
+  res.end(data)
 }
 
 export function sendError (res: ServerResponse, err: unknown): void {
@@ -308,10 +317,11 @@ export class ControlServer {
         throw new UkaiError('UKAI_ERR_NOT_SUPPORTED', `${req.method ?? '?'} is not allowed on ${path}`)
       }
       const params = route.pattern.exec(path)!.slice(1)
-      const body = req.method === 'GET' ? undefined : await readBody(req)
+      const body = req.method === 'GET' ? undefined : route.raw === true ? await readRawBody(req, MAX_DATA) : await readBody(req)
       if (route.stream === true) return await this.stream(res, route, params, body, url.searchParams)
       const result = await route.handler(this.node, params, body, url.searchParams, () => {})
-      send(res, route.status ?? 200, result)
+      if (Buffer.isBuffer(result)) sendBytes(res, route.status ?? 200, result)
+      else send(res, route.status ?? 200, result)
     } catch (err) {
       sendError(res, err)
     }

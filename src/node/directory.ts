@@ -14,6 +14,7 @@ import { canonicalLocation } from '../metadata/names.js'
 import type { MetadataStore, NodeInfo } from '../metadata/store.js'
 import { loadControlToken } from '../control/token.js'
 import type { FenceReply } from './node.js'
+import type { NodeStorage } from './storage.js'
 
 export interface NodeStatus {
   id: string
@@ -32,6 +33,17 @@ export interface NodeStatus {
   open_images?: string[]
   error?: string
 }
+
+/** One registered node's storage report (storage.ts), or why there is none. */
+export interface NodeStorageStatus extends Partial<NodeStorage> {
+  id: string
+  alive: boolean
+  reachable: boolean
+  error?: string
+}
+
+/** How long a node may take to report its storage (it walks its image_root). */
+const STORAGE_TIMEOUT_MS = 30_000
 
 /** How long a probe of another node may take. */
 const PROBE_TIMEOUT_MS = 3000
@@ -121,6 +133,20 @@ export class NodeDirectory {
         const rtt = performance.now() - t0
         const i = await c.call<{ capacity: NodeStatus['capacity'], open_images: string[] }>('GET', '/v1/node')
         return { ...base, reachable: true, rtt_ms: Math.round(rtt * 1000) / 1000, capacity: i.capacity, open_images: i.open_images }
+      } catch (err) {
+        return { ...base, error: toUkaiError(err).message }
+      }
+    }))
+  }
+
+  /** Every registered node's storage report, asked of each node that is alive (GET /v1/storage). */
+  async storage (): Promise<NodeStorageStatus[]> {
+    return await Promise.all((await this.store.listNodes()).map(async ({ info, alive }) => {
+      const base = { id: info.id, alive: alive !== undefined, reachable: false }
+      if (alive === undefined) return { ...base, error: 'not alive (its lease ended: the node is down)' }
+      try {
+        const report = await (await this.client(alive, STORAGE_TIMEOUT_MS)).call<NodeStorage>('GET', '/v1/storage')
+        return { ...base, ...report, id: info.id, reachable: true }
       } catch (err) {
         return { ...base, error: toUkaiError(err).message }
       }

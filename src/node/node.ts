@@ -28,6 +28,7 @@ import { RemoteReplica } from '../peer/remote-replica.js'
 import { LocalReplica, type Replica, type ReplicaProvider } from '../replica/replica.js'
 import { NodeErrors } from '../volume/node-errors.js'
 import { Volume, newIoStats, type ClusterContext, type IoStats, type SyncProgress } from '../volume/volume.js'
+import { DataSessions } from './data-sessions.js'
 import { FenceTable } from './fences.js'
 import { ImageService, incarnationOf } from './images.js'
 import { NodeMembership } from './membership.js'
@@ -76,6 +77,8 @@ export class UkaiNode extends EventEmitter implements ReplicaProvider, ClusterCo
   readonly images: ImageService
   /** This node's TLS identity (config key tls_dir), undefined when it speaks plain text on loopback. */
   readonly tls: NodeTls | undefined
+  /** Images kept open for control API clients that move their data (import, export). */
+  readonly dataSessions: DataSessions
   private readonly local: LocalReplica
   private readonly known = new Map<string, Known>()
   private readonly volumes = new Map<string, { volume: Volume, refs: number, ready: Promise<void> }>()
@@ -100,6 +103,7 @@ export class UkaiNode extends EventEmitter implements ReplicaProvider, ClusterCo
     this.errors = new NodeErrors(config.retry_after)
     this.images = new ImageService(config, store, this.blocks, (m) => this.emit('warning', m))
     this.local = new LocalReplica(config.id, this.blocks, this.fences)
+    this.dataSessions = new DataSessions(this)
   }
 
   /**
@@ -442,9 +446,18 @@ export class UkaiNode extends EventEmitter implements ReplicaProvider, ClusterCo
         this.ioStats.delete(name)
         this.fences.drop(name)
         this.emit('images')
-        // Destroyed by another node: this node's replica goes too.
-        if ([...had.meta.locations.keys()].some((l) => isLocalLocation(this.config, l)) && !this.isOpen(name)) {
-          await this.blocks.destroy(name).catch((err) => this.emit('warning', `removing the block files of destroyed image '${name}': ${(err as Error).message}`))
+        // Destroyed: this node's replica goes too, also when the image no
+        // longer placed blocks here and their reclaim was still waiting (a
+        // former location). Only the directory of that image: bound to its
+        // incarnation, or (no marker) placed here in the last view.
+        const timer = this.reclaims.get(name)
+        if (timer !== undefined) { clearTimeout(timer); this.reclaims.delete(name) }
+        const marker = await this.blocks.incarnationOf(name).catch(() => null)
+        const ours = marker === undefined ? this.placedHere(had.meta) !== undefined : marker !== null && marker.id === had.incarnation
+        if (ours && !this.isOpen(name)) {
+          await this.blocks.destroy(name)
+            .then(() => { if (this.placedHere(had.meta) === undefined) this.notice(`image '${name}' was destroyed: the block files its former replica here still had were removed`) })
+            .catch((err) => this.emit('warning', `removing the block files of destroyed image '${name}': ${(err as Error).message}`))
         }
         for (const r of this.remotes.values()) if (r instanceof RemoteReplica) await r.closeImage(name)
       }
@@ -715,6 +728,7 @@ export class UkaiNode extends EventEmitter implements ReplicaProvider, ClusterCo
     this.closed = true
     for (const t of this.reclaims.values()) clearTimeout(t)
     this.reclaims.clear()
+    await this.dataSessions.closeAll()
     await this.watcher?.close()
     for (const { volume } of this.volumes.values()) await volume.close().catch(() => {})
     this.volumes.clear()
