@@ -164,6 +164,34 @@ const routes: Route[] = [
   },
   {
     method: 'POST',
+    pattern: new RegExp(`^/v1/images/${IMAGE}/move$`),
+    stream: true,
+    handler: async (node, [name], body, _q, emit) => {
+      if (typeof body !== 'object' || body === null || Array.isArray(body)) throw invalidArgument("move request must be an object with 'to'")
+      const b = body as Record<string, unknown>
+      for (const k of Object.keys(b)) if (!['to', 'from', 'start', 'end', 'rate'].includes(k)) throw invalidArgument(`unknown field '${k}'`, { key: k })
+      if (typeof b.to !== 'string') throw invalidArgument("'to' must be a node address", { key: 'to' })
+      if (b.from !== undefined && typeof b.from !== 'string') throw invalidArgument("'from' must be a node address", { key: 'from' })
+      if (b.rate !== undefined && (typeof b.rate !== 'number' || !(b.rate > 0))) throw invalidArgument("'rate' must be a positive number of bytes per second", { key: 'rate' })
+      const start = optionalBlock(b, 'start')
+      const last = optionalBlock(b, 'end')
+      // Like a sync, a move copies as the image's writer: on the node that writes it.
+      const writer = await node.writerElsewhere(name!)
+      if (writer !== undefined) {
+        const client = new ControlClient(writer.control_address, writer.control_port, 0, await node.images.directory.controlToken(), controlTlsOf(node.config, writer.id))
+        return await callStream(client, 'POST', `/v1/images/${encodeURIComponent(name!)}/move`, b, emit)
+      }
+      return await node.moveImage(name!, {
+        to: b.to,
+        ...(b.from !== undefined ? { from: b.from as string } : {}),
+        ...(start !== undefined ? { start } : {}),
+        ...(last !== undefined ? { end: last + 1 } : {}),
+        ...(b.rate !== undefined ? { rate: b.rate as number } : {})
+      }, emit)
+    }
+  },
+  {
+    method: 'POST',
     pattern: new RegExp(`^/v1/images/${IMAGE}/fence$`),
     handler: async (node, [name], body) => await node.handleFence(name!, counterBody(body, 'generation'))
   },

@@ -24,6 +24,7 @@ import { migrateV1 } from '../metadata/migrate-v1.js'
 import { canonicalLocation, parseLocation, sameLocation, validateImageName } from '../metadata/names.js'
 import { RangeSet } from '../metadata/range-set.js'
 import { MetadataStore, type ImageState, type NodeInfo, type WriterGrant, type WriterRecord } from '../metadata/store.js'
+import { moveImage, type MoveProgress, type MoveRequest, type MoveResult } from './move.js'
 import { RemoteReplica } from '../peer/remote-replica.js'
 import { LocalReplica, type Replica, type ReplicaProvider } from '../replica/replica.js'
 import { NodeErrors } from '../volume/node-errors.js'
@@ -709,13 +710,24 @@ export class UkaiNode extends EventEmitter implements ReplicaProvider, ClusterCo
    * Re-synchronises blocks [start, end) of an image (all when absent):
    * every out-of-sync replica is copied from an in-sync one.
    */
-  async syncImage (name: string, start?: number, end?: number, onProgress?: (p: SyncProgress) => void): Promise<SyncProgress> {
+  async syncImage (name: string, start?: number, end?: number, onProgress?: (p: SyncProgress) => void, rate?: number): Promise<SyncProgress> {
     const volume = await this.acquireVolume(name)
     try {
-      return await volume.sync(start ?? 0, end ?? volume.meta.blockCount, onProgress)
+      return await volume.sync(start ?? 0, end ?? volume.meta.blockCount, onProgress, rate === undefined ? {} : { rate })
     } finally {
       await this.releaseVolume(volume)
     }
+  }
+
+  /** Relocates blocks of an image to another node while it is in use (move.ts). */
+  async moveImage (name: string, req: MoveRequest, emit: (p: MoveProgress) => void): Promise<MoveResult> {
+    return await moveImage({
+      defaultPort: this.config.proxy_port,
+      meta: async (n) => await this.store.require(n),
+      addLocation: async (n, loc, s, e) => await this.images.addLocation(n, loc, s, e),
+      removeLocation: async (n, loc, s, e) => await this.removeLocation(n, loc, s, e),
+      sync: async (n, s, e, onProgress, rate) => await this.syncImage(n, s, e, onProgress, rate)
+    }, name, req, emit)
   }
 
   async capacity (): Promise<Capacity> {

@@ -49,6 +49,18 @@ export interface CopyContext {
   meta: ImageMeta
   replicas: ReplicaProvider
   generation: number
+  /** Called after each chunk with the bytes it wrote, outside its lock: resolves when the copy may go on (a rate limit). */
+  pace?: (bytes: number) => Promise<void>
+}
+
+/** A pace (CopyContext.pace) of `rate` bytes per second, with a burst of a quarter second. */
+export function pacer (rate: number): (bytes: number) => Promise<void> {
+  let next = performance.now()
+  return async (bytes) => {
+    const now = performance.now()
+    next = Math.max(next, now - 250) + bytes / rate * 1000
+    if (next > now) await new Promise((resolve) => setTimeout(resolve, next - now))
+  }
 }
 
 /** Bytes read and written at a time when a block is copied. */
@@ -131,7 +143,11 @@ export async function copyBlock (ctx: CopyContext, block: number, source: Replic
   }
   let next = 0
   const worker = async (): Promise<void> => {
-    while (next < chunks.length && live.size > 0) await apply(await plan(chunks[next++]!))
+    while (next < chunks.length && live.size > 0) {
+      const p = await plan(chunks[next++]!)
+      await apply(p)
+      await ctx.pace?.(p.data.reduce((n, d) => n + d.buf.length, 0))
+    }
   }
   await Promise.all(Array.from({ length: Math.min(COPY_PARALLEL, chunks.length) }, worker))
   if (flush) {

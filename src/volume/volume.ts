@@ -28,7 +28,7 @@ import { splitRange, type Piece } from './block-math.js'
 import type { NodeErrors } from './node-errors.js'
 import { DirtyLog, type LogOwner } from './dirty-log.js'
 import { RangeLock } from './range-lock.js'
-import { copyBlock, failure, syncBlocks, type CopyContext, type Failure, type SyncProgress } from './resync.js'
+import { copyBlock, failure, pacer, syncBlocks, type CopyContext, type Failure, type SyncProgress } from './resync.js'
 import { WriterLease } from './writer-lease.js'
 import type { WriterSession } from './writer-session.js'
 
@@ -667,7 +667,7 @@ export class Volume {
    * the image's writer: on the node that writes it, or taking the lease
    * for itself when nobody does.
    */
-  async sync (start: number, end: number, onProgress?: (p: SyncProgress) => void): Promise<SyncProgress> {
+  async sync (start: number, end: number, onProgress?: (p: SyncProgress) => void, options: { rate?: number } = {}): Promise<SyncProgress> {
     const count = this.current.blockCount
     if (!Number.isSafeInteger(start) || !Number.isSafeInteger(end) || start < 0 || end > count || start > end) {
       throw new UkaiError('UKAI_ERR_OUT_OF_RANGE', `block range [${start}, ${end}) is not within the image's ${count} blocks`)
@@ -679,6 +679,7 @@ export class Volume {
         image: this.name,
         replicas: this.ctx.replicas,
         generation: s.generation,
+        ...(options.rate !== undefined ? { pace: pacer(options.rate) } : {}),
         meta: () => this.current,
         lock: this.lock,
         errors: this.ctx.errors,

@@ -178,7 +178,7 @@ export class TestNode {
    * (fetch cannot set Host); `timeoutMs` bounds the call.
    */
   async api<T = unknown> (method: string, path: string, body?: unknown,
-    options: { token?: string | null, headers?: Record<string, string>, timeoutMs?: number } = {}): Promise<{ status: number, headers: IncomingHttpHeaders, body: T }> {
+    options: { token?: string | null, headers?: Record<string, string>, timeoutMs?: number, onLine?: (line: unknown) => void } = {}): Promise<{ status: number, headers: IncomingHttpHeaders, body: T }> {
     const token = options.token === undefined ? await this.controlToken() : options.token
     const payload = body === undefined ? undefined : Buffer.from(typeof body === 'string' ? body : JSON.stringify(body))
     const headers = {
@@ -192,7 +192,15 @@ export class TestNode {
     return await new Promise((resolveCall, reject) => {
       const onResponse = (res: IncomingMessage): void => {
         const chunks: Buffer[] = []
-        res.on('data', (c: Buffer) => chunks.push(c))
+        let partial = ''
+        res.on('data', (c: Buffer) => {
+          chunks.push(c)
+          if (options.onLine === undefined) return
+          // Each complete line of a streamed answer as it arrives.
+          const lines = (partial + c.toString('utf8')).split('\n')
+          partial = lines.pop()!
+          for (const l of lines) if (l !== '') options.onLine(JSON.parse(l))
+        })
         res.on('error', reject)
         res.on('end', () => {
           const text = Buffer.concat(chunks).toString('utf8')

@@ -1,0 +1,183 @@
+/**
+ * `ukai image move` (issue 11): a running image's blocks relocated to the
+ * node that now runs it, while a writer writes random data through NBD;
+ * afterwards the data equals the model, reads of the range are served by
+ * the new node, and the old node holds no file of the image. A move
+ * interrupted by a node restart resumes when run again; one that cannot
+ * copy stops before the old copy goes.
+ */
+import { after, before, describe, test } from 'node:test'
+import assert from 'node:assert/strict'
+import { randomBytes } from 'node:crypto'
+import { readdir } from 'node:fs/promises'
+import { join } from 'node:path'
+import { Cluster } from './helpers/cluster.js'
+import type { TestNode } from './helpers/node-process.js'
+import { NbdClient } from '../src/peer/nbd-client.js'
+import { prng } from './helpers/assertions.js'
+
+const MiB = 2 ** 20
+
+interface MoveLine { progress?: { done: number, blocks: number, bytes: number }, result?: { done: number, blocks: number, bytes: number, failed: unknown[] }, error?: { code: string, message: string } }
+
+/** Block files of `image` on node `n` (none when its directory is gone). */
+async function blockFiles (n: TestNode, image: string): Promise<string[]> {
+  try {
+    return (await readdir(join(n.imageRoot, image))).filter((f) => !f.startsWith('.'))
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return []
+    throw err
+  }
+}
+
+async function until (what: string, check: () => Promise<boolean>, ms = 30_000): Promise<void> {
+  const end = Date.now() + ms
+  while (!await check()) {
+    if (Date.now() > end) throw new Error(`timed out waiting until ${what}`)
+    await new Promise((resolve) => setTimeout(resolve, 200))
+  }
+}
+
+describe('image move', { timeout: 600_000 }, () => {
+  let cluster: Cluster
+  let A: TestNode, B: TestNode
+
+  before(async () => {
+    cluster = await Cluster.start({ nodes: 2, nbd: [0, 1], config: { io_timeout: 3, retry_after: 1 } })
+    ;[A, B] = cluster.nodes as [TestNode, TestNode]
+  })
+  after(async () => { await cluster?.destroy() })
+
+  async function move (n: TestNode, image: string, body: Record<string, unknown>, onLine?: (l: MoveLine) => void): Promise<MoveLine> {
+    const r = await n.api<MoveLine[]>('POST', `/v1/images/${image}/move`, body, { ...(onLine !== undefined ? { onLine: onLine as (l: unknown) => void } : {}) })
+    return r.body[r.body.length - 1]!
+  }
+
+  test('a move while the image is written through NBD: data equal to the model, reads served by the new node, no file left on the old one', async () => {
+    const SIZE = 256 * MiB
+    await A.cliOk('image', 'create', 'mv', '-s', '256M', '-b', '16M', '-l', A.id)
+    const model = Buffer.alloc(SIZE)
+    // The guest runs on B now; its disk is still on A.
+    const c = await NbdClient.connect({ path: B.nbdSocket! }, 'mv', { timeoutMs: 30_000 })
+    const random = prng(5)
+    for (let i = 0; i < 64; i++) {
+      const off = Math.floor(random() * (SIZE / MiB)) * MiB
+      const data = randomBytes(MiB)
+      await c.write(off, data)
+      data.copy(model, off)
+    }
+    await c.flush()
+    let writing = true
+    let writes = 0
+    let worst = 0
+    const writer = (async () => {
+      while (writing) {
+        const len = (1 + Math.floor(random() * 16)) * 4096
+        const off = Math.floor(random() * ((SIZE - len) / 4096)) * 4096
+        const data = randomBytes(len)
+        const t0 = performance.now()
+        await c.write(off, data)
+        worst = Math.max(worst, performance.now() - t0)
+        data.copy(model, off)
+        if (++writes % 50 === 0) await c.flush()
+      }
+      await c.flush()
+    })()
+    const lines: MoveLine[] = []
+    const last = await move(A, 'mv', { to: B.id, from: A.id }, (l) => lines.push(l))
+    writing = false
+    await writer
+    assert.equal(last.error, undefined, last.error?.message)
+    assert.deepEqual(last.result!.failed, [])
+    assert.equal(last.result!.done, 16)
+    assert.ok(lines.some((l) => l.progress !== undefined && l.progress.done > 0 && l.progress.done < 16) || lines.length > 2, 'no progress was reported')
+    assert.ok(writes > 0, 'the writer wrote nothing during the move')
+    process.stdout.write(`# move: ${writes} writes during it, slowest ${worst.toFixed(1)} ms; ${last.result!.bytes} bytes copied\n`)
+    const doc = await cluster.image('mv')
+    assert.deepEqual(Object.keys(doc.locations), [B.id])
+    assert.deepEqual(await cluster.checkReplicas('mv', model), [])
+    // The sparse copy: B allocates what A held (64 MiB written first, and what the writer wrote), not the image's size.
+    // Reads of the range come from B itself.
+    const before = (await B.api<{ readsFrom: Record<string, number> }>('GET', '/v1/images/mv/stats')).body.readsFrom
+    const got = Buffer.alloc(SIZE)
+    for (let off = 0; off < SIZE; off += 16 * MiB) await c.read(off, got.subarray(off, off + 16 * MiB))
+    await c.close()
+    assert.ok(got.equals(model), 'B reads something else than the model')
+    const after = (await B.api<{ readsFrom: Record<string, number> }>('GET', '/v1/images/mv/stats')).body.readsFrom
+    assert.ok((after[B.id] ?? 0) - (before[B.id] ?? 0) >= 16, `reads served by B: ${JSON.stringify(before)} -> ${JSON.stringify(after)}`)
+    assert.equal(after[A.id] ?? 0, before[A.id] ?? 0, 'reads after the move went to the old node')
+    // The old node reclaims its files once it has seen the change.
+    await until('A has no block file of the image', async () => (await blockFiles(A, 'mv')).length === 0)
+  })
+
+  test('a sparse image moves allocating what it holds, not its size', async () => {
+    await A.cliOk('image', 'create', 'sp', '-s', '1G', '-b', '64M', '-l', A.id)
+    const c = await NbdClient.connect({ path: A.nbdSocket! }, 'sp', { timeoutMs: 30_000 })
+    const random = prng(9)
+    const model = Buffer.alloc(1024 * MiB)
+    for (let i = 0; i < 40; i++) {
+      const off = Math.floor(random() * 4000) * 256 * 1024
+      const data = randomBytes(256 * 1024)
+      await c.write(off, data)
+      data.copy(model, off)
+    }
+    await c.flush()
+    await c.close()
+    const last = await move(A, 'sp', { to: B.id })
+    assert.equal(last.error, undefined, last.error?.message)
+    assert.ok(last.result!.bytes <= 11 * MiB, `${last.result!.bytes} bytes copied for 10 MiB of data`)
+    let allocated = 0
+    const { stat } = await import('node:fs/promises')
+    for (const f of await blockFiles(B, 'sp')) allocated += (await stat(join(B.imageRoot, 'sp', f))).blocks * 512
+    assert.ok(allocated <= 11 * MiB, `B allocates ${allocated} bytes for 10 MiB of data`)
+    assert.deepEqual(await cluster.checkReplicas('sp', model), [])
+  })
+
+  test('a move interrupted by a restart of the node that runs it resumes when run again', async () => {
+    await A.cliOk('image', 'create', 'rs', '-s', '128M', '-b', '4M', '-l', A.id)
+    const c = await NbdClient.connect({ path: A.nbdSocket! }, 'rs', { timeoutMs: 30_000 })
+    const model = randomBytes(128 * MiB)
+    for (let off = 0; off < model.length; off += 4 * MiB) await c.write(off, model.subarray(off, off + 4 * MiB))
+    await c.flush()
+    await c.close()
+    // Slowly (8 MiB/s), so that the restart comes in the middle.
+    let seen = 0
+    const first = move(A, 'rs', { to: B.id, rate: 8 * MiB }, (l) => { if (l.progress !== undefined) seen = l.progress.bytes }).catch((err: Error) => ({ error: { code: 'gone', message: err.message } }))
+    await until('the move copied 24 MiB', async () => seen >= 24 * MiB, 60_000)
+    await A.stop('SIGKILL')
+    await first
+    await A.launch()
+    const again = await move(A, 'rs', { to: B.id, from: A.id })
+    assert.equal(again.error, undefined, again.error?.message)
+    assert.deepEqual(again.result!.failed, [])
+    assert.deepEqual(Object.keys((await cluster.image('rs')).locations), [B.id])
+    assert.deepEqual(await cluster.checkReplicas('rs', model), [])
+    await until('A has no block file of the image', async () => (await blockFiles(A, 'rs')).length === 0)
+  })
+
+  test('a move whose copy cannot be made stops before the old copy goes: nothing is lost', async () => {
+    await A.cliOk('image', 'create', 'st', '-s', '32M', '-b', '4M', '-l', A.id)
+    const c = await NbdClient.connect({ path: A.nbdSocket! }, 'st', { timeoutMs: 30_000 })
+    const model = randomBytes(32 * MiB)
+    await c.write(0, model)
+    await c.flush()
+    await c.close()
+    await B.stop('SIGKILL')
+    const last = await move(A, 'st', { to: B.id, from: A.id })
+    await B.launch()
+    const failed = last.error !== undefined || (last.result?.failed.length ?? 0) > 0
+    assert.ok(failed, `the move reported success: ${JSON.stringify(last)}`)
+    const doc = await cluster.image('st')
+    assert.deepEqual(doc.locations[A.id]!.out_of_sync, [], 'the old copy lost its in-sync state')
+    assert.deepEqual(await cluster.checkReplicas('st', model), [])
+    // Refused outright: a range whose only copy is not in sync anywhere cannot be moved; bad requests change nothing.
+    const bad = await move(A, 'st', { to: B.id, from: B.id })
+    assert.equal(bad.error?.code, 'UKAI_ERR_INVALID_ARGUMENT')
+    const range = await move(A, 'st', { to: B.id, start: 5, end: 100 })
+    assert.equal(range.error?.code, 'UKAI_ERR_OUT_OF_RANGE')
+    // With B back, the same move completes.
+    const done = await move(A, 'st', { to: B.id, from: A.id })
+    assert.equal(done.error, undefined, done.error?.message)
+    assert.deepEqual(await cluster.checkReplicas('st', model), [])
+  })
+})
