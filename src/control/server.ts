@@ -35,7 +35,12 @@ interface Route {
   status?: number
   /** Answered as NDJSON: progress lines, then {"result": ...} or {"error": ...}. */
   stream?: boolean
+  /** The handler answers a Text: sent as it is, not as JSON. */
+  text?: boolean
 }
+
+/** An answer that is not JSON (the Prometheus text format). */
+export interface Text { contentType: string, body: string }
 
 /** `{location|hypervisor, start?, end?}`; `end` is the last block, inclusive. */
 function placementBody (body: unknown, key: 'location' | 'hypervisor'): { location?: string, hypervisor?: string, start?: number, end?: number } {
@@ -80,6 +85,9 @@ const routes: Route[] = [
       open_images: node.openVolumes().map((v) => v.name)
     })
   },
+  // Prometheus scrapes this; it needs the token like every other call (a
+  // scrape config's `authorization: {credentials_file: ...}` sends it).
+  { method: 'GET', pattern: /^\/metrics$/, text: true, handler: async (node) => await node.metrics.text() },
   { method: 'GET', pattern: /^\/v1\/ping$/, handler: async (node) => ({ id: node.config.id, time: Date.now() }) },
   { method: 'GET', pattern: /^\/v1\/nodes$/, handler: async (node) => await node.images.directory.status() },
   {
@@ -227,6 +235,11 @@ function send (res: ServerResponse, status: number, value: unknown): void {
   res.end(body)
 }
 
+function sendText (res: ServerResponse, text: Text): void {
+  res.writeHead(200, { 'content-type': text.contentType, 'content-length': Buffer.byteLength(text.body) })
+  res.end(text.body)
+}
+
 export function sendError (res: ServerResponse, err: unknown): void {
   const e = toUkaiError(err)
   let details = e.details ?? {}
@@ -311,6 +324,7 @@ export class ControlServer {
       const body = req.method === 'GET' ? undefined : await readBody(req)
       if (route.stream === true) return await this.stream(res, route, params, body, url.searchParams)
       const result = await route.handler(this.node, params, body, url.searchParams, () => {})
+      if (route.text === true) return sendText(res, result as Text)
       send(res, route.status ?? 200, result)
     } catch (err) {
       sendError(res, err)
