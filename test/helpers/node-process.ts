@@ -179,6 +179,17 @@ export class TestNode {
    */
   async api<T = unknown> (method: string, path: string, body?: unknown,
     options: { token?: string | null, headers?: Record<string, string>, timeoutMs?: number } = {}): Promise<{ status: number, headers: IncomingHttpHeaders, body: T }> {
+    const r = await this.apiText(method, path, body, options)
+    try {
+      return { status: r.status, headers: r.headers, body: JSON.parse(r.text) as T }
+    } catch {
+      throw new Error(`${method} ${path}: ${r.status}: ${r.text.slice(0, 200)}`)
+    }
+  }
+
+  /** The same call as api, its answer as text (GET /metrics). */
+  async apiText (method: string, path: string, body?: unknown,
+    options: { token?: string | null, headers?: Record<string, string>, timeoutMs?: number } = {}): Promise<{ status: number, headers: IncomingHttpHeaders, text: string }> {
     const token = options.token === undefined ? await this.controlToken() : options.token
     const payload = body === undefined ? undefined : Buffer.from(typeof body === 'string' ? body : JSON.stringify(body))
     const headers = {
@@ -195,12 +206,7 @@ export class TestNode {
         res.on('data', (c: Buffer) => chunks.push(c))
         res.on('error', reject)
         res.on('end', () => {
-          const text = Buffer.concat(chunks).toString('utf8')
-          try {
-            resolveCall({ status: res.statusCode ?? 0, headers: res.headers, body: JSON.parse(text) as T })
-          } catch {
-            reject(new Error(`${method} ${path}: ${res.statusCode ?? '?'}: ${text.slice(0, 200)}`))
-          }
+          resolveCall({ status: res.statusCode ?? 0, headers: res.headers, text: Buffer.concat(chunks).toString('utf8') })
         })
       }
       const o = { host: '127.0.0.1', port: this.controlPort, method, path, headers, agent: false, setHost: false }
