@@ -94,22 +94,28 @@ describe('ukai CLI', () => {
 
   test('bad arguments exit 2 with a message', async () => {
     const cases: Array<[string[], RegExp]> = [
-      [['image', 'create', 'x'], /needs -s\|--size/],
+      [['image', 'create', 'x'], /required option '-s, --size <SIZE>' not specified \(see 'ukai image create --help'\)/],
       [['image', 'create', 'x', '-s', 'lots'], /not a size/],
       [['image', 'create', 'x', '-s', '1M', '-b', '2M'], /block_size 2097152 is larger than size 1048576/],
       [['image', 'create', 'a/b', '-s', '1M'], /invalid image name/],
       [['image', 'create', 'x', '-s', '1M', '-l', 'not a host'], /invalid location/],
-      [['image', 'create', 'x', '-s', '1M', '--colour'], /Unknown option '--colour'/],
-      [['image', 'info'], /takes NAME/],
-      [['image', 'frobnicate'], /unknown image command/],
-      [['launch'], /unknown command/],
+      [['image', 'create', 'x', '-s', '1M', '--colour'], /unknown option '--colour' \(see 'ukai image create --help'\)/],
+      [['image', 'info'], /missing required argument 'NAME'/],
+      [['image', 'info', 'a', 'b'], /too many arguments for 'ukai image info'/],
+      [['image', 'info', 'a', '--json', '--format', 'seed'], /'--json' cannot be used with option '--format/],
+      [['image', 'info', 'a', '--format', 'xml'], /Allowed choices are seed, ukai, stored/],
+      [['image', 'create', 'x', '-s'], /option '-s, --size <SIZE>' argument missing/],
+      [['image', 'lst'], /unknown command 'image lst' \(did you mean 'list'\?\)/],
+      [['sync', 'v', '-s', 'x'], /-s START must be a block number/],
+      [['image', 'frobnicate'], /unknown command 'image frobnicate' \(see 'ukai image --help'\)/],
+      [['launch'], /unknown command 'launch' \(see 'ukai --help'\)/],
       // Block sizes: powers of two from 4K (issue 9: 1-byte blocks made 20,000 files of one write).
       [['image', 'create', 'x', '-s', '1M', '-b', '1'], /block_size 1 must be a power of two from 4096/],
       [['image', 'create', 'x', '-s', '1M', '-b', '3'], /must be a power of two/],
       [['image', 'create', 'x', '-s', '8M', '-b', '3000000'], /block_size 3000000 must be a power of two/],
       [['image', 'create', 'x', '-s', '1000'], /block_size 4096 is larger than size 1000/],
-      // One line, not the whole usage (issue 9: -s -1 printed 24 lines).
-      [['image', 'create', 'x', '-s', '-1'], /argument is ambiguous/],
+      // One line, not the whole usage (issue 9: -s -1 printed 24 lines); the value after -s is taken as given.
+      [['image', 'create', 'x', '-s', '-1'], /'-1' is not a size/],
       [['image', 'create', 'x', '--size=-1'], /'-1' is not a size/]
     ]
     for (const [args, message] of cases) {
@@ -142,6 +148,48 @@ describe('ukai CLI', () => {
       assert.equal(r.stderr.trim().split('\n').length, 1, r.stderr)
     }
     assert.doesNotMatch((await ukai('image', 'list')).stdout, /lost|tiny|deep/)
+  })
+
+  test('--help on every command prints its usage, exit 0; no command is the usage on stderr, exit 2', async () => {
+    const commands = [
+      [], ['server'], ['image'], ['image', 'create'], ['image', 'import-metadata'], ['image', 'list'], ['image', 'info'], ['image', 'destroy'],
+      ['image', 'add-location'], ['image', 'remove-location'], ['image', 'add-hypervisor'], ['image', 'remove-hypervisor'],
+      ['sync'], ['stats'], ['nodes'], ['nodes', 'list'], ['nodes', 'best'], ['nodes', 'errors'], ['control-token'],
+      ['cert'], ['cert', 'ca'], ['cert', 'node'], ['cert', 'client'], ['version']
+    ]
+    for (const c of commands) {
+      const r = await ukai(...c, '--help')
+      assert.equal(r.code, 0, `${c.join(' ')} --help: ${r.stderr}`)
+      assert.match(r.stdout, new RegExp(`^Usage: ${['ukai', ...c].join(' ')} `), `${c.join(' ')} --help`)
+      assert.equal(r.stderr, '')
+    }
+    // Options are listed with their help; -h is image create's hypervisor, not help.
+    const create = (await ukai('image', 'create', '--help')).stdout
+    for (const o of ['-s, --size <SIZE>', '-b, --block-size <SIZE>', '-l, --location <LOCATION>', '-h, --hypervisor <HYPERVISOR>', '--config <PATH>']) assert.ok(create.includes(o), o)
+    for (const c of [['image', 'list'], ['image', 'info'], ['nodes', 'list'], ['nodes', 'best'], ['nodes', 'errors'], ['stats'], ['sync']]) {
+      assert.match((await ukai(...c, '--help')).stdout, /--json/, `${c.join(' ')} takes --json`)
+    }
+    assert.match((await ukai('image', 'help', 'create')).stdout, /^Usage: ukai image create /)
+    assert.match((await ukai('help', 'sync')).stdout, /^Usage: ukai sync /)
+    assert.match((await ukai('--version')).stdout, /^ukai \d+\.\d+\.\d+\n$/)
+    for (const c of [[], ['image'], ['nodes'], ['cert']]) {
+      const r = await ukai(...c)
+      assert.equal(r.code, 2, c.join(' '))
+      assert.equal(r.stdout, '')
+      assert.match(r.stderr, /^Usage: ukai/)
+    }
+  })
+
+  test('listings take --json offline too; stats, sync and nodes errors need a running node (exit 10)', async () => {
+    const r = await ukai('nodes', 'list', '--json')
+    assert.equal(r.code, 0, r.stderr)
+    assert.deepEqual(JSON.parse(r.stdout), [])
+    assert.deepEqual(JSON.parse((await ukai('image', 'list', '--json')).stdout).filter((s: { name: string }) => s.name === 'nothing'), [])
+    for (const c of [['stats', 'small', '--json'], ['sync', 'small', '--json'], ['nodes', 'errors', '--json']]) {
+      const e = await ukai(...c)
+      assert.equal(e.code, 10, `${c.join(' ')}: ${e.stderr}`)
+      assert.match(e.stderr, /no node is running at 127\.0\.0\.1:\d+/)
+    }
   })
 
   test('a bad config is an error naming the key, exit 2', async () => {

@@ -83,7 +83,7 @@ describe('ukai cert', () => {
     assert.match(r.stderr, /create the CA first/)
     r = await ukai('cert', 'node', '127.0.0.1:1', '--out', join(dir, 'bad'))
     assert.equal(r.code, 2)
-    assert.match(r.stderr, /needs --ca DIR and --out DIR/)
+    assert.match(r.stderr, /required option '--ca <DIR>' not specified \(see 'ukai cert node --help'\)/)
   })
 })
 

@@ -12,7 +12,7 @@ import { createServer } from 'node:net'
 import type { Config } from '../config/config.js'
 import { ControlServer } from '../control/server.js'
 import { UkaiError } from '../errors.js'
-import { FuseMount } from '../frontends/fuse/mount.js'
+import { loadFuseMount, type FuseMount } from '../frontends/fuse/load.js'
 import { NbdServer } from '../frontends/nbd/server.js'
 import { ReplicaExports } from '../peer/replica-exports.js'
 import { UkaiNode } from '../node/node.js'
@@ -44,6 +44,8 @@ async function checkPorts (config: Config): Promise<void> {
 }
 
 export async function runServer (config: Config, options: ServerOptions): Promise<number> {
+  // Before anything is touched: a mount without libfuse is refused at once.
+  const FuseMountClass = options.mount !== undefined ? await loadFuseMount() : undefined
   await checkPorts(config)
   const node = await UkaiNode.start(config, log)
   const control = new ControlServer(node)
@@ -74,7 +76,7 @@ export async function runServer (config: Config, options: ServerOptions): Promis
   try {
     await control.listen(config.control_port, config.control_address)
     if (options.mount !== undefined) {
-      fuse = new FuseMount(node, options.mount)
+      fuse = new FuseMountClass!(node, options.mount)
       await fuse.mount({ debug: options.debug })
     }
     // The peer protocol: this node's replicas for the other nodes.

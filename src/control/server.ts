@@ -38,7 +38,12 @@ export interface Route {
   stream?: boolean
   /** The body is raw bytes (a Buffer of at most MAX_DATA), not JSON. */
   raw?: boolean
+  /** The handler answers a Text: sent as it is, not as JSON. */
+  text?: boolean
 }
+
+/** An answer that is not JSON (the Prometheus text format). */
+export interface Text { contentType: string, body: string }
 
 /** `{location|hypervisor, start?, end?}`; `end` is the last block, inclusive. */
 function placementBody (body: unknown, key: 'location' | 'hypervisor'): { location?: string, hypervisor?: string, start?: number, end?: number } {
@@ -83,6 +88,9 @@ const routes: Route[] = [
       open_images: node.openVolumes().map((v) => v.name)
     })
   },
+  // Prometheus scrapes this; it needs the token like every other call (a
+  // scrape config's `authorization: {credentials_file: ...}` sends it).
+  { method: 'GET', pattern: /^\/metrics$/, text: true, handler: async (node) => await node.metrics.text() },
   { method: 'GET', pattern: /^\/v1\/ping$/, handler: async (node) => ({ id: node.config.id, time: Date.now() }) },
   { method: 'GET', pattern: /^\/v1\/nodes$/, handler: async (node) => await node.images.directory.status() },
   {
@@ -264,6 +272,11 @@ function sendBytes (res: ServerResponse, status: number, data: Buffer): void {
   res.end(data)
 }
 
+function sendText (res: ServerResponse, text: Text): void {
+  res.writeHead(200, { 'content-type': text.contentType, 'content-length': Buffer.byteLength(text.body) })
+  res.end(text.body)
+}
+
 export function sendError (res: ServerResponse, err: unknown): void {
   const e = toUkaiError(err)
   let details = e.details ?? {}
@@ -348,6 +361,7 @@ export class ControlServer {
       const body = req.method === 'GET' ? undefined : route.raw === true ? await readRawBody(req, MAX_DATA) : await readBody(req)
       if (route.stream === true) return await this.stream(res, route, params, body, url.searchParams)
       const result = await route.handler(this.node, params, body, url.searchParams, () => {})
+      if (route.text === true) return sendText(res, result as Text)
       if (Buffer.isBuffer(result)) sendBytes(res, route.status ?? 200, result)
       else send(res, route.status ?? 200, result)
     } catch (err) {

@@ -34,6 +34,8 @@ import { FenceTable } from './fences.js'
 import { ImageService, incarnationOf } from './images.js'
 import { NodeMembership } from './membership.js'
 import { mkdirDurable } from '../util/durable-fs.js'
+import { NodeMetrics } from './metrics.js'
+import { imageStats, type ImageStats, type SyncStatus } from './stats.js'
 
 export interface Capacity { total: number, free: number, available: number }
 
@@ -84,6 +86,10 @@ export class UkaiNode extends EventEmitter implements ReplicaProvider, ClusterCo
   private readonly known = new Map<string, Known>()
   private readonly volumes = new Map<string, { volume: Volume, refs: number, ready: Promise<void> }>()
   private readonly ioStats = new Map<string, IoStats>()
+  /** The running (or last) sync of each image on this node. */
+  private readonly syncs = new Map<string, SyncStatus>()
+  /** `GET /metrics` (a registry of this node's own). */
+  readonly metrics: NodeMetrics
   /** Replica per location, this node's own included. */
   private readonly remotes = new Map<string, Replica>()
   /** Per image: the open record being written (one at a time, the latest counts win). */
@@ -105,6 +111,13 @@ export class UkaiNode extends EventEmitter implements ReplicaProvider, ClusterCo
     this.images = new ImageService(config, store, this.blocks, (m) => this.emit('warning', m))
     this.local = new LocalReplica(config.id, this.blocks, this.fences)
     this.dataSessions = new DataSessions(this)
+    this.metrics = new NodeMetrics({
+      nodeId: config.id,
+      allStats: () => this.imageNames().map((n) => this.stats(n)),
+      errorLocations: () => this.errors.list().map((e) => e.location),
+      nodes: async () => await this.store.listNodes()
+        .then((list) => list.map((n) => ({ id: n.info.id, alive: n.alive !== undefined })), () => undefined)
+    })
   }
 
   /**
@@ -445,6 +458,7 @@ export class UkaiNode extends EventEmitter implements ReplicaProvider, ClusterCo
       if (had !== undefined) {
         this.known.delete(name)
         this.ioStats.delete(name)
+        this.syncs.delete(name)
         this.fences.drop(name)
         this.emit('images')
         // Destroyed: this node's replica goes too, also when the image no
@@ -548,8 +562,7 @@ export class UkaiNode extends EventEmitter implements ReplicaProvider, ClusterCo
       await again.ready
       return again.volume
     }
-    let stats = this.ioStats.get(name)
-    if (stats === undefined) { stats = newIoStats(); this.ioStats.set(name, stats) }
+    const stats = this.ioStatsOf(name)
     const volume = new Volume(meta, { store: this.store, replicas: this, errors: this.errors, cluster: this, stats })
     const entry = { volume, refs: 1, ready: this.recover(volume) }
     this.volumes.set(name, entry)
@@ -663,9 +676,23 @@ export class UkaiNode extends EventEmitter implements ReplicaProvider, ClusterCo
     return run
   }
 
-  /** I/O counters of an image since this node started (zeros when never opened). */
-  stats (name: string): IoStats {
-    return this.ioStats.get(name) ?? newIoStats()
+  /** The I/O counters of an image on this node, made (and fed to the latency histogram) on first use. */
+  private ioStatsOf (name: string): IoStats {
+    let stats = this.ioStats.get(name)
+    if (stats === undefined) {
+      stats = newIoStats()
+      stats.observe = this.metrics.observer(name)
+      this.ioStats.set(name, stats)
+    }
+    return stats
+  }
+
+  /**
+   * An image's I/O on this node since it started (zeros when never
+   * opened), its locations' state from the metadata, and its sync.
+   */
+  stats (name: string): ImageStats {
+    return imageStats(this.config.id, name, this.ioStats.get(name) ?? newIoStats(), this.imageMeta(name), this.syncs.get(name), (l) => this.isMe(l))
   }
 
   isOpen (name: string): boolean {
@@ -712,9 +739,22 @@ export class UkaiNode extends EventEmitter implements ReplicaProvider, ClusterCo
    */
   async syncImage (name: string, start?: number, end?: number, onProgress?: (p: SyncProgress) => void, rate?: number): Promise<SyncProgress> {
     const volume = await this.acquireVolume(name)
+    // Followed for `ukai stats` and the metrics (ukai_sync_*).
+    const started = new Date().toISOString()
+    const follow = (p: SyncProgress, running: boolean): void => {
+      this.syncs.set(name, { running, blocks: p.blocks, done: p.done, bytes: p.bytes, failed: p.failed.length, started, ...(running ? {} : { ended: new Date().toISOString() }) })
+    }
+    let last: SyncProgress = { blocks: 0, done: 0, bytes: 0, failed: [] }
     try {
-      return await volume.sync(start ?? 0, end ?? volume.meta.blockCount, onProgress, rate === undefined ? {} : { rate })
+      const result = await volume.sync(start ?? 0, end ?? volume.meta.blockCount, (p) => {
+        last = p
+        follow(p, true)
+        onProgress?.(p)
+      }, rate === undefined ? {} : { rate })
+      last = result
+      return result
     } finally {
+      follow(last, false)
       await this.releaseVolume(volume)
     }
   }

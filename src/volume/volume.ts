@@ -85,6 +85,20 @@ export interface IoStats {
   bytesWritten: number
   /** Reads served per location. */
   readsFrom: Record<string, number>
+  /** Replica requests that succeeded, per location (a piece of one block each). */
+  replicas: Record<string, ReplicaIo>
+  /** Told each replica request's latency (the node's histogram); set by the node. */
+  observe?: (location: string, op: 'read' | 'write', seconds: number) => void
+}
+
+export interface ReplicaIo {
+  local: boolean
+  reads: number
+  readBytes: number
+  readSeconds: number
+  writes: number
+  writtenBytes: number
+  writeSeconds: number
 }
 
 export class Volume {
@@ -256,8 +270,10 @@ export class Volume {
       }
       tried.add(replica.location)
       try {
+        const started = performance.now()
         await replica.read(this.name, p.block, p.offset, out)
         this.stats.readsFrom[replica.location] = (this.stats.readsFrom[replica.location] ?? 0) + 1
+        countReplicaIo(this.stats, replica, 'read', p.length, started)
         return
       } catch (err) {
         // A node that does not answer is skipped for a while; a replica
@@ -297,8 +313,11 @@ export class Volume {
       throw new UkaiError('UKAI_ERR_NO_SPACE', `write of ${data.length} bytes at ${offset} passes the end of image '${this.name}' (${this.size} bytes)`)
     }
     if (data.length === 0) return
-    await this.writeRange(offset, data.length, true, async (r, p, g) =>
-      await r.write(this.name, p.block, p.offset, data.subarray(p.bufferOffset, p.bufferOffset + p.length), g))
+    await this.writeRange(offset, data.length, true, async (r, p, g) => {
+      const started = performance.now()
+      await r.write(this.name, p.block, p.offset, data.subarray(p.bufferOffset, p.bufferOffset + p.length), g)
+      countReplicaIo(this.stats, r, 'write', p.length, started)
+    })
     this.stats.writes++
     this.stats.bytesWritten += data.length
   }
@@ -918,7 +937,15 @@ function addTo (map: Map<string, RangeSet>, key: string, [s, e]: [number, number
 }
 
 export function newIoStats (): IoStats {
-  return { reads: 0, writes: 0, bytesRead: 0, bytesWritten: 0, readsFrom: {} }
+  return { reads: 0, writes: 0, bytesRead: 0, bytesWritten: 0, readsFrom: {}, replicas: {} }
+}
+
+/** Counts one replica request that succeeded, `started` its performance.now() (the node's metrics). */
+function countReplicaIo (stats: IoStats, replica: Replica, op: 'read' | 'write', bytes: number, started: number): void {
+  const seconds = (performance.now() - started) / 1000
+  const io = stats.replicas[replica.location] ??= { local: replica.isLocal, reads: 0, readBytes: 0, readSeconds: 0, writes: 0, writtenBytes: 0, writeSeconds: 0 }
+  if (op === 'read') { io.reads++; io.readBytes += bytes; io.readSeconds += seconds } else { io.writes++; io.writtenBytes += bytes; io.writeSeconds += seconds }
+  stats.observe?.(replica.location, op, seconds)
 }
 
 function checkOffset (offset: number, length: number): void {

@@ -179,6 +179,20 @@ export class TestNode {
    */
   async api<T = unknown> (method: string, path: string, body?: unknown,
     options: { token?: string | null, headers?: Record<string, string>, timeoutMs?: number, onLine?: (line: unknown) => void } = {}): Promise<{ status: number, headers: IncomingHttpHeaders, body: T }> {
+    const r = await this.apiText(method, path, body, options)
+    try {
+      // A streamed answer (application/x-ndjson) is the list of its lines.
+      const ndjson = r.headers['content-type'] === 'application/x-ndjson'
+      const parsed: unknown = ndjson ? r.text.split('\n').filter((l) => l !== '').map((l) => JSON.parse(l)) : JSON.parse(r.text)
+      return { status: r.status, headers: r.headers, body: parsed as T }
+    } catch {
+      throw new Error(`${method} ${path}: ${r.status}: ${r.text.slice(0, 200)}`)
+    }
+  }
+
+  /** The same call as api, its answer as text (GET /metrics); `onLine` gets each line of a streamed answer as it arrives. */
+  async apiText (method: string, path: string, body?: unknown,
+    options: { token?: string | null, headers?: Record<string, string>, timeoutMs?: number, onLine?: (line: unknown) => void } = {}): Promise<{ status: number, headers: IncomingHttpHeaders, text: string }> {
     const token = options.token === undefined ? await this.controlToken() : options.token
     const payload = body === undefined ? undefined : Buffer.from(typeof body === 'string' ? body : JSON.stringify(body))
     const headers = {
@@ -203,15 +217,7 @@ export class TestNode {
         })
         res.on('error', reject)
         res.on('end', () => {
-          const text = Buffer.concat(chunks).toString('utf8')
-          try {
-            // A streamed answer (application/x-ndjson) is the list of its lines.
-            const ndjson = res.headers['content-type'] === 'application/x-ndjson'
-            const parsed: unknown = ndjson ? text.split('\n').filter((l) => l !== '').map((l) => JSON.parse(l)) : JSON.parse(text)
-            resolveCall({ status: res.statusCode ?? 0, headers: res.headers, body: parsed as T })
-          } catch {
-            reject(new Error(`${method} ${path}: ${res.statusCode ?? '?'}: ${text.slice(0, 200)}`))
-          }
+          resolveCall({ status: res.statusCode ?? 0, headers: res.headers, text: Buffer.concat(chunks).toString('utf8') })
         })
       }
       const o = { host: '127.0.0.1', port: this.controlPort, method, path, headers, agent: false, setHost: false }
