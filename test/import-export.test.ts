@@ -149,7 +149,7 @@ describe('image import and export of raw files', { timeout: 600_000 }, () => {
       [['image', 'import', src, 'new3', '-b', '3000'], 2, /block_size 3000 must be a power of two/],
       [['image', 'import', src, 'new4', '-b', '8M'], 2, /block_size 8388608 is larger than size/],
       [['image', 'import', src, 'bad/name'], 2, /invalid image name/],
-      [['image', 'import', src], 2, /takes FILE NAME/],
+      [['image', 'import', src], 2, /missing required argument 'NAME'/],
       [['image', 'import', src, 'small', '--resume', '-b', '1M'], 2, /has blocks of/],
       [['image', 'export', 'nope', join(dir, 'nope.raw')], 3, /image 'nope' not found/]
     ]
