@@ -34,6 +34,7 @@ import { cleanup, run } from './lib/proc.mjs'
 import { profileResync, profileRuns, writeProfileReport } from './lib/profile.mjs'
 import { markdownReport, verdicts } from './lib/report.mjs'
 import { deltaResync, resyncRate } from './lib/resync.mjs'
+import { moveWhileWriting } from './lib/move.mjs'
 import { fmtBytes } from './lib/stats.mjs'
 import { Peers, ukaiTargets } from './lib/targets.mjs'
 import { PAIRS, runThroughput } from './lib/throughput.mjs'
@@ -41,7 +42,7 @@ import { UkaiNode, snapshotBuild } from './lib/ukai.mjs'
 
 const HERE = dirname(fileURLToPath(import.meta.url))
 const REPO = resolve(HERE, '..')
-const PHASES = ['throughput', 'resync', 'delta', 'metadata', 'propagation', 'migration', 'memory', 'abuse', 'tls']
+const PHASES = ['throughput', 'resync', 'delta', 'move', 'metadata', 'propagation', 'migration', 'memory', 'abuse', 'tls']
 const GIB = 2 ** 30
 const MIB = 2 ** 20
 
@@ -312,6 +313,7 @@ async function main () {
     const metadataOpts = { dist: join(build, 'dist'), changes: quick ? 10 : 50, creations: quick ? 2 : 5, crossChecks: quick ? 10 : 30, log }
     await phase('resync', async () => await resyncRate({ a, b, reference, size, blockSize, rounds, dir: localDir, log }))
     await phase('delta', async () => await deltaResync({ a, b, reference, size, blockSize, rawDir, log }))
+    await phase('move', async () => await moveWhileWriting({ a, b, reference, size, blockSize, rounds, dir: localDir, rawDir, log }))
     await phase('metadata', async () => await metadataCost({ a, b, ...metadataOpts }))
     await phase('propagation', async () => await propagation({ a, b, dist: join(build, 'dist'), repeats: quick ? 5 : 20, log }))
     if (needsCluster) {

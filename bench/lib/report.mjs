@@ -29,6 +29,10 @@ export function verdicts (r) {
   if (r.delta?.scenarios !== undefined) {
     for (const s of r.delta.scenarios) out.push({ what: `delta resync after an outage: ${s.label}`, target: '≤ 1.1× bytes written', value: fmtRatio(s.ratio), met: s.ratio <= 1.1 })
   } else out.push({ what: 'delta resync after an outage', target: '≤ 1.1× bytes written', value: 'not measured', met: undefined })
+  if (r.move?.rounds !== undefined) {
+    const stall = median(r.move.rounds.map((x) => x.addedStallMs))
+    out.push({ what: 'added write stall during image move', target: '≤ 100 ms', value: fmtMs(stall), met: stall <= 100 })
+  } else out.push({ what: 'added write stall during image move', target: '≤ 100 ms', value: 'not measured', met: undefined })
   for (const [md, where] of [[r.metadata, 'embedded file store'], [r.metadataEtcd, 'etcd']]) {
     const what = `one sync-state change persisted, ${where} (1 TiB image, 1 MiB blocks), median`
     if (md?.changeMs !== undefined) {
@@ -200,6 +204,13 @@ export function markdownReport (r) {
       L.push(`| delta resync after node B's outage, ${s.label} (${fmtBytes(r.delta.blockSize)} blocks) | copied ${fmtBytes(s.copied)} (${s.blocksOutOfSync} block(s) out of sync) in ${fmtMs(s.ms)} | written during the outage: ${fmtBytes(s.written)} | ${fmtRatio(s.ratio)} | ≤ 1.1×: ${verdictText(v.find((x) => x.what.endsWith(s.label)))} |`)
     }
   } else L.push(`| delta resync | not measured: ${esc1(r.delta?.error)} | | | ≤ 1.1× |`)
+  if (r.move?.rounds !== undefined) {
+    const rs = r.move.rounds
+    const rate = rs.map((x) => x.moveMiBps)
+    const ratio = rs.map((x) => x.moveMiBps / x.cpMiBps)
+    const stall = rs.map((x) => x.addedStallMs)
+    L.push(`| image move of ${fmtBytes(m.size)} while a writer writes it (fio, random 4 KiB, QD1, 200/s, on the destination's NBD; ${rs.length} round${rs.length === 1 ? '' : 's'}, alternating direction) | ${fmt(median(rate))} MiB/s (${fmt(min(rate))}–${fmt(max(rate))}); slowest write ${fmtMs(median(rs.map((x) => x.during.maxMs)))}, p99 ${fmtMs(median(rs.map((x) => x.during.p99Ms)))} | \`cp\` ${fmt(median(rs.map((x) => x.cpMiBps)))} MiB/s; the writer alone: slowest ${fmtMs(median(rs.map((x) => x.alone.maxMs)))}, p99 ${fmtMs(median(rs.map((x) => x.alone.p99Ms)))} | ${fmtRatio(median(ratio))} of cp; added stall ${fmtMs(median(stall))} (${fmtMs(min(stall))}–${fmtMs(max(stall))}) | stall ≤ 100 ms: ${verdictText(find('added write stall'))} |`)
+  } else L.push(`| image move while written | not measured: ${esc1(r.move?.error)} | | | stall ≤ 100 ms |`)
   metadataRows(L, r.metadata, 'embedded file store', find('one sync-state change persisted, embedded'))
   metadataRows(L, r.metadataEtcd, 'etcd', find('one sync-state change persisted, etcd'))
   propagationRows(L, r.propagation, 'embedded file store')

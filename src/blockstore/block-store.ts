@@ -99,6 +99,8 @@ export class BlockStore {
   private readonly removing = new Set<string>()
   /** Per image, the incarnation (id) its directory was bound to by this process. */
   private readonly bound = new Map<string, string>()
+  /** False once the file system refused to punch a hole (EOPNOTSUPP): zeroing writes zeros. */
+  private punches = true
   /** Binds in progress, per image (one at a time). */
   private readonly binding = new Map<string, Promise<BindResult>>()
 
@@ -278,7 +280,8 @@ export class BlockStore {
   /**
    * Discards or zeroes [offset, offset+length) of a block:
    * - 'trim' and 'zero': the range reads as zeros afterwards and its space
-   *   is freed: it becomes a hole (fallocate PUNCH_HOLE). The file keeps
+   *   is freed: it becomes a hole (fallocate PUNCH_HOLE; on a file system
+   *   that cannot punch holes, zeros are written up to the file's end). The file keeps
    *   its length: cutting it short would race with a write past the range
    *   (a write that lands between the size check and the cut is lost).
    * - 'zero-allocated': the range reads as zeros and stays allocated (NBD's
@@ -288,16 +291,25 @@ export class BlockStore {
     const h = await this.acquire(image, block, mode === 'zero-allocated')
     try {
       if (h.fd < 0 || length === 0) return
+      let end = offset + length
       if (mode !== 'zero-allocated') {
-        await punchHole(h.fd, offset, length)
-        h.dirty = true
-        return
+        if (this.punches) {
+          try {
+            await punchHole(h.fd, offset, length)
+            h.dirty = true
+            return
+          } catch (err) {
+            // A file system that cannot punch holes: zeros are written instead, from now on.
+            if ((err as NodeJS.ErrnoException).code !== 'EOPNOTSUPP') throw err
+            this.punches = false
+          }
+        }
+        // Only what the file holds: zeros past its end would grow it.
+        end = Math.min(end, (await pFstat(h.fd)).size)
+        if (end <= offset) return
       }
-      const chunk = Buffer.alloc(Math.min(length, 1 << 20))
-      for (let done = 0; done < length;) {
-        const n = Math.min(chunk.length, length - done)
-        done += await pWrite(h.fd, chunk, 0, n, offset + done)
-      }
+      const chunk = Buffer.alloc(Math.min(end - offset, 1 << 20))
+      for (let at = offset; at < end;) at += await pWrite(h.fd, chunk, 0, Math.min(chunk.length, end - at), at)
       h.dirty = true
     } finally { this.release(h) }
   }
