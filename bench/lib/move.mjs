@@ -16,7 +16,7 @@
  * so each moves the image to where its writer runs.
  */
 import { spawn } from 'node:child_process'
-import { rm, unlink } from 'node:fs/promises'
+import { access, unlink } from 'node:fs/promises'
 import { join } from 'node:path'
 import { run } from './proc.mjs'
 import { populateBlocks } from './data.mjs'
@@ -30,6 +30,15 @@ function latency (job) {
   const lat = job.write.lat_ns ?? job.write.clat_ns
   const p99 = job.write.clat_ns?.percentile?.['99.000000']
   return { maxMs: lat.max / 1e6, p99Ms: (p99 ?? lat.max) / 1e6, writes: job.write.total_ios }
+}
+
+/** Waits until `dir` is gone (a node's reclaim removes it), at most 30 s. */
+export async function waitGone (dir) {
+  const end = Date.now() + 30_000
+  while (await access(dir).then(() => true, () => false)) {
+    if (Date.now() > end) throw new Error(`${dir} is still there 30 s after its blocks moved away`)
+    await new Promise((resolve) => setTimeout(resolve, 200))
+  }
 }
 
 async function fio (args, json, untilDone) {
@@ -77,7 +86,8 @@ export async function moveWhileWriting (o) {
       if (status >= 400 || last?.result === undefined || last.result.failed.length > 0) throw new Error(`move failed: ${status} ${JSON.stringify(last?.error ?? last?.result?.failed?.[0] ?? last)}`)
       result = last.result
     }))
-    await rm(join(from.imageRoot, image), { recursive: true, force: true }).catch(() => {})
+    // The old node reclaims its files once it has seen the change (5 s later).
+    await waitGone(join(from.imageRoot, image))
     await unlink(copy).catch(() => {})
     await run('sync', [])
     const c0 = performance.now()

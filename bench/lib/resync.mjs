@@ -17,7 +17,8 @@
  * B is started again and `ukai sync` runs. Reported: bytes the sync
  * copied against bytes written during the outage.
  */
-import { rm, unlink } from 'node:fs/promises'
+import { unlink } from 'node:fs/promises'
+import { waitGone } from './move.mjs'
 import { join } from 'node:path'
 import { run } from './proc.mjs'
 import { populateBlocks } from './data.mjs'
@@ -36,8 +37,9 @@ export async function resyncRate (o) {
   // Round 0 is a warm-up, not counted: the first sync opens the peer
   // connections and compiles the copy path.
   for (let i = 0; i <= o.rounds; i++) {
-    // UKAI: a replica on B, out of sync for every block, into fresh files.
-    await rm(join(o.b.imageRoot, image), { recursive: true, force: true })
+    // UKAI: a replica on B, out of sync for every block, into fresh files
+    // (B reclaimed the last round's when the location was removed).
+    await waitGone(join(o.b.imageRoot, image))
     await o.a.api('POST', `/v1/images/${image}/locations`, { location: o.b.id })
     await run('sync', [])
     const t0 = performance.now()

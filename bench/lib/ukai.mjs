@@ -15,13 +15,16 @@ import { Daemon, run, trackMount, unmount, untrackMount } from './proc.mjs'
 /**
  * Copies the compiled node (dist/) to `dir`, so that engineers rebuilding
  * the work tree during a long run cannot change the code under test
- * half-way. node_modules is linked, not copied.
+ * half-way, with the native file addon (build/Release). node_modules is
+ * linked, not copied.
  * @returns {Promise<string>} the path of the snapshot's `ukai` entry point
  */
 export async function snapshotBuild (repo, dir, dist = join(repo, 'dist')) {
   await mkdir(dir, { recursive: true })
   await cp(dist, join(dir, 'dist'), { recursive: true })
   await cp(join(repo, 'package.json'), join(dir, 'package.json'))
+  // The native file addon, where dist/ looks for it.
+  await cp(join(repo, 'build', 'Release', 'ukai_fs.node'), join(dir, 'build', 'Release', 'ukai_fs.node'))
   await symlink(join(repo, 'node_modules'), join(dir, 'node_modules'))
   return join(dir, 'dist', 'src', 'cli', 'main.js')
 }
