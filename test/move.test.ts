@@ -14,7 +14,7 @@ import { join } from 'node:path'
 import { Cluster } from './helpers/cluster.js'
 import type { TestNode } from './helpers/node-process.js'
 import { NbdClient } from '../src/peer/nbd-client.js'
-import { prng } from './helpers/assertions.js'
+import { prng, waitUntil } from './helpers/assertions.js'
 
 const MiB = 2 ** 20
 
@@ -27,14 +27,6 @@ async function blockFiles (n: TestNode, image: string): Promise<string[]> {
   } catch (err) {
     if ((err as NodeJS.ErrnoException).code === 'ENOENT') return []
     throw err
-  }
-}
-
-async function until (what: string, check: () => Promise<boolean>, ms = 30_000): Promise<void> {
-  const end = Date.now() + ms
-  while (!await check()) {
-    if (Date.now() > end) throw new Error(`timed out waiting until ${what}`)
-    await new Promise((resolve) => setTimeout(resolve, 200))
   }
 }
 
@@ -107,7 +99,7 @@ describe('image move', { timeout: 600_000 }, () => {
     assert.ok((after[B.id] ?? 0) - (before[B.id] ?? 0) >= 16, `reads served by B: ${JSON.stringify(before)} -> ${JSON.stringify(after)}`)
     assert.equal(after[A.id] ?? 0, before[A.id] ?? 0, 'reads after the move went to the old node')
     // The old node reclaims its files once it has seen the change.
-    await until('A has no block file of the image', async () => (await blockFiles(A, 'mv')).length === 0)
+    await waitUntil('A has no block file of the image', async () => (await blockFiles(A, 'mv')).length === 0)
   })
 
   test('a sparse image moves allocating what it holds, not its size', async () => {
@@ -143,7 +135,7 @@ describe('image move', { timeout: 600_000 }, () => {
     // Slowly (8 MiB/s), so that the restart comes in the middle.
     let seen = 0
     const first = move(A, 'rs', { to: B.id, rate: 8 * MiB }, (l) => { if (l.progress !== undefined) seen = l.progress.bytes }).catch((err: Error) => ({ error: { code: 'gone', message: err.message } }))
-    await until('the move copied 24 MiB', async () => seen >= 24 * MiB, 60_000)
+    await waitUntil('the move copied 24 MiB', async () => seen >= 24 * MiB, 60_000)
     await A.stop('SIGKILL')
     await first
     await A.launch()
@@ -152,7 +144,7 @@ describe('image move', { timeout: 600_000 }, () => {
     assert.deepEqual(again.result!.failed, [])
     assert.deepEqual(Object.keys((await cluster.image('rs')).locations), [B.id])
     assert.deepEqual(await cluster.checkReplicas('rs', model), [])
-    await until('A has no block file of the image', async () => (await blockFiles(A, 'rs')).length === 0)
+    await waitUntil('A has no block file of the image', async () => (await blockFiles(A, 'rs')).length === 0)
   })
 
   test('a move whose copy cannot be made stops before the old copy goes: nothing is lost', async () => {

@@ -16,6 +16,7 @@ import { NbdClient } from '../src/peer/nbd-client.js'
 import { RECLAIM_DELAY_MS } from '../src/node/node.js'
 import { Cluster } from './helpers/cluster.js'
 import type { TestNode } from './helpers/node-process.js'
+import { waitUntil } from './helpers/assertions.js'
 
 const MiB = 2 ** 20
 const SIZE = 8 * MiB
@@ -31,13 +32,7 @@ async function filesOn (n: TestNode, image: string): Promise<number[]> {
   return out
 }
 
-async function until (what: string, fn: () => Promise<boolean>, ms = RECLAIM_DELAY_MS + 15_000): Promise<void> {
-  const deadline = Date.now() + ms
-  while (!await fn()) {
-    assert.ok(Date.now() < deadline, `timed out waiting: ${what}`)
-    await new Promise((r) => setTimeout(r, 200))
-  }
-}
+const until = async (what: string, fn: () => Promise<boolean>, ms = RECLAIM_DELAY_MS + 15_000): Promise<void> => await waitUntil(what, fn, ms)
 
 describe('reclaim: remove-location deletes the block files of that node', { timeout: 240_000 }, () => {
   let cluster: Cluster

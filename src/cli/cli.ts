@@ -31,7 +31,7 @@ import { progressReporter } from './progress.js'
 import { exportImage, importImage } from './transfer.js'
 import { formatStorage } from './storage.js'
 import type { NodeStorageStatus } from '../node/directory.js'
-import type { MoveProgress, MoveResult } from '../node/move.js'
+import type { MoveResult } from '../node/move.js'
 
 export const VERSION = '0.1.0'
 
@@ -445,51 +445,44 @@ async function nodeStatus (config: Config): Promise<NodeStatus[]> {
     async (svc) => await svc.directory.status())
 }
 
-async function syncCommand (config: Config, name: string, body: { start?: number, end?: number }, json: boolean): Promise<void> {
-  const progress = progressReporter({ label: `sync ${name}`, json })
+/** What a sync and a move answer: blocks done of all, bytes copied, and the copies that failed. */
+interface CopyResult { blocks: number, done: number, bytes: number, failed: Array<{ block: number, location?: string, reason: string }> }
+
+/**
+ * Runs a sync or a move on the node (`POST /v1/images/NAME/sync|move`),
+ * its progress streamed to a bar, plain lines or --json lines; each
+ * failed copy is said on stderr (unless --json). Returns the result.
+ */
+async function copyCommand<R extends CopyResult> (config: Config, name: string, what: 'sync' | 'move', body: Record<string, unknown>, json: boolean): Promise<R> {
+  const progress = progressReporter({ label: `${what} ${name}`, json })
   let started = false
-  const onProgress = (p: SyncProgress): void => {
+  const onProgress = (p: CopyResult): void => {
     if (!started) { started = true; progress.start(p.blocks) }
     progress.update({ done: p.done, bytes: p.bytes })
   }
-  let result: SyncProgress
+  let result: R
   try {
-    result = await onNode(config, 'sync runs in a node', async (client) =>
-      await callStream<SyncProgress>(client, 'POST', `/v1/images/${encodeURIComponent(name)}/sync`, body, (p) => onProgress(p as SyncProgress)))
+    result = await onNode(config, `${what} runs in a node`, async (client) =>
+      await callStream<R>(client, 'POST', `/v1/images/${encodeURIComponent(name)}/${what}`, body, (p) => onProgress(p as CopyResult)))
   } catch (err) {
     progress.fail(err)
     throw err
   }
   onProgress(result)
   progress.end(result)
-  if (!json) {
-    for (const f of result.failed) process.stderr.write(`ukai: block ${f.block}${f.location !== undefined ? ` on ${f.location}` : ''}: ${f.reason}\n`)
-    print(`synced ${result.done - new Set(result.failed.map((f) => f.block)).size} of ${result.blocks} block(s), ${formatSize(result.bytes)} copied`)
-  }
+  if (!json) for (const f of result.failed) process.stderr.write(`ukai: block ${f.block}${f.location !== undefined ? ` on ${f.location}` : ''}: ${f.reason}\n`)
+  return result
+}
+
+async function syncCommand (config: Config, name: string, body: { start?: number, end?: number }, json: boolean): Promise<void> {
+  const result = await copyCommand<SyncProgress>(config, name, 'sync', body, json)
+  if (!json) print(`synced ${result.done - new Set(result.failed.map((f) => f.block)).size} of ${result.blocks} block(s), ${formatSize(result.bytes)} copied`)
   if (result.failed.length > 0) throw new UkaiError('UKAI_ERR_UNAVAILABLE', `${result.failed.length} replica(s) could not be synced; run the sync again once their nodes are back`)
 }
 
 async function moveCommand (config: Config, name: string, body: Record<string, unknown>, json: boolean): Promise<void> {
-  const progress = progressReporter({ label: `move ${name}`, json })
-  let started = false
-  const onProgress = (p: MoveProgress): void => {
-    if (!started) { started = true; progress.start(p.blocks) }
-    progress.update({ done: p.done, bytes: p.bytes })
-  }
-  let result: MoveResult
-  try {
-    result = await onNode(config, 'move runs in a node', async (client) =>
-      await callStream<MoveResult>(client, 'POST', `/v1/images/${encodeURIComponent(name)}/move`, body, (p) => onProgress(p as MoveProgress)))
-  } catch (err) {
-    progress.fail(err)
-    throw err
-  }
-  onProgress(result)
-  progress.end(result)
-  if (!json) {
-    for (const f of result.failed) process.stderr.write(`ukai: block ${f.block}${f.location !== undefined ? ` on ${f.location}` : ''}: ${f.reason}\n`)
-    print(`moved ${result.done} of ${result.blocks} block(s) to ${result.to}${result.from !== undefined ? ` from ${result.from}` : ''}, ${formatSize(result.bytes)} copied`)
-  }
+  const result = await copyCommand<MoveResult>(config, name, 'move', body, json)
+  if (!json) print(`moved ${result.done} of ${result.blocks} block(s) to ${result.to}${result.from !== undefined ? ` from ${result.from}` : ''}, ${formatSize(result.bytes)} copied`)
   if (result.failed.length > 0) throw new UkaiError('UKAI_ERR_UNAVAILABLE', `${result.failed.length} replica(s) could not be copied; nothing was removed from the old location for them: run the move again once their nodes are back`)
 }
 

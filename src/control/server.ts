@@ -76,6 +76,19 @@ function optionalBlock (body: Record<string, unknown>, key: string): number | un
 
 const IMAGE = '([^/]+)'
 
+/**
+ * A sync or a move copies as the image's writer session, so it runs on
+ * the node that writes the image: asked of another one, the request goes
+ * there and its progress streams back (`{result}`); undefined when this
+ * node runs it.
+ */
+async function onWriter (node: UkaiNode, name: string, what: 'sync' | 'move', body: unknown, emit: (v: unknown) => void): Promise<{ result: unknown } | undefined> {
+  const writer = await node.writerElsewhere(name)
+  if (writer === undefined) return undefined
+  const client = new ControlClient(writer.control_address, writer.control_port, 0, await node.images.directory.controlToken(), controlTlsOf(node.config, writer.id))
+  return { result: await callStream(client, 'POST', `/v1/images/${encodeURIComponent(name)}/${what}`, body, emit) }
+}
+
 const routes: Route[] = [
   {
     method: 'GET',
@@ -161,12 +174,8 @@ const routes: Route[] = [
       for (const k of Object.keys(b)) if (k !== 'start' && k !== 'end') throw invalidArgument(`unknown field '${k}'`, { key: k })
       const start = optionalBlock(b, 'start')
       const last = optionalBlock(b, 'end')
-      // The sync runs where the image is written: that node's writer session copies.
-      const writer = await node.writerElsewhere(name!)
-      if (writer !== undefined) {
-        const client = new ControlClient(writer.control_address, writer.control_port, 0, await node.images.directory.controlToken(), controlTlsOf(node.config, writer.id))
-        return await callStream(client, 'POST', `/v1/images/${encodeURIComponent(name!)}/sync`, b, emit)
-      }
+      const forwarded = await onWriter(node, name!, 'sync', b, emit)
+      if (forwarded !== undefined) return forwarded.result
       return await node.syncImage(name!, start, last === undefined ? undefined : last + 1, emit)
     }
   },
@@ -183,12 +192,8 @@ const routes: Route[] = [
       if (b.rate !== undefined && (typeof b.rate !== 'number' || !(b.rate > 0))) throw invalidArgument("'rate' must be a positive number of bytes per second", { key: 'rate' })
       const start = optionalBlock(b, 'start')
       const last = optionalBlock(b, 'end')
-      // Like a sync, a move copies as the image's writer: on the node that writes it.
-      const writer = await node.writerElsewhere(name!)
-      if (writer !== undefined) {
-        const client = new ControlClient(writer.control_address, writer.control_port, 0, await node.images.directory.controlToken(), controlTlsOf(node.config, writer.id))
-        return await callStream(client, 'POST', `/v1/images/${encodeURIComponent(name!)}/move`, b, emit)
-      }
+      const forwarded = await onWriter(node, name!, 'move', b, emit)
+      if (forwarded !== undefined) return forwarded.result
       return await node.moveImage(name!, {
         to: b.to,
         ...(b.from !== undefined ? { from: b.from as string } : {}),

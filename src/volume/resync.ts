@@ -75,7 +75,7 @@ const ZEROS = Buffer.alloc(ZERO_GRAIN)
 export type RangeLocker = (start: number, end: number) => Promise<() => void>
 
 /** What one chunk of a copy writes: data at offsets of the block, and the ranges that read as zeros. */
-interface ChunkPlan { data: Array<{ offset: number, buf: Buffer }>, zeros: Range[], release: () => void }
+interface ChunkPlan { data: Array<{ offset: number, buf: Buffer }>, zeros: Range[], release: () => void, /** Bytes of `data`. */ bytes: number }
 
 /**
  * Copies block `block` from `source` to `targets` so they end byte-for-
@@ -118,16 +118,18 @@ export async function copyBlock (ctx: CopyContext, block: number, source: Replic
     const release = lock === undefined ? () => {} : await lock(base + start, base + end)
     try {
       const data: ChunkPlan['data'] = []
+      let bytes = 0
       const zeros = new RangeSet().add(start, end)
       for (const [s, e] of await source.dataExtents(ctx.image, block, start, end)) {
         const buf = Buffer.allocUnsafe(e - s)
         await source.read(ctx.image, block, s, buf)
         for (const [rs, re] of nonZeroRuns(buf, s)) {
           data.push({ offset: rs, buf: buf.subarray(rs - s, re - s) })
+          bytes += re - rs
           zeros.remove(rs, re)
         }
       }
-      return { data, zeros: zeros.toJSON(), release }
+      return { data, zeros: zeros.toJSON(), release, bytes }
     } catch (err) { release(); throw err }
   }
   const apply = async (p: ChunkPlan): Promise<void> => {
@@ -138,7 +140,7 @@ export async function copyBlock (ctx: CopyContext, block: number, source: Replic
           for (const [s, e] of p.zeros) await r.discard(ctx.image, block, s, e - s, 'zero', ctx.generation)
         } catch (err) { fail(loc, err) }
       }))
-      onBytes?.(p.data.reduce((n, d) => n + d.buf.length, 0))
+      onBytes?.(p.bytes)
     } finally { p.release() }
   }
   let next = 0
@@ -146,7 +148,7 @@ export async function copyBlock (ctx: CopyContext, block: number, source: Replic
     while (next < chunks.length && live.size > 0) {
       const p = await plan(chunks[next++]!)
       await apply(p)
-      await ctx.pace?.(p.data.reduce((n, d) => n + d.buf.length, 0))
+      await ctx.pace?.(p.bytes)
     }
   }
   await Promise.all(Array.from({ length: Math.min(COPY_PARALLEL, chunks.length) }, worker))

@@ -1,6 +1,7 @@
 /**
  * Small helpers shared by tests: a seeded random source (so a failing run
- * can be replayed from its seed) and an assertion on UkaiError codes.
+ * can be replayed from its seed), an assertion on UkaiError codes, and a
+ * wait for a condition.
  */
 import assert from 'node:assert/strict'
 import { UkaiError, type ErrorCode } from '../../src/errors.js'
@@ -25,4 +26,13 @@ export async function rejectsWith (p: Promise<unknown>, code: ErrorCode, message
     if (message !== undefined) assert.match(err.message, message)
     return true
   })
+}
+
+/** Resolves once `check` answers true; fails the test ("timed out waiting: what") after `ms`. */
+export async function waitUntil (what: string, check: () => Promise<boolean>, ms = 30_000): Promise<void> {
+  const deadline = Date.now() + ms
+  while (!await check()) {
+    assert.ok(Date.now() < deadline, `timed out waiting: ${what}`)
+    await new Promise((resolve) => setTimeout(resolve, 200))
+  }
 }
