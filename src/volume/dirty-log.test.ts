@@ -60,3 +60,36 @@ test('a write that arrives while a trim drops its block is logged again before i
   assert.deepEqual(during?.toJSON(), [[5, 6]], 'the write ran while the stored log did not name its block')
   await lease.revoke()
 })
+
+test('first writes to many blocks at once are logged in one or two metadata writes, each before its write runs', async (t) => {
+  const dir = await makeTmpDir('ukai-dirty-')
+  t.after(dir.cleanup)
+  let puts = 0
+  class CountingStore extends MetadataStore {
+    override async putDirty (name: string, blocks: RangeSet, options?: ChangeOptions): Promise<void> {
+      puts++
+      await super.putDirty(name, blocks, options)
+    }
+  }
+  const store = new CountingStore(await FileCore.open(join(dir.path, 'metadata')), 22222)
+  t.after(async () => await store.close())
+  const meta = new ImageMeta({ name: 'img', size: 100 * 4096, blockSize: 4096 })
+  meta.addLocation('10.0.0.1', 0, meta.blockCount, true)
+  meta.addLocation('10.0.0.2', 0, meta.blockCount, true)
+  await store.create(meta)
+  const lease = await store.grantLease(60)
+  const grant = await store.acquireWriter('img', { node: '10.0.0.1', session: 's', purpose: 'write', lease: lease.id, mayTakeOver: () => false })
+  const owner = { guard: grant.guard }
+  const log = new DirtyLog(store, 'img')
+  log.adopt(new RangeSet())
+
+  const blocks = Array.from({ length: 32 }, (_, i) => i * 3)
+  const seen: boolean[] = []
+  await Promise.all(blocks.map(async (b) => await log.around(owner, [b], async () => {
+    seen.push((await store.getDirty('img')).has(b))
+  })))
+  assert.ok(seen.length === 32 && seen.every((x) => x), 'a write ran before its block was stored in the log')
+  assert.deepEqual([...(await store.getDirty('img')).values()], blocks)
+  assert.ok(puts <= 2, `${puts} metadata writes for 32 blocks written at once`)
+  await lease.revoke()
+})

@@ -27,6 +27,9 @@ export interface FlushMark {
   pinned: ReadonlySet<number>
 }
 
+/** Changes of the log stored in one write. */
+interface Group { owner: LogOwner, fns: Array<(d: RangeSet) => RangeSet>, run: Promise<void> }
+
 export class DirtyLog {
   private readonly store: MetadataStore
   private readonly image: string
@@ -36,6 +39,8 @@ export class DirtyLog {
   private writing: RangeSet | undefined
   /** Changes run one at a time, in order. */
   private queue: Promise<void> = Promise.resolve()
+  /** The changes waiting for the one being stored (stored together after it). */
+  private waiting: Group | undefined
   /** Writes in flight per block. */
   private readonly inflight = new Map<number, number>()
   /** Grows when a flush starts. */
@@ -69,6 +74,17 @@ export class DirtyLog {
         else this.inflight.set(b, n)
       }
     }
+  }
+
+  /**
+   * Logs `blocks` ahead of writes to come (they stay until a flush's trim
+   * finds them unwritten): one metadata write for many blocks, instead of
+   * one wait for the log in the first write to each.
+   */
+  async add (owner: LogOwner, blocks: number[]): Promise<void> {
+    for (const b of blocks) this.lastWrite.set(b, this.epoch)
+    const missing = blocks.filter((b) => !this.stored.has(b))
+    if (missing.length > 0) await this.change(owner, (d) => { for (const b of missing) d.add(b, b + 1); return d })
   }
 
   /** Called when a flush starts: what it will cover. */
@@ -108,10 +124,25 @@ export class DirtyLog {
     return [...this.inflight.keys()]
   }
 
-  /** Applies `fn` to the log and stores the result, one change at a time. */
+  /**
+   * Applies `fn` to the log and stores the result, one change at a time.
+   * Changes that arrive while one is being stored wait together and are
+   * stored in one write (group commit): a burst of first writes to many
+   * blocks pays one metadata write, not one each.
+   */
   private async change (owner: LogOwner, fn: (d: RangeSet) => RangeSet): Promise<void> {
-    const run = this.queue.then(async () => {
-      const next = fn(this.stored.clone())
+    const waiting = this.waiting
+    if (waiting !== undefined && waiting.owner.guard === owner.guard) {
+      waiting.fns.push(fn)
+      await waiting.run
+      return
+    }
+    const group: Group = { owner, fns: [fn], run: Promise.resolve() }
+    this.waiting = group
+    group.run = this.queue.then(async () => {
+      if (this.waiting === group) this.waiting = undefined
+      let next = this.stored.clone()
+      for (const f of group.fns) next = f(next)
       if (next.equals(this.stored)) return
       this.writing = next
       try {
@@ -121,7 +152,7 @@ export class DirtyLog {
         this.writing = undefined
       }
     })
-    this.queue = run.catch(() => {})
-    await run
+    this.queue = group.run.catch(() => {})
+    await group.run
   }
 }
