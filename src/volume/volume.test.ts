@@ -524,7 +524,7 @@ describe('Volume replicas', () => {
 const errno = (code: string): NodeJS.ErrnoException => Object.assign(new Error(`${code}: from the test`), { code })
 
 /** Replica `loc` of the rig, with some operations replaced. */
-function patch (rig: Rig, loc: string, ops: Partial<Record<'write' | 'flush', (...args: never[]) => Promise<void>>>): void {
+function patch (rig: Rig, loc: string, ops: Partial<Record<'read' | 'write' | 'flush', (...args: never[]) => Promise<void>>>): void {
   const r = rig.replicas.get(loc)!
   const props: PropertyDescriptorMap = {}
   for (const [k, v] of Object.entries(ops)) props[k] = { value: v }
@@ -699,6 +699,57 @@ describe('Volume: resync while the image is written (issue 9)', () => {
       assert.equal(done, true, 'the write waited for the resync of other blocks')
       const stored = await rig.store.require(IMG)
       for (let b = 0; b < 16; b++) assert.deepEqual(stored.replicasOf(b).map((x) => x.inSync), [true, true], `block ${b}`)
+      await checkReplicas(rig)
+    })
+  })
+
+  test('a write to the range the resync is reading from the source neither waits for that read nor is overwritten by it', async () => {
+    await withRig({ size: 4 * 1000, blockSize: 1000, local: [A] }, async (rig) => {
+      await rig.vol.write(0, bytes(4 * 1000, 7))
+      await rig.store.update(IMG, (m) => { m.setSync(B, 0, m.blockCount, false); return m })
+      rig.vol.refresh(await rig.store.require(IMG))
+      // The source's reads take their data at once and answer later: what
+      // they answer is older than a write that lands meanwhile.
+      const real = rig.replicas.get(A)!
+      let open!: () => void
+      const gate = new Promise<void>((resolve) => { open = resolve })
+      let entered!: () => void
+      const reading = new Promise<void>((resolve) => { entered = resolve })
+      patch(rig, A, { read: (async (image: string, block: number, offset: number, buf: Buffer) => {
+        await real.read(image, block, offset, buf)
+        entered()
+        await gate
+      }) as never })
+      const model = Buffer.from(bytes(4 * 1000, 7))
+      const sync = rig.vol.sync(0, 4)
+      await reading
+      const data = Buffer.from('written while the copy read')
+      const write = rig.vol.write(10, data).then(() => { data.copy(model, 10) })
+      const done = await Promise.race([write.then(() => true), new Promise((resolve) => setTimeout(() => resolve(false), 2000))])
+      open()
+      await sync
+      await write
+      assert.equal(done, true, 'the write waited for the copy\'s read of the source')
+      const stored = await rig.store.require(IMG)
+      for (let b = 0; b < 4; b++) assert.deepEqual(stored.replicasOf(b).map((x) => x.inSync), [true, true], `block ${b}`)
+      await checkReplicas(rig, model)
+    })
+  })
+
+  test('a resync flushes its targets as it copies (every 32 MiB), not only once at the end of a batch', async () => {
+    const MiB = 2 ** 20
+    await withRig({ size: 96 * MiB, blockSize: 32 * MiB, local: [A] }, async (rig) => {
+      await rig.vol.write(0, bytes(96 * MiB, 5))
+      await rig.vol.flush()
+      await rig.store.update(IMG, (m) => { m.setSync(B, 0, m.blockCount, false); return m })
+      rig.vol.refresh(await rig.store.require(IMG))
+      const real = rig.replicas.get(B)!
+      let flushes = 0
+      patch(rig, B, { flush: (async (image: string) => { flushes++; await real.flush(image) }) as never })
+      const result = await rig.vol.sync(0, 3)
+      assert.deepEqual(result.failed, [])
+      // Three blocks of 32 MiB: a flush after each 32 MiB copied, and the batch's own.
+      assert.ok(flushes >= 3, `the target was flushed ${flushes} times for 96 MiB`)
       await checkReplicas(rig)
     })
   })

@@ -136,6 +136,9 @@ export class Volume {
   private readonly mirrored = new Map<number, Map<string, number>>()
   /** Per block, the resync targets a mirrored write failed on. */
   private readonly mirrorFailures = new Map<number, Set<string>>()
+  /** Writes to mirrored blocks (byte ranges in the block), numbered as they took their lock: what a resync's copy leaves out (copyBlock). */
+  private readonly mirroredWrites = new Map<number, Array<{ seq: number, start: number, end: number }>>()
+  private writeSeq = 0
   readonly stats: IoStats
 
   constructor (meta: ImageMeta, ctx: VolumeContext) {
@@ -356,6 +359,7 @@ export class Volume {
       // The wait for the range lock may have outlasted the lease: fail-stop.
       if (!this.ctx.cluster.leaseIsValid()) await this.ctx.cluster.leaseValid()
       const pieces = splitRange(offset, length, this.blockSize, this.size)
+      for (const p of pieces) this.mirroredWrites.get(p.block)?.push({ seq: ++this.writeSeq, start: p.offset, end: p.offset + p.length })
       const end = s.begin(pieces.map((p) => p.block))
       try {
         await this.tracked(s, pieces, async () => await this.fanOut(s, pieces, async (r, p) => await op(r, p, s.generation)))
@@ -706,8 +710,19 @@ export class Volume {
         begin: (blocks) => s.begin(blocks),
         mirror: (block, targets) => this.mirror(block, targets),
         mirrorFailed: (block) => this.mirrorFailures.get(block) ?? new Set(),
+        writeMark: () => this.writeSeq,
+        writtenSince: (block, mark) => {
+          const out = new RangeSet()
+          for (const w of this.mirroredWrites.get(block) ?? []) if (w.seq > mark) out.add(w.start, w.end)
+          return out
+        },
         changedIn: (block, targets) => this.changedIn(block, targets),
         markInSync: async (done) => {
+          // Blocks about to have two in-sync copies while the image is
+          // written are logged first, all at once: otherwise the first
+          // write to each waits for a metadata write of its own.
+          const logged = done.filter((c) => this.inSyncCount(c.block) + c.targets.length > 1).map((c) => c.block)
+          if (this.writer !== undefined && logged.length > 0) await this.dirty.add(this.owner(s), logged)
           await this.update(s, (meta) => {
             for (const c of done) for (const loc of c.targets) meta.setSync(loc, c.block, c.block + 1, true)
             return meta
@@ -748,7 +763,7 @@ export class Volume {
   /** Writes to `block` reach `targets` too until the returned function is called (see resync.ts). */
   private mirror (block: number, targets: string[]): () => void {
     let m = this.mirrored.get(block)
-    if (m === undefined) { m = new Map(); this.mirrored.set(block, m) }
+    if (m === undefined) { m = new Map(); this.mirrored.set(block, m); this.mirroredWrites.set(block, []) }
     for (const t of targets) m.set(t, (m.get(t) ?? 0) + 1)
     let ended = false
     return () => {
@@ -764,6 +779,7 @@ export class Volume {
       if (now.size === 0) {
         this.mirrored.delete(block)
         this.mirrorFailures.delete(block)
+        this.mirroredWrites.delete(block)
       }
     }
   }
