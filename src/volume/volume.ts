@@ -717,12 +717,14 @@ export class Volume {
           return out
         },
         changedIn: (block, targets) => this.changedIn(block, targets),
+        // Blocks about to have two in-sync copies while the image is
+        // written are logged first, all at once (before their locks are
+        // taken): otherwise the first write to each waits for a metadata
+        // write of its own.
+        beforeMark: async (blocks) => {
+          if (this.writer !== undefined) await this.dirty.add(this.owner(s), blocks)
+        },
         markInSync: async (done) => {
-          // Blocks about to have two in-sync copies while the image is
-          // written are logged first, all at once: otherwise the first
-          // write to each waits for a metadata write of its own.
-          const logged = done.filter((c) => this.inSyncCount(c.block) + c.targets.length > 1).map((c) => c.block)
-          if (this.writer !== undefined && logged.length > 0) await this.dirty.add(this.owner(s), logged)
           await this.update(s, (meta) => {
             for (const c of done) for (const loc of c.targets) meta.setSync(loc, c.block, c.block + 1, true)
             return meta
