@@ -102,6 +102,42 @@ describe('image move', { timeout: 600_000 }, () => {
     await waitUntil('A has no block file of the image', async () => (await blockFiles(A, 'mv')).length === 0)
   })
 
+  test('a move away from the node that runs the guest, while it writes: its reads go to the new copy, and its files go when it closes the image', async () => {
+    const SIZE = 64 * MiB
+    await A.cliOk('image', 'create', 'away', '-s', '64M', '-b', '4M', '-l', A.id)
+    const c = await NbdClient.connect({ path: A.nbdSocket! }, 'away', { timeoutMs: 30_000 })
+    const model = randomBytes(SIZE)
+    for (let off = 0; off < SIZE; off += 4 * MiB) await c.write(off, model.subarray(off, off + 4 * MiB))
+    await c.flush()
+    let writing = true
+    const random = prng(11)
+    const writer = (async () => {
+      while (writing) {
+        const off = Math.floor(random() * (SIZE / 4096 - 4)) * 4096
+        const data = randomBytes(4 * 4096)
+        await c.write(off, data)
+        data.copy(model, off)
+      }
+      await c.flush()
+    })()
+    const last = await move(A, 'away', { to: B.id, from: A.id })
+    writing = false
+    await writer
+    assert.equal(last.error, undefined, last.error?.message)
+    assert.deepEqual(last.result!.failed, [])
+    assert.deepEqual(Object.keys((await cluster.image('away')).locations), [B.id])
+    // The guest on A reads what it wrote, from B now.
+    const before = (await A.api<{ readsFrom: Record<string, number> }>('GET', '/v1/images/away/stats')).body.readsFrom
+    const got = Buffer.alloc(SIZE)
+    for (let off = 0; off < SIZE; off += 4 * MiB) await c.read(off, got.subarray(off, off + 4 * MiB))
+    assert.ok(got.equals(model), 'A reads something else than the model')
+    const after = (await A.api<{ readsFrom: Record<string, number> }>('GET', '/v1/images/away/stats')).body.readsFrom
+    assert.equal(after[A.id] ?? 0, before[A.id] ?? 0, 'reads after the move went to the old copy')
+    assert.deepEqual(await cluster.checkReplicas('away', model), [])
+    await c.close()
+    await waitUntil('A has no block file of the image once it closed it', async () => (await blockFiles(A, 'away')).length === 0)
+  })
+
   test('a sparse image moves allocating what it holds, not its size', async () => {
     await A.cliOk('image', 'create', 'sp', '-s', '1G', '-b', '64M', '-l', A.id)
     const c = await NbdClient.connect({ path: A.nbdSocket! }, 'sp', { timeoutMs: 30_000 })

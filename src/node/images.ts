@@ -220,8 +220,11 @@ export class ImageService {
   /**
    * Removes blocks [start, end) from a location. Refused, changing
    * nothing, where a block would be left with no in-sync replica, and
-   * while the node of that location has the image open (its users read
-   * from the replica being removed).
+   * while another node of that location has the image open (its users
+   * read from the replica being removed, and would read it stale between
+   * the writer's applying the removal and their own). This node's own
+   * location may go while the image is open here: this node applies the
+   * removal before any other node hears of it (UkaiNode.removeLocation).
    */
   async removeLocation (name: string, location: unknown, start?: number, end?: number): Promise<ImageMeta> {
     const loc = validateLocation(location, this.config.proxy_port)
@@ -243,7 +246,7 @@ export class ImageService {
       meta.removeBlocks(loc, s, e)
       if (st.blocks.isEmpty) meta.locations.delete(loc)
       return meta
-    }, { notOpenOn: loc })
+    }, { notOpenOn: isLocalLocation(this.config, loc) ? undefined : loc })
   }
 
   async setHypervisor (name: string, hypervisor: unknown, present: boolean): Promise<ImageMeta> {

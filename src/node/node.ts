@@ -98,6 +98,8 @@ export class UkaiNode extends EventEmitter implements ReplicaProvider, ClusterCo
   private watcher: Watcher | undefined
   /** Reclaims waiting for their delay, per image. */
   private readonly reclaims = new Map<string, NodeJS.Timeout>()
+  /** Images whose reclaim found them open here: it runs again when they close. */
+  private readonly reclaimAtClose = new Set<string>()
   private closed = false
 
   private constructor (config: Config, store: MetadataStore, membership: NodeMembership, tls: NodeTls | undefined) {
@@ -513,7 +515,7 @@ export class UkaiNode extends EventEmitter implements ReplicaProvider, ClusterCo
    * removed, RECLAIM_DELAY_MS after the change, so that a node whose view
    * was a moment older reads elsewhere by then. Out-of-sync blocks still
    * placed here are kept (a resync starts from them). Nothing is removed
-   * while the image is open on this node; the next change or start does it.
+   * while the image is open on this node; its close does it then.
    */
   private scheduleReclaim (name: string): void {
     if (this.closed || this.reclaims.has(name)) return
@@ -527,7 +529,9 @@ export class UkaiNode extends EventEmitter implements ReplicaProvider, ClusterCo
 
   private async reclaim (name: string): Promise<void> {
     const k = this.known.get(name)
-    if (this.closed || k === undefined || this.isOpen(name)) return
+    if (this.closed || k === undefined) return
+    // While the image is open here, its close does it (releaseVolume).
+    if (this.isOpen(name)) { this.reclaimAtClose.add(name); return }
     const placed = this.placedHere(k.meta)?.blocks
     const removed = await this.blocks.removeBlocks(name, (b) => placed !== undefined && placed.has(b))
     if (placed === undefined && await this.blocks.has(name)) {
@@ -594,6 +598,7 @@ export class UkaiNode extends EventEmitter implements ReplicaProvider, ClusterCo
     // Everything flushed, the dirty-block log emptied, the lease given back.
     await volume.close().catch(() => {})
     await this.blocks.closeImage(volume.name).catch(() => {})
+    if (this.reclaimAtClose.delete(volume.name)) this.scheduleReclaim(volume.name)
   }
 
   /**
@@ -725,7 +730,12 @@ export class UkaiNode extends EventEmitter implements ReplicaProvider, ClusterCo
     await this.reload(name)
   }
 
-  /** Removes a location's blocks; every node that has the image open applies it before this returns. */
+  /**
+   * Removes a location's blocks; every node that has the image open
+   * applies it before this returns, this node first (before the change is
+   * published): when the location is this node's, its reads of the image
+   * leave the removed replica before the writer stops writing it.
+   */
   async removeLocation (name: string, location: unknown, start?: number, end?: number): Promise<ImageMeta> {
     const meta = await this.images.removeLocation(name, location, start, end)
     await this.reload(name)
