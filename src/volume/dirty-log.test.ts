@@ -4,7 +4,7 @@
  * its block found the block in the old log and went ahead unlogged; a
  * crash then would skip the block's reconciliation.
  */
-import { test } from 'node:test'
+import { test, type TestContext } from 'node:test'
 import assert from 'node:assert/strict'
 import { join } from 'node:path'
 import { FileCore } from '../metadata/file-core.js'
@@ -25,10 +25,11 @@ class GatedStore extends MetadataStore {
   }
 }
 
-test('a write that arrives while a trim drops its block is logged again before it runs', async (t) => {
+/** An image of two in-sync locations on an embedded store of class `Store`, its writer lease taken, and its empty log. */
+async function logRig<S extends MetadataStore> (t: TestContext, Store: new (...args: ConstructorParameters<typeof MetadataStore>) => S): Promise<{ store: S, owner: { guard: number }, log: DirtyLog, lease: { revoke: () => Promise<void> } }> {
   const dir = await makeTmpDir('ukai-dirty-')
   t.after(dir.cleanup)
-  const store = new GatedStore(await FileCore.open(join(dir.path, 'metadata')), 22222)
+  const store = new Store(await FileCore.open(join(dir.path, 'metadata')), 22222)
   t.after(async () => await store.close())
   const meta = new ImageMeta({ name: 'img', size: 100 * 4096, blockSize: 4096 })
   meta.addLocation('10.0.0.1', 0, meta.blockCount, true)
@@ -36,9 +37,13 @@ test('a write that arrives while a trim drops its block is logged again before i
   await store.create(meta)
   const lease = await store.grantLease(60)
   const grant = await store.acquireWriter('img', { node: '10.0.0.1', session: 's', purpose: 'write', lease: lease.id, mayTakeOver: () => false })
-  const owner = { guard: grant.guard }
   const log = new DirtyLog(store, 'img')
   log.adopt(new RangeSet())
+  return { store, owner: { guard: grant.guard }, log, lease }
+}
+
+test('a write that arrives while a trim drops its block is logged again before it runs', async (t) => {
+  const { store, owner, log, lease } = await logRig(t, GatedStore)
 
   // Block 5 written and done: it sits in the log.
   await log.around(owner, [5], async () => {})
@@ -62,8 +67,6 @@ test('a write that arrives while a trim drops its block is logged again before i
 })
 
 test('first writes to many blocks at once are logged in one or two metadata writes, each before its write runs', async (t) => {
-  const dir = await makeTmpDir('ukai-dirty-')
-  t.after(dir.cleanup)
   let puts = 0
   class CountingStore extends MetadataStore {
     override async putDirty (name: string, blocks: RangeSet, options?: ChangeOptions): Promise<void> {
@@ -71,17 +74,7 @@ test('first writes to many blocks at once are logged in one or two metadata writ
       await super.putDirty(name, blocks, options)
     }
   }
-  const store = new CountingStore(await FileCore.open(join(dir.path, 'metadata')), 22222)
-  t.after(async () => await store.close())
-  const meta = new ImageMeta({ name: 'img', size: 100 * 4096, blockSize: 4096 })
-  meta.addLocation('10.0.0.1', 0, meta.blockCount, true)
-  meta.addLocation('10.0.0.2', 0, meta.blockCount, true)
-  await store.create(meta)
-  const lease = await store.grantLease(60)
-  const grant = await store.acquireWriter('img', { node: '10.0.0.1', session: 's', purpose: 'write', lease: lease.id, mayTakeOver: () => false })
-  const owner = { guard: grant.guard }
-  const log = new DirtyLog(store, 'img')
-  log.adopt(new RangeSet())
+  const { store, owner, log, lease } = await logRig(t, CountingStore)
 
   const blocks = Array.from({ length: 32 }, (_, i) => i * 3)
   const seen: boolean[] = []
