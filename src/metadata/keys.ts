@@ -37,6 +37,8 @@ export const segmentKey = (name: string, location: string, segment: number): str
 export const dirtyKey = (name: string): string => `images/${name}/dirty`
 export const writerKey = (name: string): string => `images/${name}/writer`
 export const generationKey = (name: string): string => `images/${name}/generation`
+/** A move of the image under way (MoveIntent): the node that runs it resumes it when it starts again. */
+export const moveKey = (name: string): string => `images/${name}/move`
 export const openPrefix = (name: string): string => `images/${name}/open/`
 export const openKey = (name: string, node: string): string => `images/${name}/open/${node}`
 export const nodesPrefix = 'nodes/'

@@ -28,7 +28,7 @@ import type { Compare, KeyValue, Lease, MetadataCore, TxnOp, Watcher } from './c
 import { ImageMeta, validateImage } from './image.js'
 import {
   controlTokenKey, decodeHeader, decodeImage, dirtyKey, encodeImageKeys, generationKey, headerKey, imageOfKey, imagePrefix, imagesPrefix,
-  locPrefix, metaPrefix, nodeAliveKey, nodeInfoKey, nodesPrefix, openKey, openPrefix, writerKey
+  locPrefix, metaPrefix, moveKey, nodeAliveKey, nodeInfoKey, nodesPrefix, openKey, openPrefix, writerKey
 } from './keys.js'
 import { canonicalLocation, validateImageName } from './names.js'
 import { RangeSet } from './range-set.js'
@@ -73,6 +73,17 @@ export interface ImageState {
   generationMod: number
   /** The stored keys of the image's metadata, for the next update's diff. */
   metaKeys: Map<string, string>
+  /** A move under way, when one is recorded. */
+  move: MoveIntent | undefined
+}
+
+/** A move of an image under way (`ukai image move`), recorded so that its node resumes it after a restart. */
+export interface MoveIntent {
+  /** The node that runs it. */
+  node: string
+  /** The request as the node took it (move.ts's MoveRequest). */
+  request: { to: string, from?: string, start?: number, end?: number, rate?: number }
+  since: string
 }
 
 export interface WriterRequest {
@@ -153,6 +164,13 @@ export const fenced = (name: string, holder?: WriterRecord): UkaiError =>
   new UkaiError('UKAI_ERR_FENCED',
     `image '${name}': this node no longer holds the writer lease${holder !== undefined ? ` (node ${holder.node} took it over, generation ${holder.generation})` : ''}; its writes are refused`,
     { image: name })
+
+/** A stored MoveIntent, or undefined when there is none or it is not one. */
+function parseMove (kv: KeyValue | undefined): MoveIntent | undefined {
+  const m = kv === undefined ? undefined : parse<MoveIntent>(kv)
+  if (typeof m !== 'object' || m === null || typeof m.node !== 'string' || typeof m.request !== 'object' || m.request === null || typeof m.request.to !== 'string') return undefined
+  return m
+}
 
 function parse<T> (kv: KeyValue): T | undefined {
   try { return JSON.parse(kv.value) as T } catch { return undefined }
@@ -242,7 +260,8 @@ export class MetadataStore {
       opens: opens.sort((a, b) => a.node.localeCompare(b.node)),
       headerCreate: h.createRevision,
       generationMod: g?.modRevision ?? 0,
-      metaKeys
+      metaKeys,
+      move: parseMove(byKey.get(moveKey(name)))
     }
   }
 
@@ -394,6 +413,19 @@ export class MetadataStore {
       const st = await this.requireState(name)
       throw fenced(name, st.writer)
     }, options.until)
+  }
+
+  /** Records a move of the image under way (MoveIntent); undefined removes the record. */
+  async putMove (name: string, intent: MoveIntent | undefined): Promise<void> {
+    validateImageName(name)
+    const op: TxnOp = intent === undefined
+      ? { type: 'delete', key: moveKey(name) }
+      : { type: 'put', key: moveKey(name), value: JSON.stringify(intent) }
+    await this.retrying(async () => {
+      // Only while the image exists: a destroyed image's move is over.
+      if ((await this.core.txn([{ key: headerKey(name), target: 'create', op: '>', value: 0 }], [op])).succeeded || intent === undefined) return
+      throw imageNotFound(name)
+    })
   }
 
   // ---- who has an image open ------------------------------------------------

@@ -21,9 +21,9 @@ import { EtcdCore } from '../metadata/etcd-core.js'
 import { FileCore } from '../metadata/file-core.js'
 import type { ImageMeta, LocationState } from '../metadata/image.js'
 import { migrateV1 } from '../metadata/migrate-v1.js'
-import { canonicalLocation, parseLocation, sameLocation, validateImageName } from '../metadata/names.js'
+import { canonicalLocation, parseLocation, sameLocation, validateImageName, validateLocation } from '../metadata/names.js'
 import { RangeSet } from '../metadata/range-set.js'
-import { MetadataStore, type ImageState, type NodeInfo, type WriterGrant, type WriterRecord } from '../metadata/store.js'
+import { MetadataStore, type ImageState, type MoveIntent, type NodeInfo, type WriterGrant, type WriterRecord } from '../metadata/store.js'
 import { moveImage, type MoveProgress, type MoveRequest, type MoveResult } from './move.js'
 import { RemoteReplica } from '../peer/remote-replica.js'
 import { LocalReplica, type Replica, type ReplicaProvider } from '../replica/replica.js'
@@ -98,6 +98,8 @@ export class UkaiNode extends EventEmitter implements ReplicaProvider, ClusterCo
   private watcher: Watcher | undefined
   /** Reclaims waiting for their delay, per image. */
   private readonly reclaims = new Map<string, NodeJS.Timeout>()
+  /** Moves running on this node, per image (moveImage). */
+  private readonly moves = new Map<string, { request: MoveRequest, listeners: Set<(p: MoveProgress) => void>, done: Promise<MoveResult> }>()
   /** Images whose reclaim found them open here: it runs again when they close. */
   private readonly reclaimAtClose = new Set<string>()
   private closed = false
@@ -161,6 +163,7 @@ export class UkaiNode extends EventEmitter implements ReplicaProvider, ClusterCo
       await node.reloadAll()
       await node.checkLocalReplicas()
       await node.removeLeftovers()
+      node.resumeMoves()
     } catch (err) {
       await node.close()
       throw err
@@ -769,15 +772,71 @@ export class UkaiNode extends EventEmitter implements ReplicaProvider, ClusterCo
     }
   }
 
-  /** Relocates blocks of an image to another node while it is in use (move.ts). */
+  /**
+   * Relocates blocks of an image to another node while it is in use
+   * (move.ts). The move is recorded in the metadata store while it runs
+   * (MoveIntent), so that this node resumes it when it starts again after
+   * dying in the middle (resumeMoves); it is forgotten when the move ends,
+   * however it ends, while this node runs. A request for a move of the
+   * same image while one runs here follows that one (the same blocks to
+   * the same place) or is refused (another).
+   */
   async moveImage (name: string, req: MoveRequest, emit: (p: MoveProgress) => void): Promise<MoveResult> {
-    return await moveImage({
-      defaultPort: this.config.proxy_port,
-      meta: async (n) => await this.store.require(n),
-      addLocation: async (n, loc, s, e) => await this.images.addLocation(n, loc, s, e),
-      removeLocation: async (n, loc, s, e) => await this.removeLocation(n, loc, s, e),
-      sync: async (n, s, e, onProgress, rate) => await this.syncImage(n, s, e, onProgress, rate)
-    }, name, req, emit)
+    const running = this.moves.get(name)
+    if (running !== undefined) {
+      if (!this.sameMove(running.request, req)) {
+        throw new UkaiError('UKAI_ERR_BUSY', `image '${name}': another move of it runs on this node (to ${running.request.to}); wait for it to end`, { image: name })
+      }
+      running.listeners.add(emit)
+      try { return await running.done } finally { running.listeners.delete(emit) }
+    }
+    const listeners = new Set([emit])
+    const run = async (): Promise<MoveResult> => {
+      validateLocation(req.to, this.config.proxy_port)
+      await this.store.putMove(name, { node: this.config.id, request: moveKeyOf(req), since: new Date().toISOString() })
+      try {
+        return await moveImage({
+          defaultPort: this.config.proxy_port,
+          meta: async (n) => await this.store.require(n),
+          addLocation: async (n, loc, s, e) => await this.images.addLocation(n, loc, s, e),
+          removeLocation: async (n, loc, s, e) => await this.removeLocation(n, loc, s, e),
+          sync: async (n, s, e, onProgress, rate) => await this.syncImage(n, s, e, onProgress, rate)
+        }, name, req, (p) => { for (const l of listeners) l(p) })
+      } finally {
+        // A node that is shutting down keeps the record: it resumes the move when it starts again.
+        if (!this.closed) await this.store.putMove(name, undefined).catch(() => {})
+      }
+    }
+    const entry = { request: req, listeners, done: run() }
+    this.moves.set(name, entry)
+    try { return await entry.done } finally { this.moves.delete(name) }
+  }
+
+  /** True when two move requests move the same blocks to the same place (the source and the pace may differ). */
+  private sameMove (a: MoveRequest, b: MoveRequest): boolean {
+    const to = (r: MoveRequest): string | undefined => { try { return validateLocation(r.to, this.config.proxy_port) } catch { return undefined } }
+    return to(a) !== undefined && to(a) === to(b) && a.start === b.start && a.end === b.end
+  }
+
+  /** At start: the moves this node was running when it stopped go on (see moveImage). */
+  private resumeMoves (): void {
+    for (const name of this.imageNames()) {
+      void (async () => {
+        const st = await this.store.state(name)
+        const intent = st?.move
+        if (st === undefined || intent === undefined || !this.isMe(intent.node)) return
+        const other = this.otherWriter(st)
+        if (other !== undefined) {
+          this.emit('warning', `image '${name}': the move to ${intent.request.to} this node ran is not resumed here, node ${other} writes the image now; run 'ukai image move' again`)
+          await this.store.putMove(name, undefined)
+          return
+        }
+        this.notice(`image '${name}': resuming the move to ${intent.request.to} that was under way when this node stopped`)
+        const result = await this.moveImage(name, intent.request, () => {})
+        if (result.failed.length > 0) this.emit('warning', `image '${name}': the resumed move stopped: ${result.failed.length} block(s) could not be copied (${result.failed[0]!.reason}); run 'ukai image move' again`)
+        else this.notice(`image '${name}': the resumed move to ${intent.request.to} is done (${result.done} block(s))`)
+      })().catch((err) => { if (!this.closed) this.emit('warning', `image '${name}': resuming its move: ${toUkaiError(err).message}`) })
+    }
   }
 
   async capacity (): Promise<Capacity> {
@@ -799,5 +858,16 @@ export class UkaiNode extends EventEmitter implements ReplicaProvider, ClusterCo
     // The lease ends: this node's registration, opens and writer leases go with it.
     await this.membership.close()
     await this.store.close()
+  }
+}
+
+/** What is recorded of a move request. */
+function moveKeyOf (req: MoveRequest): MoveIntent['request'] {
+  return {
+    to: req.to,
+    ...(req.from !== undefined ? { from: req.from } : {}),
+    ...(req.start !== undefined ? { start: req.start } : {}),
+    ...(req.end !== undefined ? { end: req.end } : {}),
+    ...(req.rate !== undefined ? { rate: req.rate } : {})
   }
 }
