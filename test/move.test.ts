@@ -186,6 +186,28 @@ describe('image move', { timeout: 600_000 }, () => {
     await waitUntil('A has no block file of the image', async () => (await blockFiles(A, 'rs')).length === 0)
   })
 
+  test('the same move asked for while it runs follows it; another move of the image is refused', async () => {
+    await A.cliOk('image', 'create', 'tw', '-s', '32M', '-b', '4M', '-l', A.id)
+    const c = await NbdClient.connect({ path: A.nbdSocket! }, 'tw', { timeoutMs: 30_000 })
+    const model = randomBytes(32 * MiB)
+    await c.write(0, model)
+    await c.flush()
+    await c.close()
+    let started = false
+    const first = move(A, 'tw', { to: B.id, rate: 8 * MiB }, (l) => { if (l.progress !== undefined && l.progress.bytes > 0) started = true })
+    await waitUntil('the move copies', async () => started)
+    const other = await move(A, 'tw', { to: B.id, start: 0, end: 2 })
+    assert.equal(other.error?.code, 'UKAI_ERR_BUSY', JSON.stringify(other))
+    const lines: MoveLine[] = []
+    const follower = await move(A, 'tw', { to: B.id, from: A.id }, (l) => lines.push(l))
+    const leader = await first
+    assert.equal(follower.error, undefined, follower.error?.message)
+    assert.deepEqual(follower.result, leader.result, 'the follower saw another result')
+    assert.ok(lines.some((l) => l.progress !== undefined), 'the follower saw no progress')
+    assert.deepEqual(Object.keys((await cluster.image('tw')).locations), [B.id])
+    assert.deepEqual(await cluster.checkReplicas('tw', model), [])
+  })
+
   test('a move whose copy cannot be made stops before the old copy goes: nothing is lost', async () => {
     await A.cliOk('image', 'create', 'st', '-s', '32M', '-b', '4M', '-l', A.id)
     const c = await NbdClient.connect({ path: A.nbdSocket! }, 'st', { timeoutMs: 30_000 })
