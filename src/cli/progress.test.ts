@@ -58,3 +58,16 @@ test('durations read as a person says them', () => {
   assert.equal(duration(185), '3 min 05 s')
   assert.equal(duration(7260), '2 h 01 min')
 })
+
+test('unit bytes (import, export): sizes of the image gone through, and the data moved', () => {
+  const err = sink(false)
+  const p = progressReporter({ label: 'import x', stdout: sink(), stderr: err, unit: 'bytes' })
+  p.start(4 * 2 ** 30)
+  p.update({ done: 2 ** 30, bytes: 100 * 2 ** 20 })
+  p.update({ done: 4 * 2 ** 30, bytes: 200 * 2 ** 20 })
+  p.end({})
+  const lines = err.text.trim().split('\n')
+  assert.match(lines[1]!, /^import x: 1 GiB of 4 GiB, 100 MiB of data, .*\/s, ETA /)
+  assert.match(lines[lines.length - 1]!, /^import x: done, 4 GiB of 4 GiB, 200 MiB of data in /)
+  assert.ok(!err.text.includes('blocks'), err.text)
+})

@@ -1,6 +1,6 @@
 /**
- * Progress of a long CLI command (`ukai sync`, and the image copies to
- * come), shown the way its reader can use it:
+ * Progress of a long CLI command (`ukai sync`, `image move`, `image
+ * import` and `image export`), shown the way its reader can use it:
  *
  * - on a terminal (stderr a TTY): a bar (cli-progress) with blocks
  *   done/total, bytes, rate and ETA, redrawn in place;
@@ -11,7 +11,9 @@
  *   the same lines the control API streams; nothing on stderr.
  *
  * start(blocks, bytes?) once, update({done, bytes}) as often as the work
- * reports, then end(result) or fail(error).
+ * reports, then end(result) or fail(error). With unit 'bytes' (an image
+ * import or export), done and total count bytes of the image gone
+ * through, and bytes the data moved (holes and zeros are not).
  */
 import { SingleBar } from 'cli-progress'
 import type { Writable } from 'node:stream'
@@ -56,6 +58,8 @@ export interface ProgressOptions {
   stderr?: Writable & { isTTY?: boolean }
   /** Longest pause between two plain lines. */
   plainIntervalMs?: number
+  /** What done and total count (default: blocks). */
+  unit?: 'blocks' | 'bytes'
 }
 
 export const PLAIN_INTERVAL_MS = 30_000
@@ -63,13 +67,16 @@ export const PLAIN_INTERVAL_MS = 30_000
 export function progressReporter (options: ProgressOptions): ProgressReporter {
   const stdout = options.stdout ?? process.stdout
   const stderr = options.stderr ?? process.stderr
-  if (options.json === true) return new JsonProgress(stdout)
-  if (stderr.isTTY === true) return new BarProgress(options.label, stderr)
-  return new PlainProgress(options.label, stderr, options.plainIntervalMs ?? PLAIN_INTERVAL_MS)
+  const unit = options.unit ?? 'blocks'
+  if (options.json === true) return new JsonProgress(stdout, unit)
+  if (stderr.isTTY === true) return new BarProgress(options.label, stderr, unit)
+  return new PlainProgress(options.label, stderr, options.plainIntervalMs ?? PLAIN_INTERVAL_MS, unit)
 }
 
 /** Totals and the rate and ETA every form shows. */
 class Tally {
+  constructor (readonly unit: 'blocks' | 'bytes') {}
+
   total = 0
   totalBytes: number | undefined
   done = 0
@@ -112,10 +119,20 @@ class Tally {
     }
   }
 
+  /** "12/64 blocks" or "768 MiB of 4 GiB" */
+  count (): string {
+    return this.unit === 'bytes' ? `${formatSize(this.done)} of ${formatSize(this.total)}` : `${this.done}/${this.total} blocks`
+  }
+
+  /** "768 MiB of 4 GiB" (blocks), "100 MiB of data" (bytes) */
+  size (): string {
+    if (this.unit === 'bytes') return `${formatSize(this.bytes)} of data`
+    return this.totalBytes !== undefined ? `${formatSize(this.bytes)} of ${formatSize(this.totalBytes)}` : formatSize(this.bytes)
+  }
+
   /** "12/64 blocks, 768 MiB of 4 GiB, 240 MiB/s, ETA 14 s" */
   text (): string {
-    const bytes = this.totalBytes !== undefined ? `${formatSize(this.bytes)} of ${formatSize(this.totalBytes)}` : formatSize(this.bytes)
-    return `${this.done}/${this.total} blocks, ${bytes}, ${formatSize(Math.round(this.rate))}/s, ETA ${duration(this.eta)}`
+    return `${this.count()}, ${this.size()}, ${formatSize(Math.round(this.rate))}/s, ETA ${duration(this.eta)}`
   }
 }
 
@@ -131,8 +148,8 @@ export function duration (s: number | undefined): string {
 }
 
 class JsonProgress implements ProgressReporter {
-  private readonly tally = new Tally()
-  constructor (private readonly out: Writable) {}
+  private readonly tally: Tally
+  constructor (private readonly out: Writable, unit: 'blocks' | 'bytes') { this.tally = new Tally(unit) }
 
   private write (v: unknown): void { this.out.write(JSON.stringify(v) + '\n') }
 
@@ -155,14 +172,15 @@ class JsonProgress implements ProgressReporter {
 }
 
 class BarProgress implements ProgressReporter {
-  private readonly tally = new Tally()
+  private readonly tally: Tally
   private readonly bar: SingleBar
   private running = false
 
-  constructor (label: string, stream: Writable) {
+  constructor (label: string, stream: Writable, unit: 'blocks' | 'bytes') {
+    this.tally = new Tally(unit)
     this.bar = new SingleBar({
       stream,
-      format: `${label} [{bar}] {value}/{total} blocks, {size}, {speed}/s, ETA {left}`,
+      format: `${label} [{bar}] {count}, {size}, {speed}/s, ETA {left}`,
       barsize: 30,
       hideCursor: true,
       clearOnComplete: false,
@@ -172,10 +190,7 @@ class BarProgress implements ProgressReporter {
   }
 
   private payload (): Record<string, string> {
-    const size = this.tally.totalBytes !== undefined
-      ? `${formatSize(this.tally.bytes)} of ${formatSize(this.tally.totalBytes)}`
-      : formatSize(this.tally.bytes)
-    return { size, speed: formatSize(Math.round(this.tally.rate)), left: duration(this.tally.eta) }
+    return { count: this.tally.count(), size: this.tally.size(), speed: formatSize(Math.round(this.tally.rate)), left: duration(this.tally.eta) }
   }
 
   start (total: number, totalBytes?: number): void {
@@ -201,11 +216,13 @@ class BarProgress implements ProgressReporter {
 }
 
 class PlainProgress implements ProgressReporter {
-  private readonly tally = new Tally()
+  private readonly tally: Tally
   private lastTenth = -1
   private lastLine = 0
 
-  constructor (private readonly label: string, private readonly err: Writable, private readonly intervalMs: number) {}
+  constructor (private readonly label: string, private readonly err: Writable, private readonly intervalMs: number, unit: 'blocks' | 'bytes') {
+    this.tally = new Tally(unit)
+  }
 
   private write (): void {
     this.lastLine = performance.now()
@@ -229,7 +246,8 @@ class PlainProgress implements ProgressReporter {
   }
 
   end (): void {
-    this.err.write(`${this.label}: done, ${this.tally.done}/${this.tally.total} blocks, ${formatSize(this.tally.bytes)} in ${duration(this.tally.elapsed)}\n`)
+    const size = this.tally.unit === 'bytes' ? this.tally.size() : formatSize(this.tally.bytes)
+    this.err.write(`${this.label}: done, ${this.tally.count()}, ${size} in ${duration(this.tally.elapsed)}\n`)
   }
 
   fail (): void {}

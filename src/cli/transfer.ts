@@ -22,7 +22,7 @@ import type { SessionInfo } from '../node/data-sessions.js'
 import type { ImageSummary } from '../node/images.js'
 import { formatSize } from '../util/size.js'
 import type { Extent } from '../volume/volume.js'
-import { TransferProgress } from './transfer-progress.js'
+import { progressReporter } from './progress.js'
 
 /** Bytes per data request (the node takes up to MAX_DATA). */
 export const CHUNK = 4 * 2 ** 20
@@ -117,7 +117,8 @@ export async function importImage (client: ControlClient, o: ImportOptions): Pro
 
   const total = session.size
   const fileSize = (await fh.stat()).size
-  const progress = new TransferProgress(`import ${o.name}`, total, o.json)
+  const progress = progressReporter({ label: `import ${o.name}`, json: o.json, unit: 'bytes' })
+  progress.start(total)
   const pipe = new Pipeline(IN_FLIGHT)
   const stop = new Interrupt()
   const query = `session=${session.session}`
@@ -139,7 +140,7 @@ export async function importImage (client: ControlClient, o: ImportOptions): Pro
         })
       }
       read += n
-      progress.update(read, sent)
+      progress.update({ done: read, bytes: sent })
     }
     await pipe.drain()
     // The end of the session flushes: the data is durable once it answers.
@@ -147,20 +148,20 @@ export async function importImage (client: ControlClient, o: ImportOptions): Pro
   } catch (err) {
     await pipe.settle()
     await client.call('DELETE', `${path}/sessions/${session.session}`).catch(() => {})
-    progress.end()
     const e = toUkaiError(err)
-    throw new UkaiError(e.code,
+    const stopped = new UkaiError(e.code,
       `import of ${o.file} into image '${o.name}' stopped after ${formatSize(read)} of ${formatSize(fileSize)} (${e.message}); ` +
       `the image is incomplete: run the same import again with --resume, or remove it with 'ukai image destroy ${o.name}'`, e.details)
+    progress.fail(stopped)
+    throw stopped
   } finally {
     stop.dispose()
     await fh.close()
   }
-  progress.update(total, sent)
-  progress.end()
+  progress.update({ done: total, bytes: sent })
   const result = { image: o.name, file: o.file, size: total, data_bytes: sent }
-  if (o.json) print(JSON.stringify({ result }))
-  else print(`imported ${o.file} into image '${o.name}': ${formatSize(total)}, ${formatSize(sent)} of data written (holes and zeros skipped)${total > fileSize ? ` (size rounded up from ${fileSize} bytes to the smallest image)` : ''}`)
+  progress.end(result)
+  if (!o.json) print(`imported ${o.file} into image '${o.name}': ${formatSize(total)}, ${formatSize(sent)} of data written (holes and zeros skipped)${total > fileSize ? ` (size rounded up from ${fileSize} bytes to the smallest image)` : ''}`)
 }
 
 export async function exportImage (client: ControlClient, o: ExportOptions): Promise<void> {
@@ -175,7 +176,8 @@ export async function exportImage (client: ControlClient, o: ExportOptions): Pro
   const session = await client.call<SessionInfo>('POST', `${path}/sessions`, { write: false })
   const query = `session=${session.session}`
   const tmp = join(dirname(o.file), `.${basename(o.file)}.ukai-export-${randomBytes(4).toString('hex')}`)
-  const progress = new TransferProgress(`export ${o.name}`, session.size, o.json)
+  const progress = progressReporter({ label: `export ${o.name}`, json: o.json, unit: 'bytes' })
+  progress.start(session.size)
   const pipe = new Pipeline(IN_FLIGHT)
   const stop = new Interrupt()
   let fh: FileHandle | undefined
@@ -206,10 +208,10 @@ export async function exportImage (client: ControlClient, o: ExportOptions): Pro
               written += e - s
             }
           })
-          progress.update(at + n, written)
+          progress.update({ done: at + n, bytes: written })
         }
       }
-      progress.update(window + length, written)
+      progress.update({ done: window + length, bytes: written })
     }
     await pipe.drain()
     await out.sync()
@@ -226,17 +228,17 @@ export async function exportImage (client: ControlClient, o: ExportOptions): Pro
     await pipe.settle()
     await fh?.close().catch(() => {})
     await unlink(tmp).catch(() => {})
-    progress.end()
     const e = toUkaiError(err)
-    throw new UkaiError(e.code, `export of image '${o.name}' to ${o.file} failed (${e.message}); ${o.file} was not ${existing !== undefined ? 'changed' : 'made'}`, e.details)
+    const failed = new UkaiError(e.code, `export of image '${o.name}' to ${o.file} failed (${e.message}); ${o.file} was not ${existing !== undefined ? 'changed' : 'made'}`, e.details)
+    progress.fail(failed)
+    throw failed
   } finally {
     stop.dispose()
     await client.call('DELETE', `${path}/sessions/${session.session}`).catch(() => {})
   }
-  progress.end()
   const result = { image: o.name, file: o.file, size: session.size, data_bytes: written }
-  if (o.json) print(JSON.stringify({ result }))
-  else print(`exported image '${o.name}' to ${o.file}: ${formatSize(session.size)}, ${formatSize(written)} of data written (holes left as holes)`)
+  progress.end(result)
+  if (!o.json) print(`exported image '${o.name}' to ${o.file}: ${formatSize(session.size)}, ${formatSize(written)} of data written (holes left as holes)`)
 }
 
 /**
