@@ -45,6 +45,17 @@ describe('image move', { timeout: 600_000 }, () => {
     return r.body[r.body.length - 1]!
   }
 
+  /** A new image on A of `mib` MiB in 4 MiB blocks, filled with random data through A's NBD export: the data. */
+  async function filled (image: string, mib: number): Promise<Buffer> {
+    await A.cliOk('image', 'create', image, '-s', `${mib}M`, '-b', '4M', '-l', A.id)
+    const c = await NbdClient.connect({ path: A.nbdSocket! }, image, { timeoutMs: 30_000 })
+    const model = randomBytes(mib * MiB)
+    for (let off = 0; off < model.length; off += 4 * MiB) await c.write(off, model.subarray(off, off + 4 * MiB))
+    await c.flush()
+    await c.close()
+    return model
+  }
+
   test('a move while the image is written through NBD: data equal to the model, reads served by the new node, no file left on the old one', async () => {
     const SIZE = 256 * MiB
     await A.cliOk('image', 'create', 'mv', '-s', '256M', '-b', '16M', '-l', A.id)
@@ -162,12 +173,7 @@ describe('image move', { timeout: 600_000 }, () => {
   })
 
   test('a move interrupted by a restart of the node that runs it resumes by itself when the node is back', async () => {
-    await A.cliOk('image', 'create', 'rs', '-s', '128M', '-b', '4M', '-l', A.id)
-    const c = await NbdClient.connect({ path: A.nbdSocket! }, 'rs', { timeoutMs: 30_000 })
-    const model = randomBytes(128 * MiB)
-    for (let off = 0; off < model.length; off += 4 * MiB) await c.write(off, model.subarray(off, off + 4 * MiB))
-    await c.flush()
-    await c.close()
+    const model = await filled('rs', 128)
     // Slowly (8 MiB/s), so that the restart comes in the middle.
     let seen = 0
     const first = move(A, 'rs', { to: B.id, rate: 8 * MiB }, (l) => { if (l.progress !== undefined) seen = l.progress.bytes }).catch((err: Error) => ({ error: { code: 'gone', message: err.message } }))
@@ -187,12 +193,7 @@ describe('image move', { timeout: 600_000 }, () => {
   })
 
   test('the same move asked for while it runs follows it; another move of the image is refused', async () => {
-    await A.cliOk('image', 'create', 'tw', '-s', '32M', '-b', '4M', '-l', A.id)
-    const c = await NbdClient.connect({ path: A.nbdSocket! }, 'tw', { timeoutMs: 30_000 })
-    const model = randomBytes(32 * MiB)
-    await c.write(0, model)
-    await c.flush()
-    await c.close()
+    const model = await filled('tw', 32)
     let started = false
     const first = move(A, 'tw', { to: B.id, rate: 8 * MiB }, (l) => { if (l.progress !== undefined && l.progress.bytes > 0) started = true })
     await waitUntil('the move copies', async () => started)
@@ -209,12 +210,7 @@ describe('image move', { timeout: 600_000 }, () => {
   })
 
   test('a move whose copy cannot be made stops before the old copy goes: nothing is lost', async () => {
-    await A.cliOk('image', 'create', 'st', '-s', '32M', '-b', '4M', '-l', A.id)
-    const c = await NbdClient.connect({ path: A.nbdSocket! }, 'st', { timeoutMs: 30_000 })
-    const model = randomBytes(32 * MiB)
-    await c.write(0, model)
-    await c.flush()
-    await c.close()
+    const model = await filled('st', 32)
     await B.stop('SIGKILL')
     const last = await move(A, 'st', { to: B.id, from: A.id })
     await B.launch()
