@@ -117,10 +117,12 @@ export async function importImage (client: ControlClient, o: ImportOptions): Pro
 
   const total = session.size
   const fileSize = (await fh.stat()).size
+  // Signals are caught before the first progress line is out: a Ctrl-C
+  // from then on ends the import between requests, with its report.
+  const stop = new Interrupt()
   const progress = progressReporter({ label: `import ${o.name}`, json: o.json, unit: 'bytes' })
   progress.start(total)
   const pipe = new Pipeline(IN_FLIGHT)
-  const stop = new Interrupt()
   const query = `session=${session.session}`
   let read = 0
   let sent = 0
@@ -176,10 +178,10 @@ export async function exportImage (client: ControlClient, o: ExportOptions): Pro
   const session = await client.call<SessionInfo>('POST', `${path}/sessions`, { write: false })
   const query = `session=${session.session}`
   const tmp = join(dirname(o.file), `.${basename(o.file)}.ukai-export-${randomBytes(4).toString('hex')}`)
+  const stop = new Interrupt()
   const progress = progressReporter({ label: `export ${o.name}`, json: o.json, unit: 'bytes' })
   progress.start(session.size)
   const pipe = new Pipeline(IN_FLIGHT)
-  const stop = new Interrupt()
   let fh: FileHandle | undefined
   let written = 0
   try {
