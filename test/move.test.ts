@@ -149,28 +149,39 @@ describe('image move', { timeout: 600_000 }, () => {
     await waitUntil('A has no block file of the image once it closed it', async () => (await blockFiles(A, 'away')).length === 0)
   })
 
-  test('a sparse image moves allocating what it holds, not its size', async () => {
-    await A.cliOk('image', 'create', 'sp', '-s', '1G', '-b', '64M', '-l', A.id)
-    const c = await NbdClient.connect({ path: A.nbdSocket! }, 'sp', { timeoutMs: 30_000 })
-    const random = prng(9)
-    const model = Buffer.alloc(1024 * MiB)
-    for (let i = 0; i < 40; i++) {
-      const off = Math.floor(random() * 4000) * 256 * 1024
-      const data = randomBytes(256 * 1024)
-      await c.write(off, data)
-      data.copy(model, off)
-    }
-    await c.flush()
-    await c.close()
-    const last = await move(A, 'sp', { to: B.id })
-    assert.equal(last.error, undefined, last.error?.message)
-    assert.ok(last.result!.bytes <= 11 * MiB, `${last.result!.bytes} bytes copied for 10 MiB of data`)
-    let allocated = 0
-    const { stat } = await import('node:fs/promises')
-    for (const f of await blockFiles(B, 'sp')) allocated += (await stat(join(B.imageRoot, 'sp', f))).blocks * 512
-    assert.ok(allocated <= 11 * MiB, `B allocates ${allocated} bytes for 10 MiB of data`)
-    assert.deepEqual(await cluster.checkReplicas('sp', model), [])
-  })
+  for (const where of ['the old node', 'the new node'] as const) {
+    test(`a sparse image moves allocating what it holds, not its size (the move run on ${where})`, async () => {
+      const image = where === 'the old node' ? 'sp' : 'sp2'
+      await A.cliOk('image', 'create', image, '-s', '1G', '-b', '64M', '-l', A.id)
+      const c = await NbdClient.connect({ path: A.nbdSocket! }, image, { timeoutMs: 30_000 })
+      const random = prng(9)
+      const model = Buffer.alloc(1024 * MiB)
+      for (let i = 0; i < 40; i++) {
+        const off = Math.floor(random() * 4000) * 256 * 1024
+        const data = randomBytes(256 * 1024)
+        await c.write(off, data)
+        data.copy(model, off)
+      }
+      await c.flush()
+      await c.close()
+      const served = async (): Promise<{ peer_read_bytes: number, peer_status_requests: number }> => (await A.api<{ peer_read_bytes: number, peer_status_requests: number }>('GET', `/v1/images/${image}/stats`)).body
+      const before = await served()
+      // Run on B, the copy reads A's blocks over the peer protocol: their block status says where the data is.
+      const last = await move(where === 'the old node' ? A : B, image, { to: B.id })
+      assert.equal(last.error, undefined, last.error?.message)
+      assert.ok(last.result!.bytes <= 11 * MiB, `${last.result!.bytes} bytes copied for 10 MiB of data`)
+      if (where === 'the new node') {
+        const after = await served()
+        assert.ok(after.peer_read_bytes - before.peer_read_bytes <= 11 * MiB, `B read ${after.peer_read_bytes - before.peer_read_bytes} bytes from A for 10 MiB of data`)
+        assert.ok(after.peer_status_requests > before.peer_status_requests, 'B asked A for block status')
+      }
+      let allocated = 0
+      const { stat } = await import('node:fs/promises')
+      for (const f of await blockFiles(B, image)) allocated += (await stat(join(B.imageRoot, image, f))).blocks * 512
+      assert.ok(allocated <= 11 * MiB, `B allocates ${allocated} bytes for 10 MiB of data`)
+      assert.deepEqual(await cluster.checkReplicas(image, model), [])
+    })
+  }
 
   test('a move interrupted by a restart of the node that runs it resumes by itself when the node is back', async () => {
     const model = await filled('rs', 128)

@@ -427,6 +427,7 @@ function printStats (s: ImageStats): void {
   print(`image ${s.image} on node ${s.node}, since the node started:`)
   print(`  hypervisor I/O: ${s.reads} read(s), ${formatSize(s.bytesRead)}; ${s.writes} write(s), ${formatSize(s.bytesWritten)}`)
   print(`  replica reads:  ${s.reads_local} local (${formatSize(s.read_bytes_local)}), ${s.reads_remote} remote (${formatSize(s.read_bytes_remote)})`)
+  print(`  served to peers: ${s.peer_reads} read(s) (${formatSize(s.peer_read_bytes)}), ${s.peer_writes} write(s) (${formatSize(s.peer_written_bytes)}), ${s.peer_status_requests} block status request(s)`)
   print(`  out of sync:    ${s.out_of_sync_blocks} block replica(s)`)
   if (s.sync !== null) {
     const y = s.sync

@@ -60,6 +60,11 @@ export class NodeMetrics {
     perImage('ukai_image_reads_remote_total', 'Replica reads another node served (over the peer protocol)', (s) => s.reads_remote)
     perImage('ukai_image_read_bytes_local_total', "Bytes this node's own replica served", (s) => s.read_bytes_local)
     perImage('ukai_image_read_bytes_remote_total', 'Bytes other nodes served', (s) => s.read_bytes_remote)
+    perImage('ukai_image_peer_reads_total', "Reads other nodes made of this node's replica (peer protocol)", (s) => s.peer_reads)
+    perImage('ukai_image_peer_read_bytes_total', "Bytes other nodes read from this node's replica", (s) => s.peer_read_bytes)
+    perImage('ukai_image_peer_writes_total', "Writes other nodes made to this node's replica", (s) => s.peer_writes)
+    perImage('ukai_image_peer_written_bytes_total', "Bytes other nodes wrote to this node's replica", (s) => s.peer_written_bytes)
+    perImage('ukai_image_peer_status_requests_total', "Block status requests other nodes made of this node's replica", (s) => s.peer_status_requests)
 
     type L = 'image' | 'location'
     const perLocation = (kind: 'counter' | 'gauge', name: string, help: string, value: (l: ImageStats['locations'][string]) => number): void => {

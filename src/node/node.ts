@@ -685,7 +685,7 @@ export class UkaiNode extends EventEmitter implements ReplicaProvider, ClusterCo
   }
 
   /** The I/O counters of an image on this node, made (and fed to the latency histogram) on first use. */
-  private ioStatsOf (name: string): IoStats {
+  ioStatsOf (name: string): IoStats {
     let stats = this.ioStats.get(name)
     if (stats === undefined) {
       stats = newIoStats()

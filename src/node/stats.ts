@@ -54,6 +54,12 @@ export interface ImageStats {
   read_bytes_local: number
   read_bytes_remote: number
   out_of_sync_blocks: number
+  /** Requests other nodes made of this node's replica (peer protocol): a copy's reads from here, a writer's replicated writes. */
+  peer_reads: number
+  peer_read_bytes: number
+  peer_writes: number
+  peer_written_bytes: number
+  peer_status_requests: number
   locations: Record<string, LocationStats>
   sync: SyncStatus | null
 }
@@ -99,6 +105,11 @@ export function imageStats (node: string, name: string, io: IoStats, meta: Image
     readsFrom: { ...io.readsFrom },
     ...totals,
     out_of_sync_blocks: outOfSync,
+    peer_reads: io.served.reads,
+    peer_read_bytes: io.served.readBytes,
+    peer_writes: io.served.writes,
+    peer_written_bytes: io.served.writtenBytes,
+    peer_status_requests: io.served.statusRequests,
     locations,
     sync: sync === undefined ? null : { ...sync }
   }

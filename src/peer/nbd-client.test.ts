@@ -147,12 +147,26 @@ interface Flavour {
   exportName: string
   /** TRIM reads back as zeroes on this server (the spec does not promise it). */
   trimZeroes: boolean
+  /** Connect with blockStatus: structured replies (reads of holes come as OFFSET_HOLE chunks) and base:allocation. */
+  status: boolean
 }
 
-const flavours: Flavour[] = [
+const servers: Array<Omit<Flavour, 'status'>> = [
   { name: 'qemu-nbd', skip: !HAVE_QEMU_NBD && 'qemu-nbd is not installed', start: startQemuNbd, exportName: 'disk', trimZeroes: true },
   { name: 'nbdkit memory', skip: !HAVE_NBDKIT && 'nbdkit is not installed', start: async () => await startNbdkit('memory', '64M'), exportName: '', trimZeroes: true }
 ]
+const flavours: Flavour[] = servers.flatMap((s) => [{ ...s, status: false }, { ...s, name: `${s.name}, structured replies and block status`, status: true }])
+
+/** Block status of [offset, offset + length), asked until all of it is told. */
+async function allocationOf (client: NbdClient, offset: number, length: number): Promise<Array<{ offset: number, length: number, zero: boolean }>> {
+  const out: Array<{ offset: number, length: number, zero: boolean }> = []
+  for (let at = offset; at < offset + length;) {
+    const extents = await client.blockStatus(at, offset + length - at)
+    assert.ok(extents.length > 0 && extents[0]!.offset === at, `block status at ${at} starts there`)
+    for (const e of extents) { out.push({ offset: e.offset, length: e.length, zero: e.zero }); at = e.offset + e.length }
+  }
+  return out
+}
 
 for (const f of flavours) {
   describe(`NbdClient against ${f.name}`, { skip: f.skip }, () => {
@@ -163,7 +177,7 @@ for (const f of flavours) {
 
     before(async () => {
       server = await f.start()
-      client = await NbdClient.connect(server.target, f.exportName, { timeoutMs: 10_000 })
+      client = await NbdClient.connect(server.target, f.exportName, { timeoutMs: 10_000, blockStatus: f.status })
     })
     after(async () => {
       await client?.close()
@@ -182,6 +196,34 @@ for (const f of flavours) {
       assert.ok((client.transmissionFlags & NBD_FLAG_HAS_FLAGS) !== 0)
       assert.ok(client.maxPayload >= 2 ** 20 && client.maxPayload <= 2 ** 25, `maxPayload ${client.maxPayload}`)
       assert.equal(client.closed, false)
+      assert.equal(client.hasBlockStatus, f.status)
+    })
+
+    test(f.status ? 'block status tells data from zeros, and reads of holes come back as zeros' : 'block status is refused: it was not negotiated', async () => {
+      const base = 48 * MiB
+      const data = randomBytes(3 * MiB)
+      await client.write(base, data)
+      data.copy(model, base)
+      // The middle MiB made zero (a hole where the server can); the rest stays data.
+      await client.writeZeroes(base + MiB, MiB)
+      model.fill(0, base + MiB, base + 2 * MiB)
+      if (!f.status) {
+        await assert.rejects(client.blockStatus(base, 3 * MiB), isUkai('UKAI_ERR_NOT_SUPPORTED'))
+        return
+      }
+      const extents = await allocationOf(client, base, 3 * MiB)
+      assert.equal(extents.reduce((n, e) => n + e.length, 0), 3 * MiB)
+      for (const e of extents) {
+        const inHole = e.offset >= base + MiB && e.offset + e.length <= base + 2 * MiB
+        const inData = e.offset + e.length <= base + MiB || e.offset >= base + 2 * MiB
+        assert.ok(inHole || inData, `extent [${e.offset}, ${e.offset + e.length}) straddles data and zeros`)
+        // Data is never called zero; the zeroed MiB is.
+        assert.equal(e.zero, inHole, `extent [${e.offset}, ${e.offset + e.length})`)
+      }
+      // A read over data, the hole and data again: the server may answer in several chunks.
+      await check(base - 4096, 3 * MiB + 8192)
+      // Unallocated space at the end of the export reads as zeros too.
+      await check(SIZE - 2 * MiB, MiB)
     })
 
     test('random writes and reads match a model', async () => {

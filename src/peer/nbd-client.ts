@@ -4,9 +4,11 @@
  *
  * Handshake: fixed newstyle, NBD_OPT_GO with an NBD_INFO_BLOCK_SIZE
  * request, falling back to NBD_OPT_EXPORT_NAME only when the server does
- * not know NBD_OPT_GO. Transmission: simple replies only (structured
- * replies are never negotiated), requests pipelined on one socket and
- * matched to replies by cookie, so replies may come in any order.
+ * not know NBD_OPT_GO. Transmission: simple replies, or with
+ * `blockStatus` structured replies and NBD_CMD_BLOCK_STATUS of
+ * base:allocation where the server offers them; requests pipelined on one
+ * socket and matched to replies by cookie, so replies may come in any
+ * order.
  *
  * Failure model: a connection is either healthy or dead. A reset, a reply
  * that breaks the protocol or a request that is not answered in time ends
@@ -20,12 +22,12 @@ import { connect as tlsConnect, type PeerCertificate, type SecureContext } from 
 import { performance } from 'node:perf_hooks'
 import { UkaiError } from '../errors.js'
 import {
-  NBD_CMD_DISC, NBD_CMD_FLAG_FUA, NBD_CMD_FLAG_NO_HOLE, NBD_CMD_FLUSH, NBD_CMD_READ, NBD_CMD_TRIM, NBD_CMD_WRITE,
+  NBD_CMD_BLOCK_STATUS, NBD_CMD_DISC, NBD_CMD_FLAG_FUA, NBD_CMD_FLAG_NO_HOLE, NBD_CMD_FLUSH, NBD_CMD_READ, NBD_CMD_TRIM, NBD_CMD_WRITE,
   NBD_CMD_WRITE_ZEROES, NBD_ESHUTDOWN, NBD_FLAG_HAS_FLAGS, NBD_FLAG_READ_ONLY, NBD_FLAG_SEND_FLUSH, NBD_FLAG_SEND_FUA,
-  NBD_FLAG_SEND_TRIM, NBD_FLAG_SEND_WRITE_ZEROES, NBD_MAX_STRING, NBD_REQUEST_MAGIC, NBD_REQUEST_SIZE, commandName
+  NBD_FLAG_SEND_TRIM, NBD_FLAG_SEND_WRITE_ZEROES, NBD_MAX_STRING, NBD_REQUEST_MAGIC, NBD_REQUEST_SIZE, NBD_STATE_HOLE, NBD_STATE_ZERO, commandName
 } from '../frontends/nbd/protocol.js'
 import { Handshake, HandshakeQueue, type Negotiated } from './nbd-handshake.js'
-import { ReplyParser, errorCodeForNbd, nbdErrorName } from './nbd-reply-parser.js'
+import { ReplyParser, errorCodeForNbd, nbdErrorName, protocolError, type StatusExtent } from './nbd-reply-parser.js'
 
 export { ReplyParser, errorCodeForNbd, type ReplyTarget } from './nbd-reply-parser.js'
 
@@ -44,7 +46,16 @@ export interface NbdClientOptions {
    * server's certificate (the CA is checked first, always).
    */
   tls?: ClientTls
+  /**
+   * Negotiate structured replies and the base:allocation metadata context,
+   * for blockStatus(). A server without them still gives a connection
+   * (`hasBlockStatus` false).
+   */
+  blockStatus?: boolean
 }
+
+/** One extent of a block status answer (base:allocation): its bytes, and whether they are a hole or read as zeros. */
+export interface AllocationExtent { offset: number, length: number, hole: boolean, zero: boolean }
 
 export interface ClientTls {
   context: SecureContext
@@ -78,6 +89,8 @@ interface InFlight {
   length: number
   /** READ: where the payload goes; null for every other command. */
   dest: Buffer | null
+  /** BLOCK_STATUS: the descriptors of the base:allocation chunk. */
+  extents?: StatusExtent[]
   /** performance.now() after which the request has timed out. */
   deadline: number
   resolve: () => void
@@ -126,6 +139,8 @@ export class NbdClient extends EventEmitter {
   readonly preferredBlockSize: number
   /** Largest READ/WRITE payload sent in one request; larger ones are split. */
   readonly maxPayload: number
+  /** The context ID of base:allocation, when the server selected it. */
+  private readonly allocationContext: number | undefined
   private readonly socket: Socket
   private readonly timeoutMs: number
   /** True when the connection runs over TLS. */
@@ -154,10 +169,19 @@ export class NbdClient extends EventEmitter {
     this.maxPayload = n.maxPayload
     this.timeoutMs = options.timeoutMs
     this.secure = options.tls !== undefined
+    this.allocationContext = n.allocationContext
     this.parser = new ReplyParser({
       payloadOf: (cookie) => this.pending.get(cookie)?.dest,
-      complete: (cookie, error) => this.complete(cookie, error)
-    })
+      complete: (cookie, error) => this.complete(cookie, error),
+      requestOf: (cookie) => this.pending.get(cookie),
+      status: (cookie, context, extents) => {
+        const req = this.pending.get(cookie)!
+        // One context was asked for; "exactly one status chunk per negotiated metadata context ID".
+        if (context !== this.allocationContext || req.extents === undefined || req.extents.length > 0) return protocolError(`unexpected status chunk for context ${context}`)
+        req.extents.push(...extents)
+        return undefined
+      }
+    }, n.structured)
     this.ended = new Promise((resolve) => {
       const onClose = (): void => {
         this.fail(new UkaiError('UKAI_ERR_CONNECT', 'the NBD server closed the connection'))
@@ -260,7 +284,7 @@ export class NbdClient extends EventEmitter {
           socket.on('close', onClose)
           secure.on('data', (chunk: Buffer) => { if (client !== undefined) client.onData(chunk); else queue.push(chunk) })
         })
-        handshake = new Handshake(socket, queue, exportName, upgrade)
+        handshake = new Handshake(socket, queue, exportName, upgrade, options.blockStatus === true)
         handshake.run().then((n) => finish(undefined, n), (err: unknown) => {
           finish(err instanceof UkaiError ? err : new UkaiError('UKAI_ERR_CONNECT', `NBD handshake failed: ${String(err)}`, undefined, { cause: err }))
         })
@@ -275,6 +299,35 @@ export class NbdClient extends EventEmitter {
   get inFlight (): number { return this.pending.size }
 
   get readOnly (): boolean { return (this.transmissionFlags & NBD_FLAG_READ_ONLY) !== 0 }
+
+  /** True when blockStatus() can ask the server (base:allocation was negotiated). */
+  get hasBlockStatus (): boolean { return this.allocationContext !== undefined }
+
+  /**
+   * The allocation of [offset, offset + length) (base:allocation), in
+   * order from `offset`; it may cover less than asked ("the server MAY
+   * return less data than requested"), never more, and at least one
+   * byte. UKAI_ERR_NOT_SUPPORTED without block status (hasBlockStatus).
+   */
+  async blockStatus (offset: number, length: number): Promise<AllocationExtent[]> {
+    this.check(NBD_CMD_BLOCK_STATUS, offset, length)
+    if (this.allocationContext === undefined) throw new UkaiError('UKAI_ERR_NOT_SUPPORTED', `export '${this.exportName}' gives no block status (base:allocation was not negotiated)`)
+    if (length === 0) return []
+    // The length field is 32 bits.
+    const asked = Math.min(length, this.effectLimit())
+    const extents: StatusExtent[] = []
+    await this.send(NBD_CMD_BLOCK_STATUS, 0, offset, asked, null, null, extents)
+    const out: AllocationExtent[] = []
+    let at = offset
+    // "the final extent MAY result in a sum larger than the original requested length": cut at the end.
+    for (const e of extents) {
+      if (at >= offset + asked) break
+      const n = Math.min(e.length, offset + asked - at)
+      out.push({ offset: at, length: n, hole: (e.flags & NBD_STATE_HOLE) !== 0, zero: (e.flags & NBD_STATE_ZERO) !== 0 })
+      at += n
+    }
+    return out
+  }
 
   /** Reads `buf.length` bytes at `offset` into `buf`. */
   async read (offset: number, buf: Buffer): Promise<void> {
@@ -444,7 +497,7 @@ export class NbdClient extends EventEmitter {
   }
 
   /** Sends one request (header, then the WRITE payload as it is) and waits for its reply. */
-  private send (type: number, flags: number, offset: number, length: number, payload: Buffer | null, dest: Buffer | null): Promise<void> {
+  private send (type: number, flags: number, offset: number, length: number, payload: Buffer | null, dest: Buffer | null, extents?: StatusExtent[]): Promise<void> {
     if (this.failure !== undefined || this.draining) {
       const reason = this.failure ?? new UkaiError('UKAI_ERR_SHUTDOWN', 'the NBD server is shutting down')
       return Promise.reject(this.requestError(reason, type, offset, length))
@@ -452,7 +505,10 @@ export class NbdClient extends EventEmitter {
     // "Clients SHOULD use a cookie that is distinct from all other currently pending transactions".
     const cookie = this.nextCookie++
     return new Promise<void>((resolve, reject) => {
-      this.pending.set(cookie, { type, offset, length, dest, deadline: performance.now() + this.timeoutMs, resolve, reject })
+      const req: InFlight = { type, offset, length, dest, deadline: performance.now() + this.timeoutMs, resolve, reject }
+      // The parser fills them in (see `status` in the constructor); the caller holds the same array.
+      if (extents !== undefined) req.extents = extents
+      this.pending.set(cookie, req)
       // Requests made in one tick leave in one writev: cork now, uncork
       // after the tick. The payload is never concatenated with the header.
       if (!this.corked) {

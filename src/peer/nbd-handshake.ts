@@ -2,7 +2,10 @@
  * The client side of the handshake (proto.md, "Newstyle negotiation" and
  * "Fixed newstyle negotiation"): greeting, client flags, NBD_OPT_GO with
  * an NBD_INFO_BLOCK_SIZE request, and NBD_OPT_EXPORT_NAME for servers that
- * do not know NBD_OPT_GO or are not fixed newstyle. One option at a time,
+ * do not know NBD_OPT_GO or are not fixed newstyle; when block status is
+ * wanted, NBD_OPT_STRUCTURED_REPLY and NBD_OPT_SET_META_CONTEXT for
+ * base:allocation before them (a server that refuses either gives a
+ * connection without block status, not an error). One option at a time,
  * as the spec requires ("The client MUST NOT send any option until it has
  * received a final reply to any option it has sent").
  */
@@ -11,8 +14,9 @@ import { UkaiError } from '../errors.js'
 import {
   IHAVEOPT, MAX_PAYLOAD, NBDMAGIC, NBD_EXPORT_NAME_REPLY_SIZE, NBD_EXPORT_NAME_ZEROES, NBD_FLAG_C_FIXED_NEWSTYLE,
   NBD_FLAG_C_NO_ZEROES, NBD_FLAG_FIXED_NEWSTYLE, NBD_FLAG_NO_ZEROES, NBD_HANDSHAKE_SIZE, NBD_INFO_BLOCK_SIZE,
-  NBD_INFO_EXPORT, NBD_OPTION_HEADER_SIZE, NBD_OPTION_REPLY_HEADER_SIZE, NBD_OPT_ABORT, NBD_OPT_EXPORT_NAME, NBD_OPT_GO, NBD_OPT_STARTTLS,
-  NBD_REP_ACK, NBD_REP_ERR_UNKNOWN, NBD_REP_ERR_UNSUP, NBD_REP_FLAG_ERROR, NBD_REP_INFO, NBD_REP_MAGIC
+  NBD_INFO_EXPORT, NBD_OPTION_HEADER_SIZE, NBD_OPTION_REPLY_HEADER_SIZE, NBD_OPT_ABORT, NBD_OPT_EXPORT_NAME, NBD_OPT_GO,
+  NBD_OPT_SET_META_CONTEXT, NBD_OPT_STARTTLS, NBD_OPT_STRUCTURED_REPLY, NBD_REP_ACK, NBD_REP_ERR_UNKNOWN, NBD_REP_ERR_UNSUP,
+  NBD_REP_FLAG_ERROR, NBD_REP_INFO, NBD_REP_MAGIC, NBD_REP_META_CONTEXT, BASE_ALLOCATION
 } from '../frontends/nbd/protocol.js'
 import { protocolError } from './nbd-reply-parser.js'
 
@@ -77,6 +81,10 @@ export interface Negotiated {
   minBlockSize: number
   preferredBlockSize: number
   maxPayload: number
+  /** NBD_OPT_STRUCTURED_REPLY was acknowledged: replies may come as structured chunks. */
+  structured: boolean
+  /** The context ID of base:allocation, when the server selected it (NBD_CMD_BLOCK_STATUS may be sent). */
+  allocationContext?: number
 }
 
 /** "C: 64 bits, IHAVEOPT; C: 32 bits, option; C: 32 bits, length of option data; C: data". */
@@ -123,8 +131,14 @@ export class Handshake {
   /** NBD_OPT_ABORT was sent: the socket should end gracefully rather than be destroyed. */
   softDisconnect = false
 
-  constructor (socket: Socket, queue: HandshakeQueue, exportName: string, upgrade?: () => Promise<Socket>) {
+  /** Ask for structured replies and base:allocation. */
+  private readonly wantStatus: boolean
+  private structured = false
+  private allocationContext: number | undefined
+
+  constructor (socket: Socket, queue: HandshakeQueue, exportName: string, upgrade?: () => Promise<Socket>, blockStatus = false) {
     this.socket = socket
+    this.wantStatus = blockStatus
     this.upgrade = upgrade
     this.queue = queue
     this.exportName = exportName
@@ -153,10 +167,53 @@ export class Handshake {
     }
     // "In non-fixed newstyle only one option can be set (NBD_OPT_EXPORT_NAME)".
     if (fixed) {
+      if (this.wantStatus) await this.blockStatusOptions()
       const go = await this.go()
-      if (go !== undefined) return go
+      if (go !== undefined) return this.withStatus(go)
     }
-    return await this.exportNameOption(noZeroes)
+    return this.withStatus(await this.exportNameOption(noZeroes))
+  }
+
+  private withStatus (n: Negotiated): Negotiated {
+    return { ...n, structured: this.structured, ...(this.allocationContext !== undefined ? { allocationContext: this.allocationContext } : {}) }
+  }
+
+  /**
+   * NBD_OPT_STRUCTURED_REPLY, then NBD_OPT_SET_META_CONTEXT selecting
+   * base:allocation for this export. "clients SHOULD be prepared to also
+   * handle NBD_REP_ERR_UNSUP; in this case, no structured replies will be
+   * sent": any error reply leaves the connection without them.
+   */
+  private async blockStatusOptions (): Promise<void> {
+    this.socket.write(encodeOption(NBD_OPT_STRUCTURED_REPLY))
+    const sr = await this.reply(NBD_OPT_STRUCTURED_REPLY, 'NBD_OPT_STRUCTURED_REPLY')
+    if (sr.type >= NBD_REP_FLAG_ERROR) return
+    if (sr.type !== NBD_REP_ACK) throw this.refused(`unexpected option reply type ${sr.type} to NBD_OPT_STRUCTURED_REPLY`)
+    this.structured = true
+    // "32 bits, length of export name; String, name of export; 32 bits, number of queries; 32 bits, length of query; String, query".
+    const query = Buffer.from(BASE_ALLOCATION, 'ascii')
+    const data = Buffer.allocUnsafe(4 + this.name.length + 4 + 4 + query.length)
+    data.writeUInt32BE(this.name.length, 0)
+    this.name.copy(data, 4)
+    data.writeUInt32BE(1, 4 + this.name.length)
+    data.writeUInt32BE(query.length, 8 + this.name.length)
+    query.copy(data, 12 + this.name.length)
+    this.socket.write(encodeOption(NBD_OPT_SET_META_CONTEXT, data))
+    let context: number | undefined
+    for (;;) {
+      const { type, length, data: reply } = await this.reply(NBD_OPT_SET_META_CONTEXT, 'NBD_OPT_SET_META_CONTEXT')
+      // "NBD_REP_META_CONTEXT: 32 bits, NBD metadata context ID; String, name of the metadata context".
+      if (type === NBD_REP_META_CONTEXT) {
+        if (length < 4) throw this.refused(`NBD_REP_META_CONTEXT of length ${length}`)
+        if (reply.subarray(4).toString('utf8') === BASE_ALLOCATION) context = reply.readUInt32BE(0)
+        continue
+      }
+      if (type === NBD_REP_ACK) break
+      // An error: "replaces all previously-set metadata contexts (including when this command fails)".
+      if (type >= NBD_REP_FLAG_ERROR) { context = undefined; break }
+      throw this.refused(`unexpected option reply type ${type} to NBD_OPT_SET_META_CONTEXT`)
+    }
+    this.allocationContext = context
   }
 
   /** One option reply to `option`: "S: 64 bits, 0x3e889045565a9; S: 32 bits, option; S: 32 bits, reply type; S: 32 bits, length". */
@@ -218,7 +275,7 @@ export class Handshake {
       if (type === NBD_REP_ACK) {
         // "the server MUST send at least one NBD_REP_INFO, with an NBD_INFO_EXPORT information type".
         if (info === undefined) throw this.refused('NBD_REP_ACK to NBD_OPT_GO without NBD_INFO_EXPORT')
-        return { size: info.size, transmissionFlags: info.flags, minBlockSize: min, preferredBlockSize: preferred, maxPayload: effectiveMaxPayload(min, max) }
+        return { size: info.size, transmissionFlags: info.flags, minBlockSize: min, preferredBlockSize: preferred, maxPayload: effectiveMaxPayload(min, max), structured: false }
       }
       if (type >= NBD_REP_FLAG_ERROR) {
         // "clients SHOULD be prepared to also handle NBD_REP_ERR_UNSUP by
@@ -251,7 +308,7 @@ export class Handshake {
       if ((err as UkaiError).code !== 'UKAI_ERR_CONNECT') throw err
       throw new UkaiError('UKAI_ERR_CONNECT', `NBD export '${this.exportName}' refused: the server closed the connection after NBD_OPT_EXPORT_NAME`, { export: this.exportName }, { cause: err })
     }
-    return { size: exportSize(reply, 0), transmissionFlags: reply.readUInt16BE(8), minBlockSize: 1, preferredBlockSize: 4096, maxPayload: MAX_PAYLOAD }
+    return { size: exportSize(reply, 0), transmissionFlags: reply.readUInt16BE(8), minBlockSize: 1, preferredBlockSize: 4096, maxPayload: MAX_PAYLOAD, structured: false }
   }
 
   /** A soft disconnect: "The client desires to abort the negotiation and terminate the session." */

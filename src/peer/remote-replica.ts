@@ -101,7 +101,7 @@ export class RemoteReplica implements Replica {
     }
     if (pool.connecting === undefined) {
       const p = pool
-      pool.connecting = NbdClient.connect(this.target, name, { timeoutMs: this.options.timeoutMs, tls: this.options.tls })
+      pool.connecting = NbdClient.connect(this.target, name, { timeoutMs: this.options.timeoutMs, tls: this.options.tls, blockStatus: true })
         .then((c) => { p.clients.push(c); return c })
         .finally(() => { p.connecting = undefined })
     }
@@ -187,14 +187,48 @@ export class RemoteReplica implements Replica {
     }
   }
 
-  /** Without block status on the peer path, a remote block is all data. */
-  async allocatedLength (image: string, _block: number): Promise<number> {
-    return this.blockSize(image)
+  /** The bytes of the block the peer has allocated (holes not counted); all of it from a peer without block status. */
+  async allocatedLength (image: string, block: number): Promise<number> {
+    let n = 0
+    for (const e of await this.allocation(image, block, 0, this.blockSize(image))) if (!e.hole) n += e.end - e.start
+    return n
   }
 
-  /** Without block status on the peer path, all of the range may hold data (copies find the zeros by reading). */
-  async dataExtents (_image: string, _block: number, start: number, end: number): Promise<Range[]> {
-    return start < end ? [[start, end]] : []
+  /**
+   * The ranges of [start, end) of the block that may hold data, by the
+   * peer's block status (base:allocation): what reads as zeros there is
+   * left out. A peer without block status gives the whole range (copies
+   * then find the zeros by reading).
+   */
+  async dataExtents (image: string, block: number, start: number, end: number): Promise<Range[]> {
+    const out: Range[] = []
+    for (const e of await this.allocation(image, block, start, end)) {
+      if (e.zero) continue
+      const last = out[out.length - 1]
+      if (last !== undefined && last[1] === e.start) last[1] = e.end
+      else out.push([e.start, e.end])
+    }
+    return out
+  }
+
+  /** Block status of [start, end) of the block, as offsets in the block, asked until all of it is told. */
+  private async allocation (image: string, block: number, start: number, end: number): Promise<Array<{ start: number, end: number, hole: boolean, zero: boolean }>> {
+    if (start >= end) return []
+    const base = this.base(image, block)
+    const c = await this.client(image)
+    // The last block may end before block_size, with the export.
+    end = Math.min(end, c.size - base)
+    if (!c.hasBlockStatus || start >= end) return [{ start, end: Math.max(start, end), hole: false, zero: false }]
+    const out: Array<{ start: number, end: number, hole: boolean, zero: boolean }> = []
+    // "the server MAY return less data than requested ... at least one extent": ask again from where it stopped.
+    for (let at = start; at < end;) {
+      const extents = await this.timed(async () => await c.blockStatus(base + at, end - at))
+      for (const e of extents) {
+        out.push({ start: e.offset - base, end: e.offset - base + e.length, hole: e.hole, zero: e.zero })
+        at = e.offset - base + e.length
+      }
+    }
+    return out
   }
 
   private async closePool (name: string): Promise<void> {

@@ -149,12 +149,18 @@ class ReplicaBackend implements NbdBackend {
     const pieces = this.pieces(offset, buf.length)
     await Promise.all(pieces.map(async (p) =>
       await this.blocks.read(this.image, p.block, p.offset, buf.subarray(p.bufferOffset, p.bufferOffset + p.length))))
+    const served = this.node.ioStatsOf(this.image).served
+    served.reads++
+    served.readBytes += buf.length
     return pieces.reduce((n, p) => n + p.length, 0)
   }
 
   async write (offset: number, data: Buffer): Promise<void> {
     await this.fenced(async () => await Promise.all(this.pieces(offset, data.length).map(async (p) =>
       await this.blocks.write(this.image, p.block, p.offset, data.subarray(p.bufferOffset, p.bufferOffset + p.length)))))
+    const served = this.node.ioStatsOf(this.image).served
+    served.writes++
+    served.writtenBytes += data.length
   }
 
   async flush (): Promise<void> {
@@ -175,6 +181,7 @@ class ReplicaBackend implements NbdBackend {
   }
 
   async extents (offset: number, length: number): Promise<Extent[]> {
+    this.node.ioStatsOf(this.image).served.statusRequests++
     const out: Extent[] = []
     for (const p of this.pieces(offset, length)) {
       const base = offset + p.bufferOffset - p.offset

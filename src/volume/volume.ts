@@ -89,6 +89,17 @@ export interface IoStats {
   replicas: Record<string, ReplicaIo>
   /** Told each replica request's latency (the node's histogram); set by the node. */
   observe?: (location: string, op: 'read' | 'write', seconds: number) => void
+  /** Requests other nodes made of this node's replica over the peer protocol (replica-exports.ts). */
+  served: ServedIo
+}
+
+export interface ServedIo {
+  reads: number
+  readBytes: number
+  writes: number
+  writtenBytes: number
+  /** Block status requests (copies asking where the data is). */
+  statusRequests: number
 }
 
 export interface ReplicaIo {
@@ -955,7 +966,7 @@ function addTo (map: Map<string, RangeSet>, key: string, [s, e]: [number, number
 }
 
 export function newIoStats (): IoStats {
-  return { reads: 0, writes: 0, bytesRead: 0, bytesWritten: 0, readsFrom: {}, replicas: {} }
+  return { reads: 0, writes: 0, bytesRead: 0, bytesWritten: 0, readsFrom: {}, replicas: {}, served: { reads: 0, readBytes: 0, writes: 0, writtenBytes: 0, statusRequests: 0 } }
 }
 
 /** Counts one replica request that succeeded, `started` its performance.now() (the node's metrics). */
