@@ -754,6 +754,30 @@ describe('Volume: resync while the image is written (issue 9)', () => {
     })
   })
 
+  test('a resync writes its targets a chunk at a time while nobody writes the image, in 512 KiB pieces while a writer has it open', async () => {
+    const MiB = 2 ** 20
+    for (const writer of [false, true]) {
+      await withRig({ size: 16 * MiB, blockSize: 16 * MiB, local: [A] }, async (rig) => {
+        await rig.vol.write(0, bytes(16 * MiB, 3))
+        await rig.store.update(IMG, (m) => { m.setSync(B, 0, m.blockCount, false); return m })
+        rig.vol.refresh(await rig.store.require(IMG))
+        const real = rig.replicas.get(B)!
+        let largest = 0
+        patch(rig, B, { write: (async (image: string, block: number, offset: number, data: Buffer, g: number) => {
+          largest = Math.max(largest, data.length)
+          await real.write(image, block, offset, data, g)
+        }) as never })
+        const close = writer ? rig.vol.open(true, 'nbd client') : undefined
+        try {
+          assert.deepEqual((await rig.vol.sync(0, 1)).failed, [])
+        } finally { await close?.() }
+        // A writer waits for one piece of the copy's writes at most; without one, a chunk (4 MiB) goes at once.
+        assert.equal(largest, writer ? 512 * 1024 : 4 * MiB, `largest write to the target ${writer ? 'with' : 'without'} a writer`)
+        await checkReplicas(rig)
+      })
+    }
+  })
+
   test('writes during a resync, to every block and at every moment, leave identical replicas', async () => {
     await withRig({ size: 16 * 1000, blockSize: 1000, local: [A] }, async (rig) => {
       const { open } = await outOfSyncRig(rig)

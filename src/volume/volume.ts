@@ -722,6 +722,7 @@ export class Volume {
         mirror: (block, targets) => this.mirror(block, targets),
         mirrorFailed: (block) => this.mirrorFailures.get(block) ?? new Set(),
         writeMark: () => this.writeSeq,
+        writing: () => this.writer !== undefined,
         writtenSince: (block, mark) => {
           const out = new RangeSet()
           for (const w of this.mirroredWrites.get(block) ?? []) if (w.seq > mark) out.add(w.start, w.end)
