@@ -149,6 +149,65 @@ describe('image move', { timeout: 600_000 }, () => {
     await waitUntil('A has no block file of the image once it closed it', async () => (await blockFiles(A, 'away')).length === 0)
   })
 
+  test('a move away from a node that has the image open as a reader: that node leaves its copy itself, and never reads it stale', async () => {
+    const SIZE = 32 * MiB
+    await A.cliOk('image', 'create', 'reader', '-s', '32M', '-b', '4M', '-l', A.id)
+    // The writer runs on B; a reader on A reads A's own copy.
+    const w = await NbdClient.connect({ path: B.nbdSocket! }, 'reader', { timeoutMs: 30_000 })
+    const model = randomBytes(SIZE)
+    for (let off = 0; off < SIZE; off += 4 * MiB) await w.write(off, model.subarray(off, off + 4 * MiB))
+    await w.flush()
+    const r = await NbdClient.connect({ path: A.nbdSocket! }, 'reader', { timeoutMs: 30_000 })
+    try {
+      assert.equal(r.readOnly, true, 'A exports the image read-only while B writes it')
+      const first = Buffer.alloc(4096)
+      await r.read(0, first)
+      assert.ok(first.equals(model.subarray(0, 4096)))
+      const readsOf = async (n: TestNode): Promise<Record<string, number>> =>
+        (await n.api<{ readsFrom: Record<string, number> }>('GET', '/v1/images/reader/stats')).body.readsFrom
+      assert.ok(((await readsOf(A))[A.id] ?? 0) > 0, 'the reader on A read its own copy')
+      // Asked of A (the move runs on the writer, B), while B writes and A reads.
+      let going = true
+      const random = prng(23)
+      let stale = ''
+      const busy = (async () => {
+        while (going) {
+          const off = Math.floor(random() * (SIZE / 4096 - 4)) * 4096
+          const data = randomBytes(4 * 4096)
+          await w.write(off, data)
+          data.copy(model, off)
+          // What B acknowledged, A reads: from its copy before it leaves it, from B after.
+          const got = Buffer.alloc(data.length)
+          await r.read(off, got)
+          if (!got.equals(data) && stale === '') stale = `A read stale data at ${off}`
+        }
+      })()
+      const last = await move(A, 'reader', { to: B.id, from: A.id })
+      going = false
+      await busy
+      assert.equal(last.error, undefined, last.error?.message)
+      assert.deepEqual(last.result!.failed, [])
+      assert.equal(stale, '')
+      assert.deepEqual(Object.keys((await cluster.image('reader')).locations), [B.id])
+      // B writes on, and A reads what B wrote, from B.
+      const fresh = randomBytes(SIZE)
+      for (let off = 0; off < SIZE; off += 4 * MiB) await w.write(off, fresh.subarray(off, off + 4 * MiB))
+      await w.flush()
+      const before = await readsOf(A)
+      const got = Buffer.alloc(SIZE)
+      for (let off = 0; off < SIZE; off += 4 * MiB) await r.read(off, got.subarray(off, off + 4 * MiB))
+      assert.ok(got.equals(fresh), 'the reader on A reads something else than what B wrote')
+      const after = await readsOf(A)
+      assert.equal(after[A.id] ?? 0, before[A.id] ?? 0, 'reads after the move went to the old copy')
+      assert.ok((after[B.id] ?? 0) > (before[B.id] ?? 0), 'the reader on A did not read from B')
+      assert.deepEqual(await cluster.checkReplicas('reader', fresh), [])
+    } finally {
+      await r.close()
+      await w.close()
+    }
+    await waitUntil('A has no block file of the image once the move is through', async () => (await blockFiles(A, 'reader')).length === 0)
+  })
+
   for (const where of ['the old node', 'the new node'] as const) {
     test(`a sparse image moves allocating what it holds, not its size (the move run on ${where})`, async () => {
       const image = where === 'the old node' ? 'sp' : 'sp2'

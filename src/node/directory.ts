@@ -114,6 +114,17 @@ export class NodeDirectory {
     await (await this.client(n, timeoutMs)).call('POST', `/v1/images/${encodeURIComponent(image)}/refresh`, { revision })
   }
 
+  /**
+   * Asks the node at `location` to remove its own location's blocks
+   * [start, end) of `image` (it has the image open: it leaves its replica
+   * before the removal is stored, UkaiNode.removeLocation).
+   */
+  async removeOwnLocation (location: string, image: string, start: number | undefined, end: number | undefined, timeoutMs: number): Promise<void> {
+    const n = await this.require(location)
+    // The API's END is inclusive.
+    await (await this.client(n, timeoutMs)).call('DELETE', `/v1/images/${encodeURIComponent(image)}/locations`, { location, start, end: end === undefined ? undefined : end - 1 })
+  }
+
   /** Every registered node: alive from its lease; capacity and the RTT of a probe from the ones alive. */
   async status (): Promise<NodeStatus[]> {
     return await Promise.all((await this.store.listNodes()).map(async ({ info, alive }) => {

@@ -222,9 +222,10 @@ export class ImageService {
    * nothing, where a block would be left with no in-sync replica, and
    * while another node of that location has the image open (its users
    * read from the replica being removed, and would read it stale between
-   * the writer's applying the removal and their own). This node's own
-   * location may go while the image is open here: this node applies the
-   * removal before any other node hears of it (UkaiNode.removeLocation).
+   * the writer's applying the removal and their own): UkaiNode.removeLocation
+   * asks that node to remove it itself. This node's own location may go
+   * while the image is open here: its reads leave the replica before the
+   * removal is stored (UkaiNode.removeLocation, Volume.leave).
    */
   async removeLocation (name: string, location: unknown, start?: number, end?: number): Promise<ImageMeta> {
     const loc = validateLocation(location, this.config.proxy_port)

@@ -735,12 +735,38 @@ export class UkaiNode extends EventEmitter implements ReplicaProvider, ClusterCo
 
   /**
    * Removes a location's blocks; every node that has the image open
-   * applies it before this returns, this node first (before the change is
-   * published): when the location is this node's, its reads of the image
-   * leave the removed replica before the writer stops writing it.
+   * applies it before this returns. The node of the location removes it
+   * itself when it has the image open (asked through its control API
+   * when that is another node): its reads leave the replica before the
+   * removal is stored, so none of them finds it stale once the writer,
+   * wherever it runs, stops writing it.
    */
   async removeLocation (name: string, location: unknown, start?: number, end?: number): Promise<ImageMeta> {
-    const meta = await this.images.removeLocation(name, location, start, end)
+    validateImageName(name)
+    const loc = validateLocation(location, this.config.proxy_port)
+    if (!this.isMe(loc)) {
+      const st = await this.store.requireState(name)
+      if (st.opens.some((o) => this.sameNode(o.node, loc))) {
+        try {
+          await this.images.directory.removeOwnLocation(loc, name, start, end, this.config.io_timeout * 1000)
+        } catch (err) {
+          const e = toUkaiError(err)
+          throw new UkaiError(e.code, `image '${name}' is open on node ${loc}, which removes its own location itself: ${e.message}`, { ...e.details, image: name, node: loc })
+        }
+        await this.reload(name)
+        return await this.store.require(name)
+      }
+    }
+    const volume = this.isMe(loc) ? this.volumes.get(name)?.volume : undefined
+    const leaving = volume?.leave(loc, start ?? 0, end ?? Number.MAX_SAFE_INTEGER)
+    let meta: ImageMeta
+    try {
+      meta = await this.images.removeLocation(name, loc, start, end)
+    } catch (err) {
+      leaving?.cancel()
+      throw err
+    }
+    leaving?.removed(meta.revision)
     await this.reload(name)
     await this.publish(name, meta.revision)
     return meta

@@ -373,6 +373,38 @@ describe('Volume replicas', () => {
     }
   })
 
+  test('a replica being left (leave) serves no read of its blocks, while writes still reach it; the blocks come back on cancel and are forgotten with the removal', async () => {
+    await withRig({ size: 4000, blockSize: 1000, local: [A] }, async (rig) => {
+      const data = bytes(4000, 7)
+      await rig.vol.write(0, data)
+      const readsFrom = (loc: string): number => rig.vol.stats.readsFrom[loc] ?? 0
+      const leaving = rig.vol.leave(A, 1, 3)
+      for (let b = 0; b < 4; b++) {
+        const before = [readsFrom(A), readsFrom(B)]
+        assert.ok((await readAll(rig.vol, b * 1000, 1000)).buf.equals(data.subarray(b * 1000, b * 1000 + 1000)))
+        const left = b >= 1 && b < 3
+        assert.deepEqual([readsFrom(A) - before[0]!, readsFrom(B) - before[1]!], left ? [0, 1] : [1, 0], `block ${b}`)
+      }
+      // Writes reach the replica being left: it stays identical until it goes.
+      await rig.vol.write(1500, Buffer.from('still written'))
+      await checkReplicas(rig)
+      leaving.cancel()
+      const before = readsFrom(A)
+      await readAll(rig.vol, 1000, 1000)
+      assert.equal(readsFrom(A), before + 1, 'a cancelled leave still avoids the replica')
+      // Once the metadata that removed it is here, the record goes with it.
+      const again = rig.vol.leave(A, 0, 4)
+      const meta = await rig.store.update(IMG, (m) => { m.removeBlocks(A, 3, 4); return m })
+      again.removed(meta.revision + 1)
+      assert.equal(rig.vol.chooseReader(0)?.location, B)
+      rig.vol.refresh(meta)
+      assert.equal(rig.vol.chooseReader(0)?.location, B, 'forgotten before its revision arrived')
+      rig.vol.refresh(await rig.store.update(IMG, (m) => { m.hypervisors.push('127.0.0.1:9'); return m }))
+      assert.equal(rig.vol.chooseReader(0)?.location, A)
+      assert.equal(rig.vol.chooseReader(3)?.location, B)
+    })
+  })
+
   test('with no local replica, a remote in-sync one serves the reads', async () => {
     await withRig({ size: 2000, blockSize: 1000, local: [] }, async (rig) => {
       await rig.vol.write(0, Buffer.from('remote data'))

@@ -150,6 +150,12 @@ export class Volume {
   /** Writes to mirrored blocks (byte ranges in the block), numbered as they took their lock: what a resync's copy leaves out (copyBlock). */
   private readonly mirroredWrites = new Map<number, Array<{ seq: number, start: number, end: number }>>()
   private writeSeq = 0
+  /**
+   * Replicas this node reads no more, ahead of their removal (leave):
+   * block ranges per location, kept until the metadata without them is
+   * here (`until`, its revision).
+   */
+  private readonly leaving: Array<{ location: string, blocks: RangeSet, until?: number }> = []
   readonly stats: IoStats
 
   constructor (meta: ImageMeta, ctx: VolumeContext) {
@@ -191,6 +197,37 @@ export class Volume {
   /** Takes newer metadata from the store (a change made elsewhere). */
   refresh (meta: ImageMeta): void {
     if (meta.revision >= this.current.revision) this.current = meta
+    for (let i = this.leaving.length - 1; i >= 0; i--) {
+      const until = this.leaving[i]!.until
+      if (until !== undefined && until <= this.current.revision) this.leaving.splice(i, 1)
+    }
+  }
+
+  /**
+   * Stops reading `location`'s replica of blocks [start, end) before the
+   * metadata that removes it is stored: the writer, wherever it runs,
+   * stops writing that replica once it sees the change, and a read here
+   * must never find it stale meanwhile. Writes still reach it. `removed`
+   * says which revision removed it (the ranges are forgotten once this
+   * volume has it); `cancel` undoes it when the removal failed.
+   */
+  leave (location: string, start: number, end: number): { removed: (revision: number) => void, cancel: () => void } {
+    const entry: { location: string, blocks: RangeSet, until?: number } = { location, blocks: RangeSet.of(start, end) }
+    this.leaving.push(entry)
+    return {
+      removed: (revision) => {
+        entry.until = revision
+        this.refresh(this.current)
+      },
+      cancel: () => {
+        const i = this.leaving.indexOf(entry)
+        if (i >= 0) this.leaving.splice(i, 1)
+      }
+    }
+  }
+
+  private isLeaving (location: string, block: number): boolean {
+    return this.leaving.some((l) => l.location === location && l.blocks.has(block))
   }
 
   /**
@@ -299,14 +336,15 @@ export class Volume {
   }
 
   /**
-   * An in-sync location of the block that is not in the error state: this
-   * node's first, then the remote one with the lowest measured latency
-   * (one not measured yet counts as 0, so every node gets measured).
+   * An in-sync location of the block that is not in the error state nor
+   * being left (leave): this node's first, then the remote one with the
+   * lowest measured latency (one not measured yet counts as 0, so every
+   * node gets measured).
    */
   chooseReader (block: number, tried: Set<string> = new Set()): Replica | undefined {
     let best: Replica | undefined
     for (const { location, inSync } of this.current.replicasOf(block)) {
-      if (!inSync || tried.has(location) || this.ctx.errors.isFailed(location)) continue
+      if (!inSync || tried.has(location) || this.ctx.errors.isFailed(location) || this.isLeaving(location, block)) continue
       const r = this.ctx.replicas.replicaFor(location)
       if (r === undefined) continue
       if (r.isLocal) return r
@@ -931,7 +969,8 @@ export class Volume {
     }
     for (const p of pieces) {
       const base = offset + p.bufferOffset - p.offset
-      const inSyncHere = local !== undefined && this.current.replicasOf(p.block).some((r) => r.location === local.location && r.inSync)
+      const inSyncHere = local !== undefined && !this.isLeaving(local.location, p.block) &&
+        this.current.replicasOf(p.block).some((r) => r.location === local.location && r.inSync)
       if (!inSyncHere) { push(base + p.offset, p.length, false); continue }
       let at = p.offset
       for (const [s, e] of await local.dataExtents(this.name, p.block, p.offset, p.offset + p.length)) {
