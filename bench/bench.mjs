@@ -246,7 +246,7 @@ async function main () {
       // Profile mode: no figures, only where the node spends its time.
       const targets = ukaiTargets(a, images)
       const dataPaths = [a.imageRoot, b.imageRoot]
-      log(`warming the page cache: ${fmtBytes(await warm(dataPaths))} read`)
+      log(`page cache: ${fmtBytes(await warm(dataPaths))} of data files written again into it`)
       log('profiles: the UKAI node under node --cpu-prof, one run per workload and target')
       const outDir = join(resultsDir, 'profiles')
       results.profiles = await profileRuns({ a, b, targets, which: profileTargets, workloads, timing, rawDir, outDir, log })
@@ -266,7 +266,7 @@ async function main () {
       await peers.start()
       const targets = { ...peers.targets(), ...ukaiTargets(a, images) }
       const dataPaths = [reference, a.imageRoot, b.imageRoot]
-      log(`warming the page cache: ${fmtBytes(await warm(dataPaths))} read`)
+      log(`page cache: ${fmtBytes(await warm(dataPaths))} of data files written again into it`)
       try {
         results.throughput = await runThroughput({
           targets,
@@ -286,7 +286,7 @@ async function main () {
               r = await residency(dataPaths)
             }
             results.meta.warm.push({ workload: w.id, ...r, rewarmed })
-            log(`  page cache: ${(r.resident / r.size * 100).toFixed(1)}% of ${fmtBytes(r.size)} resident${rewarmed ? ' (after reading it again)' : ''}`)
+            log(`  page cache: ${(r.resident / r.size * 100).toFixed(1)}% of ${fmtBytes(r.size)} resident${rewarmed ? ' (after writing what it lost again)' : ''}`)
           }
         })
       } finally {
