@@ -9,10 +9,12 @@
 import { after, before, describe, test } from 'node:test'
 import assert from 'node:assert/strict'
 import { randomBytes } from 'node:crypto'
-import { readdir } from 'node:fs/promises'
+import { readFile, readdir } from 'node:fs/promises'
+import { createSecureContext } from 'node:tls'
 import { join } from 'node:path'
 import { Cluster } from './helpers/cluster.js'
-import type { TestNode } from './helpers/node-process.js'
+import { issueNodeCert, type TestNode } from './helpers/node-process.js'
+import { expectNode } from '../src/tls/identity.js'
 import { NbdClient } from '../src/peer/nbd-client.js'
 import { prng, waitUntil } from './helpers/assertions.js'
 
@@ -208,6 +210,66 @@ describe('image move', { timeout: 600_000 }, () => {
     await waitUntil('A has no block file of the image once the move is through', async () => (await blockFiles(A, 'reader')).length === 0)
   })
 
+  test('a node that reads a replica over the network never reads it stale while that replica is removed', async () => {
+    const SIZE = 32 * MiB
+    await A.cliOk('image', 'create', 'far', '-s', '32M', '-b', '4M', '-l', A.id, '-l', B.id)
+    // The writer runs on B; a third node (only its certificate: the reads
+    // are made here) reads A's replica through A's peer port, as a node
+    // with no copy of its own reads its nearest one.
+    const w = await NbdClient.connect({ path: B.nbdSocket! }, 'far', { timeoutMs: 30_000 })
+    const model = randomBytes(SIZE)
+    for (let off = 0; off < SIZE; off += 4 * MiB) await w.write(off, model.subarray(off, off + 4 * MiB))
+    await w.flush()
+    const third = join(cluster.dir, 'third-node')
+    await issueNodeCert(cluster.tlsCa!, '127.0.0.1:9', third)
+    const tls = {
+      context: createSecureContext({
+        ca: await readFile(join(third, 'ca-cert.pem')),
+        cert: await readFile(join(third, 'node-cert.pem')),
+        key: await readFile(join(third, 'node-key.pem'))
+      }),
+      checkServerIdentity: expectNode(A.id, A.config.proxy_port as number)
+    }
+    const r = await NbdClient.connect({ host: '127.0.0.1', port: A.config.proxy_port as number }, 'replica/far', { timeoutMs: 30_000, tls, blockStatus: true })
+    try {
+      let going = true
+      const random = prng(29)
+      let stale = ''
+      let served = 0
+      let refused = 0
+      const busy = (async () => {
+        while (going) {
+          const off = Math.floor(random() * (SIZE / 4096 - 4)) * 4096
+          const data = randomBytes(4 * 4096)
+          await w.write(off, data)
+          // What B acknowledged, A's replica gives, or refuses (the reader goes elsewhere).
+          const got = Buffer.alloc(data.length)
+          try {
+            await r.read(off, got)
+            served++
+            if (!got.equals(data) && stale === '') stale = `A's replica served stale data at ${off}`
+          } catch (err) {
+            assert.match((err as Error).message, /being removed from this node|not placed on this node/)
+            refused++
+          }
+        }
+      })()
+      await waitUntil('the third node read A\'s replica', async () => served >= 20)
+      // Asked of B, the writer: A removes its location itself.
+      await B.cliOk('image', 'remove-location', 'far', A.id)
+      const at = refused
+      await waitUntil('A refuses the reads of its removed replica', async () => refused >= at + 20)
+      going = false
+      await busy
+      assert.equal(stale, '')
+      assert.deepEqual(Object.keys((await cluster.image('far')).locations), [B.id])
+    } finally {
+      await r.close()
+      await w.close()
+    }
+    await waitUntil('A has no block file of the image once it is removed', async () => (await blockFiles(A, 'far')).length === 0)
+  })
+
   for (const where of ['the old node', 'the new node'] as const) {
     test(`a sparse image moves allocating what it holds, not its size (the move run on ${where})`, async () => {
       const image = where === 'the old node' ? 'sp' : 'sp2'
@@ -224,6 +286,8 @@ describe('image move', { timeout: 600_000 }, () => {
       await c.flush()
       await c.close()
       const served = async (): Promise<{ peer_read_bytes: number, peer_status_requests: number }> => (await A.api<{ peer_read_bytes: number, peer_status_requests: number }>('GET', `/v1/images/${image}/stats`)).body
+      // The move runs on the node that writes the image: A, until it has let it go.
+      await waitUntil('A has closed the image', async () => !(await A.api<{ open_images: string[] }>('GET', '/v1/node')).body.open_images.includes(image))
       const before = await served()
       // Run on B, the copy reads A's blocks over the peer protocol: their block status says where the data is.
       const last = await move(where === 'the old node' ? A : B, image, { to: B.id })
@@ -232,7 +296,7 @@ describe('image move', { timeout: 600_000 }, () => {
       if (where === 'the new node') {
         const after = await served()
         assert.ok(after.peer_read_bytes - before.peer_read_bytes <= 11 * MiB, `B read ${after.peer_read_bytes - before.peer_read_bytes} bytes from A for 10 MiB of data`)
-        assert.ok(after.peer_status_requests > before.peer_status_requests, 'B asked A for block status')
+        assert.ok(after.peer_status_requests > before.peer_status_requests, `B asked A for block status (${before.peer_status_requests} then ${after.peer_status_requests}; ${JSON.stringify(after)})`)
       }
       let allocated = 0
       const { stat } = await import('node:fs/promises')

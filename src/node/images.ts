@@ -71,6 +71,29 @@ export function describeState (st: ImageState): Record<string, unknown> {
   }
 }
 
+/**
+ * The blocks [s, e) that removing location `loc`'s blocks [start, end)
+ * of `meta` takes away; refused where a block would be left without an
+ * in-sync replica, or when the image has no such location.
+ */
+export function checkRemoval (meta: ImageMeta, loc: string, start?: number, end?: number): [number, number] {
+  const [s, e] = blockRange(meta, start, end)
+  const st = meta.locations.get(loc)
+  if (st === undefined) throw invalidArgument(`image '${meta.name}' has no location ${loc}`, { location: loc })
+  // What only this location holds in sync (range by range: an image may have 2^28 blocks).
+  const alone = new RangeSet(st.blocks.within(s, e))
+  for (const [other, o] of meta.locations) {
+    if (other !== loc) alone.removeSet(o.blocks.clone().removeSet(o.outOfSync))
+  }
+  const b = alone.first
+  if (b !== undefined) {
+    throw new UkaiError('UKAI_ERR_PERMISSION',
+      `removing ${loc} would leave block ${b} of image '${meta.name}' without an in-sync replica; add and sync another location first`,
+      { block: b, location: loc })
+  }
+  return [s, e]
+}
+
 export class ImageService {
   readonly config: Config
   readonly store: MetadataStore
@@ -230,20 +253,8 @@ export class ImageService {
   async removeLocation (name: string, location: unknown, start?: number, end?: number): Promise<ImageMeta> {
     const loc = validateLocation(location, this.config.proxy_port)
     return await this.store.update(validateImageName(name), (meta) => {
-      const [s, e] = blockRange(meta, start, end)
-      const st = meta.locations.get(loc)
-      if (st === undefined) throw invalidArgument(`image '${name}' has no location ${loc}`, { location: loc })
-      // What only this location holds in sync (range by range: an image may have 2^28 blocks).
-      const alone = new RangeSet(st.blocks.within(s, e))
-      for (const [other, o] of meta.locations) {
-        if (other !== loc) alone.removeSet(o.blocks.clone().removeSet(o.outOfSync))
-      }
-      const b = alone.first
-      if (b !== undefined) {
-        throw new UkaiError('UKAI_ERR_PERMISSION',
-          `removing ${loc} would leave block ${b} of image '${name}' without an in-sync replica; add and sync another location first`,
-          { block: b, location: loc })
-      }
+      const [s, e] = checkRemoval(meta, loc, start, end)
+      const st = meta.locations.get(loc)!
       meta.removeBlocks(loc, s, e)
       if (st.blocks.isEmpty) meta.locations.delete(loc)
       return meta

@@ -31,7 +31,9 @@ import { NodeErrors } from '../volume/node-errors.js'
 import { Volume, newIoStats, type ClusterContext, type IoStats, type SyncProgress } from '../volume/volume.js'
 import { DataSessions } from './data-sessions.js'
 import { FenceTable } from './fences.js'
-import { ImageService, incarnationOf } from './images.js'
+import { LeavingReplicas } from './leaving.js'
+import { isNotRunning } from '../control/client.js'
+import { ImageService, checkRemoval, incarnationOf } from './images.js'
 import { NodeMembership } from './membership.js'
 import { mkdirDurable } from '../util/durable-fs.js'
 import { NodeMetrics } from './metrics.js'
@@ -77,6 +79,8 @@ export class UkaiNode extends EventEmitter implements ReplicaProvider, ClusterCo
   readonly blocks: BlockStore
   readonly errors: NodeErrors
   readonly fences = new FenceTable()
+  /** Ranges of this node's replicas it serves no reads of, ahead of their removal. */
+  readonly leaving = new LeavingReplicas()
   readonly images: ImageService
   /** This node's TLS identity (config key tls_dir), undefined when it speaks plain text on loopback. */
   readonly tls: NodeTls | undefined
@@ -736,40 +740,63 @@ export class UkaiNode extends EventEmitter implements ReplicaProvider, ClusterCo
   /**
    * Removes a location's blocks; every node that has the image open
    * applies it before this returns. The node of the location removes it
-   * itself when it has the image open (asked through its control API
-   * when that is another node): its reads leave the replica before the
-   * removal is stored, so none of them finds it stale once the writer,
-   * wherever it runs, stops writing it.
+   * itself whenever it runs (asked through its control API when that is
+   * another node): before the removal is stored, it stops reading that
+   * replica for the range and stops serving reads of it to other nodes
+   * (LeavingReplicas), so no reader anywhere finds it stale once the
+   * writer, wherever it runs, stops writing it.
    */
   async removeLocation (name: string, location: unknown, start?: number, end?: number): Promise<ImageMeta> {
     validateImageName(name)
     const loc = validateLocation(location, this.config.proxy_port)
     if (!this.isMe(loc)) {
-      const st = await this.store.requireState(name)
-      if (st.opens.some((o) => this.sameNode(o.node, loc))) {
-        try {
-          await this.images.directory.removeOwnLocation(loc, name, start, end, this.config.io_timeout * 1000)
-        } catch (err) {
-          const e = toUkaiError(err)
-          throw new UkaiError(e.code, `image '${name}' is open on node ${loc}, which removes its own location itself: ${e.message}`, { ...e.details, image: name, node: loc })
-        }
+      if (await this.removeThere(name, loc, start, end)) {
         await this.reload(name)
         return await this.store.require(name)
       }
+    } else {
+      // Refused before any read leaves the replica: a removal that cannot
+      // be stored must not make the range unreadable meanwhile.
+      checkRemoval(await this.store.require(name), loc, start, end)
     }
     const volume = this.isMe(loc) ? this.volumes.get(name)?.volume : undefined
     const leaving = volume?.leave(loc, start ?? 0, end ?? Number.MAX_SAFE_INTEGER)
+    const served = this.isMe(loc) ? this.leaving.leave(name, start ?? 0, end ?? Number.MAX_SAFE_INTEGER) : undefined
     let meta: ImageMeta
     try {
       meta = await this.images.removeLocation(name, loc, start, end)
     } catch (err) {
       leaving?.cancel()
+      served?.cancel()
       throw err
     }
     leaving?.removed(meta.revision)
+    served?.removed(meta.revision)
     await this.reload(name)
     await this.publish(name, meta.revision)
     return meta
+  }
+
+  /**
+   * Asks the node of `loc` to remove its location itself (removeLocation).
+   * False when that node is down (no lease and no open of the image, or
+   * nothing listening on its control port): nothing can read its replica
+   * then, and this node stores the removal.
+   */
+  private async removeThere (name: string, loc: string, start: number | undefined, end: number | undefined): Promise<boolean> {
+    const st = await this.store.requireState(name)
+    const open = st.opens.some((o) => this.sameNode(o.node, loc))
+    const alive = (await this.store.listNodes()).some((n) => n.alive !== undefined && this.sameNode(n.info.id, loc))
+    if (!open && !alive) return false
+    try {
+      await this.images.directory.removeOwnLocation(loc, name, start, end, this.config.io_timeout * 1000)
+      return true
+    } catch (err) {
+      if (!open && isNotRunning(err)) return false
+      const e = toUkaiError(err)
+      const why = open ? 'has the image open' : 'holds the replica'
+      throw new UkaiError(e.code, `node ${loc} ${why}, and removes its own location itself (it stops serving reads of it first): ${e.message}`, { ...e.details, image: name, node: loc })
+    }
   }
 
   /**

@@ -28,6 +28,7 @@ import {
 } from '../frontends/nbd/protocol.js'
 import { Handshake, HandshakeQueue, type Negotiated } from './nbd-handshake.js'
 import { ReplyParser, errorCodeForNbd, nbdErrorName, protocolError, type StatusExtent } from './nbd-reply-parser.js'
+import { show } from '../util/show.js'
 
 export { ReplyParser, errorCodeForNbd, type ReplyTarget } from './nbd-reply-parser.js'
 
@@ -172,7 +173,7 @@ export class NbdClient extends EventEmitter {
     this.allocationContext = n.allocationContext
     this.parser = new ReplyParser({
       payloadOf: (cookie) => this.pending.get(cookie)?.dest,
-      complete: (cookie, error) => this.complete(cookie, error),
+      complete: (cookie, error, message) => this.complete(cookie, error, message),
       requestOf: (cookie) => this.pending.get(cookie),
       status: (cookie, context, extents) => {
         const req = this.pending.get(cookie)!
@@ -556,7 +557,7 @@ export class NbdClient extends EventEmitter {
     if (err !== undefined) this.fail(err)
   }
 
-  private complete (cookie: number, error: number): void {
+  private complete (cookie: number, error: number, message?: string): void {
     const req = this.pending.get(cookie)
     if (req === undefined) return
     this.pending.delete(cookie)
@@ -565,7 +566,7 @@ export class NbdClient extends EventEmitter {
     } else {
       const name = commandName(req.type)
       const code = errorCodeForNbd(error)
-      req.reject(new UkaiError(code, `${name} of ${req.length} bytes at offset ${req.offset} failed on the NBD server: ${nbdErrorName(error)}`,
+      req.reject(new UkaiError(code, `${name} of ${req.length} bytes at offset ${req.offset} failed on the NBD server: ${nbdErrorName(error)}${message === undefined ? '' : ` (${show(message)})`}`,
         { command: name, offset: req.offset, length: req.length, nbdError: error }))
       // "If the client receives an NBD_ESHUTDOWN error it MUST initiate a soft disconnect."
       if (error === NBD_ESHUTDOWN) this.draining = true

@@ -66,8 +66,8 @@ export interface ReplyTarget {
    * no request with that cookie is in flight.
    */
   payloadOf: (cookie: number) => Buffer | null | undefined
-  /** The reply to `cookie` is complete (its payload, if any, is in place). */
-  complete: (cookie: number, error: number) => void
+  /** The reply to `cookie` is complete (its payload, if any, is in place); an error chunk's message comes along. */
+  complete: (cookie: number, error: number, message?: string) => void
   /** Structured replies: the request in flight with `cookie`, undefined when there is none. */
   requestOf?: (cookie: number) => InFlightRequest | undefined
   /**
@@ -88,7 +88,7 @@ const MAX_CHUNK_PAYLOAD = 4 + 8 * 2 ** 20
 const MAX_ERROR_PAYLOAD = 14 + NBD_MAX_STRING
 
 /** A structured reply under way: its error so far, and what of a READ its content chunks covered. */
-interface Structured { error: number, covered: RangeSet | undefined, statuses: number }
+interface Structured { error: number, message?: string, covered: RangeSet | undefined, statuses: number }
 
 /**
  * Transmission replies parsed from chunks as the socket delivers them.
@@ -312,7 +312,10 @@ export class ReplyParser {
       if (error === 0) return protocolError(`${what} with error 0`)
       if (messageLength > c.length - fixed) return protocolError(`${what}: message of ${messageLength} bytes in a chunk of ${c.length}`)
       // An unknown error type: "it MUST consider the current reply as errored, but MAY continue".
-      reply.error ||= error
+      if (reply.error === 0) {
+        reply.error = error
+        if (messageLength > 0) reply.message = p.toString('utf8', 6, 6 + messageLength)
+      }
       return this.chunkDone()
     }
     switch (c.type) {
@@ -381,7 +384,7 @@ export class ReplyParser {
       // "A successful block status request MUST have exactly one status chunk per negotiated metadata context ID."
       if (req.type === NBD_CMD_BLOCK_STATUS && reply.statuses === 0) return protocolError(`the reply to ${commandName(req.type)} ended without a status chunk`)
     }
-    this.target.complete(c.cookie, reply.error)
+    this.target.complete(c.cookie, reply.error, reply.message)
     return undefined
   }
 }

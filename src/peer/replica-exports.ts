@@ -132,8 +132,12 @@ class ReplicaBackend implements NbdBackend {
     return meta
   }
 
-  /** Pieces of a request, each checked to be a block this node holds. */
-  private pieces (offset: number, length: number): Piece[] {
+  /**
+   * Pieces of a request, each checked to be a block this node holds; for
+   * a read (or block status), one this node is not leaving either
+   * (LeavingReplicas): the reader goes to another copy.
+   */
+  private pieces (offset: number, length: number, reading = false): Piece[] {
     const meta = this.meta()
     const pieces = splitRange(offset, length, meta.blockSize, meta.size)
     const here = this.node.placedHere(meta)
@@ -141,12 +145,15 @@ class ReplicaBackend implements NbdBackend {
       if (here === undefined || !here.blocks.has(p.block)) {
         throw new UkaiError('UKAI_ERR_PERMISSION', `block ${p.block} of image '${this.image}' is not placed on this node`)
       }
+      if (reading && this.node.leaving.has(this.image, p.block, meta.revision)) {
+        throw new UkaiError('UKAI_ERR_PERMISSION', `block ${p.block} of image '${this.image}' is being removed from this node; read another replica`)
+      }
     }
     return pieces
   }
 
   async read (offset: number, buf: Buffer): Promise<number> {
-    const pieces = this.pieces(offset, buf.length)
+    const pieces = this.pieces(offset, buf.length, true)
     await Promise.all(pieces.map(async (p) =>
       await this.blocks.read(this.image, p.block, p.offset, buf.subarray(p.bufferOffset, p.bufferOffset + p.length))))
     const served = this.node.ioStatsOf(this.image).served
@@ -183,7 +190,7 @@ class ReplicaBackend implements NbdBackend {
   async extents (offset: number, length: number): Promise<Extent[]> {
     this.node.ioStatsOf(this.image).served.statusRequests++
     const out: Extent[] = []
-    for (const p of this.pieces(offset, length)) {
+    for (const p of this.pieces(offset, length, true)) {
       const base = offset + p.bufferOffset - p.offset
       let at = p.offset
       for (const [s, e] of await this.blocks.dataExtents(this.image, p.block, p.offset, p.offset + p.length)) {
