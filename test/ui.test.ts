@@ -20,7 +20,7 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import puppeteer, { type Browser, type Page } from 'puppeteer-core'
 import { Cluster } from './helpers/cluster.js'
-import type { TestNode } from './helpers/node-process.js'
+import { CLI, TestNode, run } from './helpers/node-process.js'
 import { NbdClient } from '../src/peer/nbd-client.js'
 
 const CHROMIUM = '/usr/bin/chromium'
@@ -34,7 +34,10 @@ const SHOTS = process.env.UKAI_UI_SCREENSHOTS
 
 interface ErrorBody { error?: { code: string, message: string } }
 
-describe('dashboard', { skip: existsSync(CHROMIUM) ? false : `${CHROMIUM} is not installed (scripts/setup.sh --tests)`, timeout: 300_000 }, () => {
+/** The browser's tests skip without it; the API's rules are tested all the same. */
+const NO_BROWSER = existsSync(CHROMIUM) ? false : `${CHROMIUM} is not installed (scripts/setup.sh --tests installs it)`
+
+describe('dashboard', { timeout: 300_000 }, () => {
   let cluster: Cluster
   let A: TestNode, B: TestNode, C: TestNode
   let client: NbdClient
@@ -54,6 +57,7 @@ describe('dashboard', { skip: existsSync(CHROMIUM) ? false : `${CHROMIUM} is not
     client = await NbdClient.connect({ path: A.nbdSocket! }, 'vm1', { timeoutMs: 30_000 })
     await client.write(DIRTY * MiB, Buffer.alloc(64 * 1024, 7))
     await client.flush()
+    if (NO_BROWSER !== false) return
     profile = await mkdtemp(join(tmpdir(), 'ukai-ui-chromium-'))
     browser = await puppeteer.launch({
       executablePath: CHROMIUM,
@@ -142,7 +146,7 @@ describe('dashboard', { skip: existsSync(CHROMIUM) ? false : `${CHROMIUM} is not
     assert.deepEqual((await cluster.state('vm1')).meta.hypervisors, [A.id])
   })
 
-  test('without the token, or with a wrong one, the page says so; the token from #token= is taken out of the URL', async () => {
+  test('without the token, or with a wrong one, the page says so; the token from #token= is taken out of the URL', { skip: NO_BROWSER }, async () => {
     await page.goto(`${base()}/ui/`)
     await until("document.querySelector('#errors .error[data-code=\"NO_TOKEN\"]') !== null")
     await page.type('#token', 'not-the-clusters-token-0123456789')
@@ -157,7 +161,7 @@ describe('dashboard', { skip: existsSync(CHROMIUM) ? false : `${CHROMIUM} is not
     assert.equal(await page.$$eval('#errors .error', (e) => e.length), 0)
   })
 
-  test('cluster view: the three nodes, alive, with address, space and RTT; the RTT between every two', async () => {
+  test('cluster view: the three nodes, alive, with address, space and RTT; the RTT between every two', { skip: NO_BROWSER }, async () => {
     await page.goto(`${base()}/ui/#cluster`)
     await until("document.querySelectorAll('#nodes tbody tr').length === 3 && document.querySelectorAll('#rtt tbody td').length === 9 && [...document.querySelectorAll('#rtt tbody td')].every((td) => td.textContent !== '–')")
     const rows = await page.$$eval('#nodes tbody tr', (trs) => trs.map((tr) => ({ id: tr.getAttribute('data-node'), cells: [...tr.querySelectorAll('td')].map((td) => td.textContent ?? '') })))
@@ -174,7 +178,7 @@ describe('dashboard', { skip: existsSync(CHROMIUM) ? false : `${CHROMIUM} is not
     await shot('cluster')
   })
 
-  test('images view: size, block size, locations, hypervisors, the writer and readers; filter and sort', async () => {
+  test('images view: size, block size, locations, hypervisors, the writer and readers; filter and sort', { skip: NO_BROWSER }, async () => {
     await A.cliOk('image', 'create', 'small', '-s', '4M', '-b', '1M', '-l', B.id)
     await page.goto(`${base()}/ui/#images`)
     await until("document.querySelectorAll('#images tbody tr').length === 2 && document.querySelector('#images tr[data-image=vm1] .writer').textContent !== '–'")
@@ -204,7 +208,7 @@ describe('dashboard', { skip: existsSync(CHROMIUM) ? false : `${CHROMIUM} is not
       [...r.querySelectorAll('.cell')].map((c) => c.getAttribute('data-state'))])))
   }
 
-  test('block map: every cell in the state the metadata gives it; a sync started from the page turns the out-of-sync cells in sync', async () => {
+  test('block map: every cell in the state the metadata gives it; a sync started from the page turns the out-of-sync cells in sync', { skip: NO_BROWSER }, async () => {
     await page.goto(`${base()}/ui/#blocks/vm1`)
     await until(`document.querySelectorAll('#block-map .cell').length === ${3 * BLOCKS}`)
     const want = (f: (b: number) => string): string[] => Array.from({ length: BLOCKS }, (_, b) => f(b))
@@ -259,7 +263,7 @@ describe('dashboard', { skip: existsSync(CHROMIUM) ? false : `${CHROMIUM} is not
     await page.keyboard.up('Shift')
   }
 
-  test('block map: a move the node refuses shows its error; one from B to C started from the page moves the cells', async () => {
+  test('block map: a move the node refuses shows its error; one from B to C started from the page moves the cells', { skip: NO_BROWSER }, async () => {
     await select(4, 7)
     await page.select('#move-to', C.id)
     await page.click('#move-range')
@@ -288,7 +292,21 @@ describe('dashboard', { skip: existsSync(CHROMIUM) ? false : `${CHROMIUM} is not
     assert.deepEqual(await cluster.checkReplicas('vm1'), [])
   })
 
-  test('live I/O: the counters of the image on the writing node move while a client writes', async () => {
+  test('block map of an image of more blocks than cells: a cell per run of blocks, its hover tells what the run holds', { skip: NO_BROWSER }, async () => {
+    // 4,096 blocks of 4 KiB: two blocks a cell.
+    await A.cliOk('image', 'create', 'many', '-s', '16M', '-b', '4K', '-l', A.id, '-l', B.id)
+    await A.cliOk('image', 'add-location', 'many', C.id, '-s', '1', '-e', '2')
+    await page.goto(`${base()}/ui/#blocks/many`)
+    await until("document.querySelectorAll('#block-map .location').length === 3 && document.querySelectorAll('#block-map .cell').length === 3 * 2048")
+    assert.match(await page.$eval('#block-summary', (e) => e.textContent ?? ''), /^4096 blocks of 4.00 KiB, 3 locations, 2 block replicas out of sync, 0 dirty; a cell is 2 blocks/)
+    const cells = `#block-map .location[data-location="${C.id}"] .cell`
+    assert.deepEqual(await page.$$eval(cells, (cs) => cs.slice(0, 3).map((c) => c.getAttribute('data-state'))), ['out-of-sync', 'out-of-sync', 'not-placed'])
+    await page.hover(`${cells}[data-block="0"]`)
+    assert.equal(await page.$eval('#block-hover', (e) => e.textContent), `blocks 0–1 · bytes 0–8191 (8.00 KiB) · ${C.id}: 1 not placed, 1 out of sync`)
+    await A.cliOk('image', 'destroy', 'many')
+  })
+
+  test('live I/O: the counters of the image on the writing node move while a client writes', { skip: NO_BROWSER }, async () => {
     client = await NbdClient.connect({ path: A.nbdSocket! }, 'vm1', { timeoutMs: 30_000 })
     await page.goto(`${base()}/ui/#live`)
     const row = `#live tr[data-node="${A.id}"][data-image="vm1"]`
@@ -322,7 +340,7 @@ describe('dashboard', { skip: existsSync(CHROMIUM) ? false : `${CHROMIUM} is not
     assert.ok(Number(await page.$eval(`${row} .reads-total`, (e) => e.textContent)) > 0, 'the reads counted too')
   })
 
-  test('cluster view: a node that does not answer in io_timeout is in the error state, with its retry_after countdown', async () => {
+  test('cluster view: a node that does not answer in io_timeout is in the error state, with its retry_after countdown', { skip: NO_BROWSER }, async () => {
     C.proc!.kill('SIGSTOP')
     try {
       // A write to a block C holds: C does not answer, A marks it out of sync and skips it.
@@ -339,5 +357,31 @@ describe('dashboard', { skip: existsSync(CHROMIUM) ? false : `${CHROMIUM} is not
     await until(`document.querySelector('${cell} .countdown').textContent !== ${JSON.stringify(first)}`, 5000)
     await shot('cluster-error')
     assert.deepEqual(pageErrors, [])
+  })
+})
+
+describe('dashboard API on a node with tls_dir', { timeout: 120_000 }, () => {
+  let dir: string
+  let node: TestNode
+
+  before(async () => {
+    dir = await mkdtemp(join(tmpdir(), 'ukai-ui-tls-'))
+    const r = await run(process.execPath, [CLI, 'cert', 'ca', join(dir, 'ca')])
+    assert.equal(r.code, 0, r.stderr)
+    node = await TestNode.start({ tlsCa: join(dir, 'ca') })
+    await node.cliOk('image', 'create', 'vm', '-s', '4M', '-b', '1M')
+  })
+  after(async () => {
+    await node?.destroy()
+    if (dir !== undefined) await rm(dir, { recursive: true, force: true })
+  })
+
+  test('the page is served over HTTPS, and only the https:// origin of the node may change state', async () => {
+    const page = await node.apiText('GET', '/ui/', undefined, { token: null })
+    assert.equal(page.status, 200)
+    const add = async (origin: string): Promise<number> =>
+      (await node.api('POST', '/v1/images/vm/hypervisors', { hypervisor: '127.0.0.1:1' }, { headers: { origin } })).status
+    assert.equal(await add(`http://127.0.0.1:${node.controlPort}`), 403)
+    assert.equal(await add(`https://127.0.0.1:${node.controlPort}`), 200)
   })
 })

@@ -101,6 +101,9 @@ function rankBlocks (d) {
   return out
 }
 
+/** What the map is drawn from, to draw it again only when it changed. */
+let drawn
+
 async function load () {
   const d = await api('GET', `/v1/images/${encodeURIComponent(image)}`)
   doc = d
@@ -110,8 +113,12 @@ async function load () {
   document.getElementById('block-summary').textContent =
     `${d.blocks} blocks of ${bytes(d.block_size)}, ${Object.keys(d.locations).length} locations, ${oos} block replicas out of sync, ${d.dirty_blocks} dirty` +
     (perCell > 1 ? `; a cell is ${perCell} blocks` : '') + (d.writer !== null ? `; written by ${d.writer.node}` : '')
-  render()
-  fillNodes()
+  const key = JSON.stringify([d.name, d.incarnation, d.blocks, d.locations, d.dirty])
+  if (key !== drawn || document.querySelector('#block-map .cell') === null) {
+    drawn = key
+    render()
+  }
+  void fillNodes()
 }
 
 async function fillNodes () {
