@@ -149,6 +149,8 @@ describe('dashboard', { timeout: 300_000 }, () => {
   test('without the token, or with a wrong one, the page says so; the token from #token= is taken out of the URL', { skip: NO_BROWSER }, async () => {
     await page.goto(`${base()}/ui/`)
     await until("document.querySelector('#errors .error[data-code=\"NO_TOKEN\"]') !== null")
+    // One banner for it, not one per call the view makes.
+    assert.equal(await page.$$eval('#errors .error', (e) => e.length), 1)
     await page.type('#token', 'not-the-clusters-token-0123456789')
     await page.click('#token-form button[type=submit]')
     await until("document.querySelector('#errors .error[data-code=\"UKAI_ERR_UNAUTHENTICATED\"]') !== null")

@@ -6,8 +6,12 @@ import { el } from './format.js'
 /** Errors by what failed: a refresh that works again takes its error away. */
 const errors = new Map()
 
+/** Errors that every call meets alike: one banner for all of them, not one per view's call. */
+const TOKEN_ERRORS = new Set(['NO_TOKEN', 'UKAI_ERR_UNAUTHENTICATED'])
+
 export function report (key, err) {
   if (err?.name === 'AbortError') return
+  if (err instanceof ApiError && TOKEN_ERRORS.has(err.code)) key = 'token'
   const message = err instanceof ApiError || err instanceof Error ? err.message : String(err)
   const code = err instanceof ApiError ? err.code : undefined
   errors.set(key, { message, code })
