@@ -5,9 +5,9 @@
 # step is skipped when what it makes is already there and up to date.
 #
 #   scripts/setup.sh           what a node needs
-#   scripts/setup.sh --tests   also what the tests need (etcd, and a QEMU
+#   scripts/setup.sh --tests   also what the tests need (etcd, a QEMU
 #                              system emulator, a kernel and busybox for a
-#                              small guest VM)
+#                              small guest VM, and chromium for the dashboard)
 #   scripts/setup.sh --bench   also the benchmark's peers (fio, bindfs, nbdkit)
 #   scripts/setup.sh --force   redo every step (CI)
 set -euo pipefail
@@ -44,6 +44,8 @@ if [ "$want_tests" = 1 ]; then
   provides[qemu-system-x86_64]=qemu-system-x86
   provides[/bin/busybox]=busybox-static
   provides['/boot/vmlinuz-*']=linux-image-amd64
+  # The dashboard's browser test (puppeteer-core drives it; no browser is downloaded).
+  provides[chromium]=chromium
 fi
 if [ "$want_bench" = 1 ]; then
   provides[bindfs]=bindfs

@@ -40,7 +40,7 @@ function byteParam (query: URLSearchParams, key: string, required: boolean): num
 }
 
 /** Query parameters other than `allowed` are refused, as unknown body fields are. */
-function onlyParams (query: URLSearchParams, allowed: string[]): void {
+export function onlyParams (query: URLSearchParams, allowed: string[]): void {
   for (const k of query.keys()) if (!allowed.includes(k)) throw invalidArgument(`unknown query parameter '${k}'`, { key: k })
 }
 

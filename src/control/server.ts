@@ -8,7 +8,9 @@
  * Every call needs the cluster's bearer token (control/token.ts), and is
  * refused when its Host header names something else than this node (a
  * DNS-rebinding page names its own host); a state-changing call that
- * carries a browser's Origin is refused too, token or not.
+ * carries a browser's Origin is refused too, token or not, unless that
+ * Origin is this node's own control origin (the dashboard it serves under
+ * /ui/, ui-assets.ts, whose static files need no token: they hold no data).
  */
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http'
 import { createServer as createHttpsServer } from 'node:https'
@@ -16,18 +18,24 @@ import { hostname, networkInterfaces } from 'node:os'
 import { bearerMatches } from './token.js'
 import { UkaiError, invalidArgument, toUkaiError } from '../errors.js'
 import { describe, describeState, parseInfoFormat, summarise } from '../node/images.js'
+import { errorReport } from '../node/stats.js'
 import type { UkaiNode } from '../node/node.js'
 import { ControlClient, callStream, controlTlsOf } from './client.js'
 import { jsonError, show } from '../util/show.js'
 import { MAX_DATA, dataRoutes, readRawBody } from './data-routes.js'
+import { uiRoutes } from './ui-routes.js'
+import { isUiPath, serveUi } from './ui-assets.js'
 
 /** Largest request body: a per-block export of a large image is big. */
 export const MAX_BODY = 256 * 2 ** 20
 
 export const API_VERSION = 'v1'
 
-/** `emit` sends one progress object as a line of the streamed answer. */
-type Handler = (node: UkaiNode, params: string[], body: unknown, query: URLSearchParams, emit: (v: unknown) => void) => Promise<unknown>
+/**
+ * `emit` sends one progress object as a line of the streamed answer;
+ * `signal` aborts when the client of a streamed answer goes away.
+ */
+type Handler = (node: UkaiNode, params: string[], body: unknown, query: URLSearchParams, emit: (v: unknown) => void, signal: AbortSignal) => Promise<unknown>
 
 export interface Route {
   method: string
@@ -36,6 +44,10 @@ export interface Route {
   status?: number
   /** Answered as NDJSON: progress lines, then {"result": ...} or {"error": ...}. */
   stream?: boolean
+  /** With stream: server-sent events (`data: JSON` per emit) instead of NDJSON. */
+  events?: boolean
+  /** Validates the request before a streamed answer starts, so bad input is a plain error status. */
+  check?: (query: URLSearchParams) => void
   /** The body is raw bytes (a Buffer of at most MAX_DATA), not JSON. */
   raw?: boolean
   /** The handler answers a Text: sent as it is, not as JSON. */
@@ -127,12 +139,7 @@ const routes: Route[] = [
   {
     method: 'GET',
     pattern: /^\/v1\/nodes\/errors$/,
-    handler: async (node) => node.errors.list().map((e) => ({
-      location: e.location,
-      reason: e.reason,
-      since: new Date(e.since).toISOString(),
-      retry_after: new Date(e.retryAfter).toISOString()
-    }))
+    handler: async (node) => errorReport(node.errors)
   },
   { method: 'GET', pattern: /^\/v1\/images$/, handler: async (node) => await node.images.list() },
   {
@@ -247,7 +254,8 @@ const routes: Route[] = [
       return { destroyed: name }
     }
   },
-  ...dataRoutes
+  ...dataRoutes,
+  ...uiRoutes
 ]
 
 async function readBody (req: IncomingMessage): Promise<unknown> {
@@ -323,14 +331,19 @@ export class ControlServer {
     return typeof a === 'object' && a !== null ? a.port : undefined
   }
 
-  /** Who may call: the Host is this node's, no browser changes anything, the token is the cluster's. */
-  private admit (req: IncomingMessage, res: ServerResponse): void {
+  /** The Host is this node's: a DNS-rebinding page names its own. */
+  private checkHost (req: IncomingMessage): void {
     const host = req.headers.host
     if (host === undefined || !this.isOurHost(host)) {
       throw new UkaiError('UKAI_ERR_PERMISSION', `the request's Host ${host === undefined ? '(none)' : show(host)} does not name this node's control API (${this.node.config.control_address}:${this.port ?? '?'})`)
     }
+  }
+
+  /** Who may call: the Host is this node's, no other page changes anything, the token is the cluster's. */
+  private admit (req: IncomingMessage, res: ServerResponse): void {
+    this.checkHost(req)
     const origin = req.headers.origin
-    if (origin !== undefined && !SAFE_METHODS.has(req.method ?? '')) {
+    if (origin !== undefined && !SAFE_METHODS.has(req.method ?? '') && !this.isOwnOrigin(origin)) {
       throw new UkaiError('UKAI_ERR_PERMISSION', `a state-changing call from a web page (Origin ${show(origin)}) is refused`)
     }
     if (!bearerMatches(req.headers.authorization, this.token)) {
@@ -349,10 +362,29 @@ export class ControlServer {
     return port === this.port && this.names.has(bareHost(u.hostname))
   }
 
+  /**
+   * Whether a page's Origin is exactly this node's control origin: the
+   * scheme this server speaks and a host:port the Host check accepts
+   * (the dashboard this node serves). `URL.origin` must give it back
+   * unchanged, so a path, user info, "null" or odd spelling is foreign.
+   */
+  private isOwnOrigin (origin: string): boolean {
+    let u: URL
+    try { u = new URL(origin) } catch { return false }
+    const scheme = this.node.tls === undefined ? 'http:' : 'https:'
+    if (u.protocol !== scheme || u.origin !== origin) return false
+    const port = u.port !== '' ? u.port : scheme === 'https:' ? '443' : '80'
+    return this.isOurHost(`${u.hostname}:${port}`)
+  }
+
   private async handle (req: IncomingMessage, res: ServerResponse): Promise<void> {
     try {
-      this.admit(req, res)
       const url = new URL(req.url ?? '/', 'http://control')
+      if (isUiPath(url.pathname)) {
+        this.checkHost(req)
+        return await serveUi(req, res, url.pathname)
+      }
+      this.admit(req, res)
       let path: string
       try { path = decodeURIComponent(url.pathname) } catch { throw invalidArgument('malformed path') }
       const matching = routes.filter((r) => r.pattern.test(path))
@@ -364,8 +396,9 @@ export class ControlServer {
       }
       const params = route.pattern.exec(path)!.slice(1)
       const body = req.method === 'GET' ? undefined : route.raw === true ? await readRawBody(req, MAX_DATA) : await readBody(req)
+      route.check?.(url.searchParams)
       if (route.stream === true) return await this.stream(res, route, params, body, url.searchParams)
-      const result = await route.handler(this.node, params, body, url.searchParams, () => {})
+      const result = await route.handler(this.node, params, body, url.searchParams, () => {}, new AbortController().signal)
       if (route.text === true) return sendText(res, result as Text)
       if (Buffer.isBuffer(result)) sendBytes(res, route.status ?? 200, result)
       else send(res, route.status ?? 200, result)
@@ -375,14 +408,23 @@ export class ControlServer {
   }
 
   private async stream (res: ServerResponse, route: Route, params: string[], body: unknown, query: URLSearchParams): Promise<void> {
-    res.writeHead(200, { 'content-type': 'application/x-ndjson' })
-    const line = (v: unknown): void => { res.write(JSON.stringify(v) + '\n') }
+    const events = route.events === true
+    res.writeHead(200, events ? { 'content-type': 'text/event-stream', 'cache-control': 'no-store' } : { 'content-type': 'application/x-ndjson' })
+    const gone = new AbortController()
+    res.once('close', () => gone.abort())
+    // Server-sent events (WHATWG HTML, 9.2): "data:" lines, a blank line ends the event.
+    const line = (v: unknown, event?: string): void => {
+      if (!res.writable) return
+      if (!events) res.write(JSON.stringify(v) + '\n')
+      else res.write(`${event !== undefined ? `event: ${event}\n` : ''}data: ${JSON.stringify(v)}\n\n`)
+    }
     try {
-      const result = await route.handler(this.node, params, body, query, (v) => line({ progress: v }))
-      line({ result })
+      const result = await route.handler(this.node, params, body, query, (v) => { if (events) line(v); else line({ progress: v }) }, gone.signal)
+      if (events) line(result, 'end'); else line({ result })
     } catch (err) {
       const e = toUkaiError(err)
-      line({ error: { code: e.code, message: e.message, details: e.details ?? {} } })
+      const error = { error: { code: e.code, message: e.message, details: e.details ?? {} } }
+      if (events) line(error, 'error'); else line(error)
     }
     res.end()
   }

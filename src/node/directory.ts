@@ -15,6 +15,7 @@ import type { MetadataStore, NodeInfo } from '../metadata/store.js'
 import { loadControlToken } from '../control/token.js'
 import type { FenceReply } from './node.js'
 import type { NodeStorage } from './storage.js'
+import type { ImageStats, NodeErrorReport } from './stats.js'
 
 export interface NodeStatus {
   id: string
@@ -34,13 +35,26 @@ export interface NodeStatus {
   error?: string
 }
 
-/** One registered node's storage report (storage.ts), or why there is none. */
-export interface NodeStorageStatus extends Partial<NodeStorage> {
+/** What every node was asked (askEvery): who it is, whether it answered, why not. */
+export interface NodeAnswer {
   id: string
   alive: boolean
   reachable: boolean
   error?: string
 }
+
+/** One registered node's storage report (storage.ts), or why there is none. */
+export type NodeStorageStatus = Partial<NodeStorage> & NodeAnswer
+
+/** One node's `GET /v1/stats`: its I/O of every image it knows and the locations it has in the error state. */
+export interface NodeIoStats {
+  node: string
+  /** When the node read its counters, ms since the epoch (rates are differences over it). */
+  time: number
+  images: ImageStats[]
+  errors: NodeErrorReport[]
+}
+
 
 /** How long a node may take to report its storage (it walks its image_root). */
 const STORAGE_TIMEOUT_MS = 30_000
@@ -152,14 +166,32 @@ export class NodeDirectory {
 
   /** Every registered node's storage report, asked of each node that is alive (GET /v1/storage). */
   async storage (): Promise<NodeStorageStatus[]> {
+    return await this.askEvery('/v1/storage', STORAGE_TIMEOUT_MS, (report: NodeStorage) => report)
+  }
+
+  /** Every registered node's I/O statistics of every image it knows, and its error state (GET /v1/stats). */
+  async stats (): Promise<Array<NodeAnswer & Partial<NodeIoStats>>> {
+    return await this.askEvery('/v1/stats', PROBE_TIMEOUT_MS, (report: NodeIoStats) => report)
+  }
+
+  /** The RTT from every node that is alive to every other, ms (each one's GET /v1/nodes). */
+  async rtt (): Promise<Array<NodeAnswer & { rtt_ms?: Record<string, number> }>> {
+    // That node probes each node in turn, each probe bounded by PROBE_TIMEOUT_MS.
+    return await this.askEvery('/v1/nodes', 3 * PROBE_TIMEOUT_MS, (list: NodeStatus[]) => ({
+      rtt_ms: Object.fromEntries(list.filter((n) => n.rtt_ms !== undefined).map((n) => [n.id, n.rtt_ms!]))
+    }))
+  }
+
+  /** `GET path` of every registered node that is alive, each answer through `pick`; why not, for the others. */
+  private async askEvery<T, R extends object> (path: string, timeoutMs: number, pick: (answer: T) => R): Promise<Array<NodeAnswer & Partial<R>>> {
     return await Promise.all((await this.store.listNodes()).map(async ({ info, alive }) => {
-      const base = { id: info.id, alive: alive !== undefined, reachable: false }
-      if (alive === undefined) return { ...base, error: 'not alive (its lease ended: the node is down)' }
+      const base: NodeAnswer = { id: info.id, alive: alive !== undefined, reachable: false }
+      if (alive === undefined) return { ...base, error: 'not alive (its lease ended: the node is down)' } as NodeAnswer & Partial<R>
       try {
-        const report = await (await this.client(alive, STORAGE_TIMEOUT_MS)).call<NodeStorage>('GET', '/v1/storage')
-        return { ...base, ...report, id: info.id, reachable: true }
+        const answer = pick(await (await this.client(alive, timeoutMs)).call<T>('GET', path))
+        return { ...base, ...answer, id: info.id, reachable: true }
       } catch (err) {
-        return { ...base, error: toUkaiError(err).message }
+        return { ...base, error: toUkaiError(err).message } as NodeAnswer & Partial<R>
       }
     }))
   }

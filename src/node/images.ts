@@ -67,7 +67,9 @@ export function describeState (st: ImageState): Record<string, unknown> {
     open: st.opens.map((o) => ({ node: o.node, readers: o.readers, writers: o.writers, since: o.since })),
     writer: st.writer === undefined ? null : { node: st.writer.node, generation: st.writer.generation, purpose: st.writer.purpose, since: st.writer.since },
     writer_generation: st.generation,
-    dirty_blocks: st.dirty.size
+    dirty_blocks: st.dirty.size,
+    /** The dirty-block log's blocks, [start, end) ranges. */
+    dirty: st.dirty.toJSON()
   }
 }
 

@@ -11,6 +11,24 @@
  */
 import type { ImageMeta } from '../metadata/image.js'
 import type { IoStats, ReplicaIo } from '../volume/volume.js'
+import type { NodeErrors } from '../volume/node-errors.js'
+
+/** A location in this node's error state (GET /v1/nodes/errors): skipped until retry_after. */
+export interface NodeErrorReport {
+  location: string
+  reason: string
+  since: string
+  retry_after: string
+}
+
+export function errorReport (errors: NodeErrors): NodeErrorReport[] {
+  return errors.list().map((e) => ({
+    location: e.location,
+    reason: e.reason,
+    since: new Date(e.since).toISOString(),
+    retry_after: new Date(e.retryAfter).toISOString()
+  }))
+}
 
 /** A sync of an image on this node: the latest progress of the one running, or of the last one. */
 export interface SyncStatus {
