@@ -71,10 +71,10 @@ export class BenchCeph {
     this.onExit = () => { rmSync(this.blockDir, { recursive: true, force: true }) }
   }
 
-  /** `ceph --version` ("16.2.15 (…) pacific (stable)"), or undefined when it is not installed. */
+  /** `ceph --version` as "16.2.15 pacific (stable)", or undefined when it is not installed. */
   static async version () {
     const r = await run('ceph', ['--version'], { allowFail: true }).catch(() => undefined)
-    return r?.code === 0 ? r.stdout.trim().replace(/^ceph version /, '') : undefined
+    return r?.code === 0 ? r.stdout.trim().replace(/^ceph version /, '').replace(/ \([0-9a-f]+\)/, '') : undefined
   }
 
   /** The commands that are missing, with their packages (empty: the cluster can be made). */
@@ -355,7 +355,7 @@ export async function startRbdPeer (o) {
       version: await BenchCeph.version(),
       dir: o.dir,
       blockDir,
-      blockFs: fs.stdout.trim().replace(/\s+/, ' on '),
+      blockFs: fs.stdout.trim().split('\n')[0].replace(/\s+/, ' on '),
       blockBytes: blockNeed,
       cacheBytes: ceph.cacheBytes,
       storedPerOsd: dataBytes,
