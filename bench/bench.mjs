@@ -179,8 +179,8 @@ async function main () {
   const rbdWanted = phases.includes('throughput') && values.profile !== true
     ? Object.keys(RBD_IMAGES).filter((id) => pairs.some((p) => p.b === id))
     : []
-  // The Ceph OSDs' block files, when they go into the temporary directory.
-  const need = size * 8 + GIB + (rbdWanted.length > 0 && values['ceph-block-dir'] !== undefined && resolve(values['ceph-block-dir']).startsWith(resolve(parent)) ? size * 3 + 4 * GIB : 0)
+  // (The Ceph peer checks the room for its block files itself.)
+  const need = size * 8 + GIB
   if (st.bavail * st.bsize < need) throw new Error(`${parent} has ${fmtBytes(st.bavail * st.bsize)} free; the run needs about ${fmtBytes(need)}`)
   const tmp = await mkdtemp(join(parent, 'ukai-bench-'))
   log(`temporary directory ${tmp}; raw results in ${rawDir}`)

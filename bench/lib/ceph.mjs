@@ -339,6 +339,12 @@ export async function startRbdPeer (o) {
   const dataBytes = o.wanted.reduce((n, id) => n + o.size * (RBD_IMAGES[id].size === 2 ? 1 : 0.5), 0)
   const blockNeed = 2 * (dataBytes * 1.25 + 2 * 2 ** 30)
   const blockDir = o.blockDir ?? await defaultBlockDir(dataBytes * 2, join(o.dir, 'blocks'))
+  await mkdir(blockDir, { recursive: true })
+  if (!await onTmpfs(blockDir)) {
+    // Preallocated on a disk: check the room first (on tmpfs only what is written counts, checked above).
+    const st = await statfs(blockDir)
+    if (st.bavail * st.bsize < blockNeed) throw new Error(`${blockDir} has ${(st.bavail * st.bsize / 2 ** 30).toFixed(1)} GiB free; the OSDs' block files need ${(blockNeed / 2 ** 30).toFixed(1)} GiB`)
+  }
   const ceph = new BenchCeph(o.dir, { dataBytes, blockDir, log: o.log })
   try {
     const t0 = Date.now()
