@@ -23,6 +23,7 @@ import { fileURLToPath } from 'node:url'
 import { parseArgs } from 'node:util'
 import { ratioChart } from './lib/chart.mjs'
 import { makeReferenceFile, populateBlocks, residency, warm } from './lib/data.mjs'
+import { BenchCeph, RBD_IMAGES, startRbdPeer } from './lib/ceph.mjs'
 import { BenchEtcd } from './lib/etcd.mjs'
 import { WORKLOADS } from './lib/fio.mjs'
 import { abuse } from './lib/abuse.mjs'
@@ -59,6 +60,8 @@ const USAGE = `usage: node bench/bench.mjs [options]
                      workload and UKAI target; flame graphs go to bench/results/profiles/
   --targets LIST     with --profile: ukai-nbd,ukai-fuse,ukai-nbd-2,ukai-nbd-remote,resync
   --dir DIR          where the temporary directory goes (default: $TMPDIR or /tmp)
+  --ceph-block-dir D where the Ceph OSDs' block files go (default: a directory of their own
+                     on /dev/shm when it has room, else in the temporary directory)
   --dist DIR         test this compiled tree instead of the repository's dist/
   --node-env K=V     extra environment of the UKAI nodes (repeatable), for experiments such as
                      UV_USE_IO_URING=1 or UV_THREADPOOL_SIZE=4; never published
@@ -93,6 +96,7 @@ async function machine (dir) {
       nbdkit: await text('nbdkit', ['--version']),
       bindfs: await text('bindfs', ['--version']),
       etcd: await BenchEtcd.version() ?? 'not installed',
+      ceph: await BenchCeph.version() ?? 'not installed',
       kernel: release()
     }
   }
@@ -118,6 +122,7 @@ async function main () {
       profile: { type: 'boolean' },
       targets: { type: 'string' },
       dir: { type: 'string' },
+      'ceph-block-dir': { type: 'string' },
       keep: { type: 'boolean' },
       dist: { type: 'string' },
       'node-env': { type: 'string', multiple: true },
@@ -171,6 +176,10 @@ async function main () {
   const parent = values.dir ?? tmpdir()
   const st = await statfs(parent)
   // Reference file, block files of three images (four copies), cp target, delta image on two nodes.
+  const rbdWanted = phases.includes('throughput') && values.profile !== true
+    ? Object.keys(RBD_IMAGES).filter((id) => pairs.some((p) => p.b === id))
+    : []
+  // (The Ceph peer checks the room for its block files itself.)
   const need = size * 8 + GIB
   if (st.bavail * st.bsize < need) throw new Error(`${parent} has ${fmtBytes(st.bavail * st.bsize)} free; the run needs about ${fmtBytes(need)}`)
   const tmp = await mkdtemp(join(parent, 'ukai-bench-'))
@@ -265,6 +274,21 @@ async function main () {
       log('starting the peers: bindfs, qemu-nbd, nbdkit, nbdkit chain')
       await peers.start()
       const targets = { ...peers.targets(), ...ukaiTargets(a, images) }
+      // The distributed-storage peer, only when a pair asks for it.
+      let ceph
+      if (rbdWanted.length > 0) {
+        log(`starting the Ceph RBD peer: one monitor, one manager, two OSDs; pools ${rbdWanted.map((id) => `${RBD_IMAGES[id].pool} (size ${RBD_IMAGES[id].size})`).join(', ')}`)
+        try {
+          const peer = await startRbdPeer({ dir: join(tmp, 'ceph'), blockDir: values['ceph-block-dir'] === undefined ? undefined : resolve(values['ceph-block-dir']), reference, size, wanted: rbdWanted, log })
+          ceph = peer.ceph
+          Object.assign(targets, peer.targets)
+          results.meta.ceph = { ...peer.meta, warm: [] }
+          log(`  Ceph ${peer.meta.version} up in ${(peer.meta.startMs / 1000).toFixed(0)} s; block files in ${peer.meta.blockDir} (${peer.meta.blockFs}); ${fmtBytes(await ceph.cachedBytes())} in the BlueStore data caches`)
+        } catch (err) {
+          results.meta.ceph = { error: err.message }
+          log(`  the Ceph RBD peer could not start: ${err.message}`)
+        }
+      }
       const dataPaths = [reference, a.imageRoot, b.imageRoot]
       log(`page cache: ${fmtBytes(await warm(dataPaths))} of data files written again into it`)
       try {
@@ -287,9 +311,15 @@ async function main () {
             }
             results.meta.warm.push({ workload: w.id, ...r, rewarmed })
             log(`  page cache: ${(r.resident / r.size * 100).toFixed(1)}% of ${fmtBytes(r.size)} resident${rewarmed ? ' (after writing what it lost again)' : ''}`)
+            if (ceph !== undefined) {
+              const cached = await ceph.cachedBytes()
+              results.meta.ceph.warm.push({ workload: w.id, cached })
+              log(`  Ceph: ${fmtBytes(cached)} in the OSDs' BlueStore data caches`)
+            }
           }
         })
       } finally {
+        await ceph?.stop()
         await peers.stop()
       }
     }

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# `npm run bench`: installs what the benchmark needs (Debian fio, bindfs,
+# `npm run bench`: installs what the benchmark needs (Debian fio, bindfs, Ceph,
 # qemu-utils, nbdkit, libnbd-bin; npm packages; the compiled node) through
 # the project's own setup script, then runs the driver. Arguments go to the
 # driver: `npm run bench -- --quick`, `npm run bench -- --help`.

@@ -8,7 +8,7 @@
 #   scripts/setup.sh --tests   also what the tests need (etcd, a QEMU
 #                              system emulator, a kernel and busybox for a
 #                              small guest VM, and chromium for the dashboard)
-#   scripts/setup.sh --bench   also the benchmark's peers (fio, bindfs, nbdkit)
+#   scripts/setup.sh --bench   also the benchmark's peers (fio, bindfs, nbdkit, Ceph)
 #   scripts/setup.sh --force   redo every step (CI)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -51,6 +51,15 @@ if [ "$want_bench" = 1 ]; then
   provides[bindfs]=bindfs
   provides[nbdkit]=nbdkit
   provides[qemu-nbd]=qemu-utils
+  # The Ceph RBD peer: a throwaway one-host cluster (bench/lib/ceph.mjs),
+  # measured with fio's rbd engine (Debian's fio is built with it).
+  provides[ceph-mon]=ceph-mon
+  provides[ceph-mgr]=ceph-mgr
+  provides[ceph-osd]=ceph-osd
+  provides[ceph]=ceph-common
+  provides[rbd]=ceph-common
+  provides[ceph-authtool]=ceph-common
+  provides[monmaptool]=ceph-base
 fi
 
 missing=()

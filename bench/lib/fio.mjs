@@ -9,6 +9,8 @@
  * every request reaches the FUSE daemon and is served from the warm cache
  * of its backing files; without it the kernel's page cache of the FUSE
  * file would answer repeated reads and hide the daemon being measured.
+ * RBD images use fio's `rbd` engine (librbd in fio's process, no kernel
+ * device and no NBD hop), with the cluster's config through CEPH_CONF.
  */
 import { readFile } from 'node:fs/promises'
 import { run } from './proc.mjs'
@@ -27,7 +29,7 @@ export const WORKLOADS = [
 
 /**
  * What fio is pointed at.
- * @typedef {{ kind: 'file', filename: string, direct: boolean } | { kind: 'nbd', uri: string }} FioTarget
+ * @typedef {{ kind: 'file', filename: string, direct: boolean } | { kind: 'nbd', uri: string } | { kind: 'rbd', conf: string, client: string, pool: string, image: string }} FioTarget
  */
 
 /**
@@ -61,6 +63,8 @@ export function fioArgs (w, t, timing) {
   ]
   if (t.kind === 'file') {
     args.push('--ioengine=libaio', `--filename=${t.filename}`, `--direct=${t.direct ? 1 : 0}`, '--invalidate=0')
+  } else if (t.kind === 'rbd') {
+    args.push('--ioengine=rbd', `--clientname=${t.client}`, `--pool=${t.pool}`, `--rbdname=${t.image}`)
   } else {
     args.push('--ioengine=nbd', `--uri=${t.uri}`)
   }
@@ -77,7 +81,8 @@ export async function runFio (w, t, timing, jsonPath) {
   // --output keeps the JSON apart from what the nbd engine prints.
   const r = await run('fio', [...fioArgs(w, t, timing), `--output=${jsonPath}`], {
     allowFail: true,
-    timeoutMs: (timing.runtime + timing.ramp + 120) * 1000
+    timeoutMs: (timing.runtime + timing.ramp + 120) * 1000,
+    ...(t.kind === 'rbd' ? { env: { ...process.env, CEPH_CONF: t.conf } } : {})
   })
   let doc
   try {
@@ -117,5 +122,6 @@ export async function readFioJson (path) {
 }
 
 export function describeTarget (t) {
+  if (t.kind === 'rbd') return `rbd:${t.pool}/${t.image}`
   return t.kind === 'file' ? `${t.filename}${t.direct ? ' (O_DIRECT)' : ''}` : t.uri
 }

@@ -118,7 +118,9 @@ export const TARGET_LABELS = {
   'ukai-fuse': 'UKAI FUSE, 1 replica',
   'ukai-nbd': 'UKAI NBD, 1 replica',
   'ukai-nbd-2': 'UKAI NBD, 2 replicas (local + node B)',
-  'ukai-nbd-remote': 'UKAI NBD, only replica on node B'
+  'ukai-nbd-remote': 'UKAI NBD, only replica on node B',
+  'rbd-2': 'Ceph RBD, pool size 2 (fio rbd engine)',
+  'rbd-1': 'Ceph RBD, pool size 1 (fio rbd engine)'
 }
 
 /**
@@ -134,6 +136,11 @@ export function markdownReport (r) {
   L.push('## Machine', '')
   for (const [k, v] of Object.entries(m.machine)) L.push(`- ${k}: ${v}`)
   L.push(`- UKAI under test: ${m.ukai}`)
+  if (m.ceph !== undefined) {
+    L.push(m.ceph.error !== undefined
+      ? `- Ceph RBD peer: not run: ${esc1(m.ceph.error)}`
+      : `- Ceph RBD peer: Ceph ${m.ceph.version}, one monitor, one manager and two BlueStore OSDs on 127.0.0.1 (cephx), started for the throughput phase; pools ${m.ceph.pools.map((p) => `${p.pool} (size ${p.size}, 32 PGs)`).join(', ')}, one image each holding the reference bytes (\`rbd import\`); OSD block files in ${m.ceph.blockDir} (${m.ceph.blockFs}), BlueStore cache ${fmtBytes(m.ceph.cacheBytes)} per OSD (LRU, for ${fmtBytes(m.ceph.storedPerOsd)} stored per OSD); fio's rbd engine with the RBD cache in writeback mode. BlueStore data cache before each workload: ${(m.ceph.warm ?? []).map((x) => `${x.workload} ${fmtBytes(x.cached)}`).join(', ') || 'n/a'}. Setup: bench/README.md, "Ceph RBD".`)
+  }
   if (m.etcd !== undefined) {
     L.push(`- etcd (metadata and propagation phases on etcd): ${m.etcd.version}, one member on ${m.etcd.url} with etcd's defaults (the WAL fsynced on every commit), data directory ${m.etcd.dataDir} (${m.etcd.fs}${/^tmpfs/.test(m.etcd.fs ?? '') ? ': tmpfs, fsyncs cost nothing, not representative' : ', the same disk as the block files and the embedded store'}); nodes A and B of that pair with \`metadata_servers\` on it, \`metadata_prefix\` ${m.etcd.prefix}`)
   }

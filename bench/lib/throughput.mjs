@@ -23,7 +23,10 @@ export const PAIRS = [
   { id: 'nbd-vs-qemu', a: 'ukai-nbd', b: 'qemu-nbd', title: 'UKAI NBD / qemu-nbd', target: { min: 1.5, on: 'all', text: '≥ 1.5×' } },
   { id: 'fuse-vs-bindfs', a: 'ukai-fuse', b: 'bindfs', title: 'UKAI FUSE / bindfs big_writes', target: { min: 1.0, on: 'all', text: '≥ 1.0×' } },
   { id: 'two-vs-one', a: 'ukai-nbd-2', b: 'ukai-nbd', title: 'UKAI NBD 2 replicas / 1 replica', target: { min: 0.7, on: 'write', text: '≥ 0.7× on writes' } },
-  { id: 'remote-vs-chain', a: 'ukai-nbd-remote', b: 'nbdkit-chain', title: 'UKAI NBD remote replica / nbdkit chain' }
+  { id: 'remote-vs-chain', a: 'ukai-nbd-remote', b: 'nbdkit-chain', title: 'UKAI NBD remote replica / nbdkit chain' },
+  // The distributed-storage peer: a one-host Ceph cluster (bench/lib/ceph.mjs).
+  { id: 'two-vs-rbd2', a: 'ukai-nbd-2', b: 'rbd-2', title: 'UKAI NBD 2 replicas / Ceph RBD size 2', target: { min: 2.0, on: 'all', text: '≥ 2×' } },
+  { id: 'one-vs-rbd1', a: 'ukai-nbd', b: 'rbd-1', title: 'UKAI NBD 1 replica / Ceph RBD size 1', target: { min: 2.0, on: 'all', text: '≥ 2×' } }
 ]
 
 /** The target that applies to a pair on a workload, if any. */
