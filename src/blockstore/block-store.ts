@@ -34,6 +34,7 @@ import { blockNameParser, parseBlockNameFormat, type BlockNamer } from './block-
 import { mkdirDurable, replaceFileDurable, rmDurable } from '../util/durable-fs.js'
 import type { Range } from '../metadata/range-set.js'
 import { dataExtents, punchHole } from './sparse.js'
+import { readAt, writeAt } from './batched-io.js'
 
 /** The file in an image's directory that names the incarnation its block files belong to. */
 export const INCARNATION_FILE = '.incarnation'
@@ -58,8 +59,6 @@ interface Handle {
   dirty: boolean
 }
 
-const pRead = (fd: number, buf: Buffer, off: number, len: number, pos: number): Promise<number> =>
-  new Promise((resolve, reject) => fs.read(fd, buf, off, len, pos, (e, n) => e ? reject(e) : resolve(n)))
 const pWrite = (fd: number, buf: Buffer, off: number, len: number, pos: number): Promise<number> =>
   new Promise((resolve, reject) => fs.write(fd, buf, off, len, pos, (e, n) => e ? reject(e) : resolve(n)))
 const pFsync = (fd: number): Promise<void> =>
@@ -254,14 +253,7 @@ export class BlockStore {
   async read (image: string, block: number, offset: number, buf: Buffer): Promise<void> {
     const h = await this.acquire(image, block, false)
     try {
-      let done = 0
-      if (h.fd >= 0) {
-        while (done < buf.length) {
-          const n = await pRead(h.fd, buf, done, buf.length - done, offset + done)
-          if (n === 0) break
-          done += n
-        }
-      }
+      const done = h.fd >= 0 ? await readAt(h.fd, buf, offset) : 0
       if (done < buf.length) buf.fill(0, done)
     } finally { this.release(h) }
   }
@@ -269,10 +261,7 @@ export class BlockStore {
   async write (image: string, block: number, offset: number, data: Buffer): Promise<void> {
     const h = await this.acquire(image, block, true)
     try {
-      let done = 0
-      while (done < data.length) {
-        done += await pWrite(h.fd, data, done, data.length - done, offset + done)
-      }
+      await writeAt(h.fd, data, offset)
       h.dirty = true
     } finally { this.release(h) }
   }

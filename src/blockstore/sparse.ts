@@ -14,12 +14,14 @@ import type { Range } from '../metadata/range-set.js'
 interface Addon {
   dataExtents: (fd: number, start: number, end: number) => Promise<number[]>
   punchHole: (fd: number, offset: number, length: number) => Promise<void>
+  readMany: (fds: Int32Array, positions: Float64Array, buffers: Buffer[]) => Promise<Int32Array>
+  writeMany: (fds: Int32Array, positions: Float64Array, buffers: Buffer[]) => Promise<Int32Array>
 }
 
 let addon: Addon | undefined
 
 /** The addon, from build/Release under the package root (dist/src/blockstore is three levels down). */
-function load (): Addon {
+export function load (): Addon {
   if (addon !== undefined) return addon
   const here = dirname(fileURLToPath(import.meta.url))
   const candidates = [join(here, '../../../build/Release/ukai_fs.node'), join(here, '../../build/Release/ukai_fs.node')]
