@@ -12,6 +12,7 @@ import {
   NBD_STRUCTURED_REPLY_HEADER_SIZE, NBD_STRUCTURED_REPLY_MAGIC
 } from './protocol.js'
 import type { Cookie } from './requests.js'
+import type { BufferPool } from '../../util/buffer-pool.js'
 
 /** Where a READ's data starts in a buffer from allocSimpleRead. */
 export const SIMPLE_DATA_OFFSET = NBD_SIMPLE_REPLY_SIZE
@@ -53,9 +54,13 @@ export function encodeSimpleReply (c: Cookie, error: number): Buffer {
   return b
 }
 
-/** A successful simple READ reply; the caller fills `length` bytes at SIMPLE_DATA_OFFSET. */
-export function allocSimpleRead (c: Cookie, length: number): Buffer {
-  const b = Buffer.allocUnsafe(NBD_SIMPLE_REPLY_SIZE + length)
+/**
+ * A successful simple READ reply; the caller fills `length` bytes at
+ * SIMPLE_DATA_OFFSET. With `pool`, the buffer is the pool's (the caller
+ * gives it back).
+ */
+export function allocSimpleRead (c: Cookie, length: number, pool?: BufferPool): Buffer {
+  const b = pool?.take(NBD_SIMPLE_REPLY_SIZE + length) ?? Buffer.allocUnsafe(NBD_SIMPLE_REPLY_SIZE + length)
   putSimpleHeader(b, c, 0)
   return b
 }
@@ -63,10 +68,11 @@ export function allocSimpleRead (c: Cookie, length: number): Buffer {
 /**
  * An NBD_REPLY_TYPE_OFFSET_DATA chunk ("64 bits: offset; length - 8
  * bytes: data"); the caller fills `length` bytes at OFFSET_DATA_OFFSET.
- * "length MUST be at least 9": `length` must be at least 1.
+ * "length MUST be at least 9": `length` must be at least 1. With `pool`,
+ * as allocSimpleRead.
  */
-export function allocOffsetData (c: Cookie, flags: number, offset: number, length: number): Buffer {
-  const b = Buffer.allocUnsafe(OFFSET_DATA_OFFSET + length)
+export function allocOffsetData (c: Cookie, flags: number, offset: number, length: number, pool?: BufferPool): Buffer {
+  const b = pool?.take(OFFSET_DATA_OFFSET + length) ?? Buffer.allocUnsafe(OFFSET_DATA_OFFSET + length)
   putStructuredHeader(b, c, flags, NBD_REPLY_TYPE_OFFSET_DATA, 8 + length)
   putOffset(b, NBD_STRUCTURED_REPLY_HEADER_SIZE, offset)
   return b

@@ -26,6 +26,7 @@ import type { NbdBackend } from './exports.js'
 import { BufferBudget, type Ledger } from './budget.js'
 import type { FrameReader } from './frame-reader.js'
 import type { Negotiated } from './handshake.js'
+import { BufferPool } from '../../util/buffer-pool.js'
 import {
   MAX_PAYLOAD, NBD_CMD_BLOCK_STATUS, NBD_CMD_DISC, NBD_CMD_FLAG_FAST_ZERO, NBD_CMD_FLAG_FUA, NBD_CMD_FLAG_NO_HOLE,
   NBD_CMD_FLAG_REQ_ONE, NBD_CMD_FLUSH, NBD_CMD_READ, NBD_CMD_TRIM, NBD_CMD_WRITE, NBD_CMD_WRITE_ZEROES,
@@ -76,6 +77,12 @@ const REPLY_HEADER = 32
  */
 export const DISPATCH_PER_TURN = 256
 const EMPTY = Buffer.alloc(0)
+/**
+ * Buffers of large READ replies, shared by every connection of the
+ * process: each goes back once the socket has taken the reply (see
+ * BufferPool). 4 KiB replies are small enough for plain allocations.
+ */
+const replyBuffers = new BufferPool({ min: 64 * 1024, max: 32 * 2 ** 20, retain: 64 * 2 ** 20 })
 /** A request at least this costly is started only once the socket is known to still have a peer (unix sockets). */
 const LIVENESS_COST = 256 * 1024
 
@@ -540,7 +547,8 @@ export class Transmission {
       case NBD_CMD_BLOCK_STATUS: return await this.blockStatus(req)
       case NBD_CMD_FLUSH:
         await b.flush()
-        return this.send(encodeSimpleReply(req, 0))
+        this.send(encodeSimpleReply(req, 0))
+        return
       case NBD_CMD_WRITE: await b.write(req.offset, payload!); break
       case NBD_CMD_TRIM: await this.inSteps(req, async (offset, length) => await b.trim(offset, length)); break
       case NBD_CMD_WRITE_ZEROES: {
@@ -594,15 +602,24 @@ export class Transmission {
     if (this.session.structured) {
       // An OFFSET_DATA chunk "MUST be at least 9" bytes long: an empty read
       // is answered with NBD_REPLY_TYPE_NONE alone.
-      if (req.length === 0) return this.send(encodeStructuredNone(req))
-      const buf = allocOffsetData(req, NBD_REPLY_FLAG_DONE, req.offset, req.length)
-      await this.fill(req.offset, buf.subarray(OFFSET_DATA_OFFSET))
-      this.send(buf)
+      if (req.length === 0) { this.send(encodeStructuredNone(req)); return }
+      const buf = allocOffsetData(req, NBD_REPLY_FLAG_DONE, req.offset, req.length, replyBuffers)
+      await this.fillPooled(req.offset, buf, OFFSET_DATA_OFFSET)
     } else {
-      const buf = allocSimpleRead(req, req.length)
-      await this.fill(req.offset, buf.subarray(SIMPLE_DATA_OFFSET))
-      this.send(buf)
+      const buf = allocSimpleRead(req, req.length, replyBuffers)
+      await this.fillPooled(req.offset, buf, SIMPLE_DATA_OFFSET)
     }
+  }
+
+  /** Fills a pooled reply from `at` on and sends it; the buffer goes back to the pool once the socket took it, or at once on failure. */
+  private async fillPooled (offset: number, buf: Buffer, at: number): Promise<void> {
+    try {
+      await this.fill(offset, buf.subarray(at))
+    } catch (err) {
+      replyBuffers.give(buf)
+      throw err
+    }
+    if (!this.send(buf, () => replyBuffers.give(buf))) replyBuffers.give(buf)
   }
 
   private async fill (offset: number, out: Buffer): Promise<void> {
@@ -642,10 +659,15 @@ export class Transmission {
     this.send(this.session.structured ? encodeStructuredError(req, error, message) : encodeSimpleReply(req, error))
   }
 
-  /** Replies finished in the same tick leave in one writev. */
-  private send (buf: Buffer): void {
+  /**
+   * Replies finished in the same tick leave in one writev. False when the
+   * socket takes nothing more (the reply is dropped); otherwise `taken`
+   * runs once the socket is done with `buf` (written, or the connection
+   * gone).
+   */
+  private send (buf: Buffer, taken?: () => void): boolean {
     const s = this.socket
-    if (s.destroyed || !s.writable) return
+    if (s.destroyed || !s.writable) return false
     if (!this.corked) {
       this.corked = true
       s.cork()
@@ -653,7 +675,8 @@ export class Transmission {
     }
     // The wait for a client to take its replies starts when one is queued.
     if (s.writableLength === 0) this.progress++
-    s.write(buf, this.written)
+    s.write(buf, taken === undefined ? this.written : () => { taken(); this.written() })
+    return true
   }
 
   /** A reply reached the kernel: the bytes it held are released, and reading may resume. */
