@@ -30,6 +30,7 @@ import type { UkaiNode } from '../node/node.js'
 import { splitRange, type Piece } from '../volume/block-math.js'
 import type { Extent } from '../volume/volume.js'
 import { parseReplicaExport } from './remote-replica.js'
+import { allSettledOrThrow } from '../util/settle.js'
 import type { PeerIdentity } from '../tls/identity.js'
 
 export class ReplicaExports implements ExportProvider {
@@ -154,7 +155,7 @@ class ReplicaBackend implements NbdBackend {
 
   async read (offset: number, buf: Buffer): Promise<number> {
     const pieces = this.pieces(offset, buf.length, true)
-    await Promise.all(pieces.map(async (p) =>
+    await allSettledOrThrow(pieces.map(async (p) =>
       await this.blocks.read(this.image, p.block, p.offset, buf.subarray(p.bufferOffset, p.bufferOffset + p.length))))
     const served = this.node.ioStatsOf(this.image).served
     served.reads++
@@ -163,7 +164,7 @@ class ReplicaBackend implements NbdBackend {
   }
 
   async write (offset: number, data: Buffer): Promise<void> {
-    await this.fenced(async () => await Promise.all(this.pieces(offset, data.length).map(async (p) =>
+    await this.fenced(async () => await allSettledOrThrow(this.pieces(offset, data.length).map(async (p) =>
       await this.blocks.write(this.image, p.block, p.offset, data.subarray(p.bufferOffset, p.bufferOffset + p.length)))))
     const served = this.node.ioStatsOf(this.image).served
     served.writes++
@@ -175,7 +176,7 @@ class ReplicaBackend implements NbdBackend {
   }
 
   private async discard (offset: number, length: number, mode: DiscardMode): Promise<void> {
-    await this.fenced(async () => await Promise.all(this.pieces(offset, length).map(async (p) =>
+    await this.fenced(async () => await allSettledOrThrow(this.pieces(offset, length).map(async (p) =>
       await this.blocks.discard(this.image, p.block, p.offset, p.length, mode))))
   }
 

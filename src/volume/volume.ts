@@ -27,6 +27,7 @@ import type { DiscardMode, Replica, ReplicaProvider } from '../replica/replica.j
 import { splitRange, type Piece } from './block-math.js'
 import type { NodeErrors } from './node-errors.js'
 import { DirtyLog, type LogOwner } from './dirty-log.js'
+import { allSettledOrThrow } from '../util/settle.js'
 import { RangeLock } from './range-lock.js'
 import { copyBlock, failure, pacer, syncBlocks, type CopyContext, type Failure, type SyncProgress } from './resync.js'
 import { WriterLease } from './writer-lease.js'
@@ -303,7 +304,8 @@ export class Volume {
   async read (offset: number, buf: Buffer): Promise<number> {
     checkOffset(offset, buf.length)
     const pieces = splitRange(offset, buf.length, this.blockSize, this.usedSize)
-    await Promise.all(pieces.map(async (p) => await this.readPiece(p, buf.subarray(p.bufferOffset, p.bufferOffset + p.length))))
+    // Every piece done before a failure is thrown: the caller may reuse `buf` then.
+    await allSettledOrThrow(pieces.map(async (p) => await this.readPiece(p, buf.subarray(p.bufferOffset, p.bufferOffset + p.length))))
     const n = pieces.reduce((a, p) => a + p.length, 0)
     this.stats.reads++
     this.stats.bytesRead += n
