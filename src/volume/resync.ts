@@ -11,6 +11,7 @@ import { RangeSet, type Range } from '../metadata/range-set.js'
 import type { Replica, ReplicaProvider } from '../replica/replica.js'
 import type { NodeErrors } from './node-errors.js'
 import type { RangeLock } from './range-lock.js'
+import { BufferPool } from '../util/buffer-pool.js'
 
 export interface Failure {
   block: number
@@ -109,7 +110,15 @@ export interface ConcurrentWrites {
  * What a chunk's read of the source found: data at offsets of the block,
  * the ranges that read as zeros, and the mark of the writes before it.
  */
-interface ChunkRead { start: number, end: number, data: Array<{ offset: number, buf: Buffer }>, zeros: RangeSet, mark: number }
+interface ChunkRead { start: number, end: number, data: Array<{ offset: number, buf: Buffer }>, zeros: RangeSet, mark: number, buffers: Buffer[] }
+
+/**
+ * The buffers chunks are read into, reused (a fresh 4 MiB buffer is a
+ * fresh mapping the kernel faults in and zeroes): one goes back once its
+ * chunk is written to every target, or failed. A request to a peer that
+ * failed has closed its connection, so no late send reads a reused one.
+ */
+const chunkBuffers = new BufferPool({ min: 64 * 1024, max: COPY_CHUNK, retain: 2 * COPY_PARALLEL * COPY_CHUNK })
 
 /**
  * Copies block `block` from `source` to `targets` so they end byte-for-
@@ -163,15 +172,22 @@ export async function copyBlock (ctx: CopyContext, block: number, source: Replic
     }
     const data: ChunkRead['data'] = []
     const zeros = new RangeSet().add(start, end)
-    for (const [s, e] of await source.dataExtents(ctx.image, block, start, end)) {
-      const buf = Buffer.allocUnsafe(e - s)
-      await source.read(ctx.image, block, s, buf)
-      for (const [rs, re] of nonZeroRuns(buf, s)) {
-        data.push({ offset: rs, buf: buf.subarray(rs - s, re - s) })
-        zeros.remove(rs, re)
+    const buffers: Buffer[] = []
+    try {
+      for (const [s, e] of await source.dataExtents(ctx.image, block, start, end)) {
+        const buf = chunkBuffers.take(e - s)
+        buffers.push(buf)
+        await source.read(ctx.image, block, s, buf)
+        for (const [rs, re] of nonZeroRuns(buf, s)) {
+          data.push({ offset: rs, buf: buf.subarray(rs - s, re - s) })
+          zeros.remove(rs, re)
+        }
       }
+    } catch (err) {
+      for (const b of buffers) chunkBuffers.give(b)
+      throw err
     }
-    return { start, end, data, zeros, mark }
+    return { start, end, data, zeros, mark, buffers }
   }
   // Writes the chunk to the targets: whole, or with `writes` a piece at a
   // time under the piece's lock, without what writes reached since the read.
@@ -214,7 +230,13 @@ export async function copyBlock (ctx: CopyContext, block: number, source: Replic
   let unflushed = 0
   const worker = async (): Promise<void> => {
     while (next < chunks.length && live.size > 0) {
-      const bytes = await apply(await read(chunks[next++]!))
+      const chunk = await read(chunks[next++]!)
+      let bytes: number
+      try {
+        bytes = await apply(chunk)
+      } finally {
+        for (const b of chunk.buffers) chunkBuffers.give(b)
+      }
       unflushed += bytes
       if (unflushed >= FLUSH_EVERY) {
         unflushed = 0

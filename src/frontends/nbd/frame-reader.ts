@@ -56,6 +56,12 @@ export class FrameReader {
 
   get isEnded (): boolean { return this.ended !== undefined }
 
+  /** Bytes of the first chunk not consumed yet: take(n) of at most this many is a view, not a copy. */
+  get headLength (): number {
+    const head = this.chunks[this.first]
+    return head === undefined ? 0 : head.length - this.offset
+  }
+
   /**
    * The next `n` bytes (n <= length), consumed. A view into the received
    * chunk when the frame lies inside one; otherwise a copy.

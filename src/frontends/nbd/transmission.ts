@@ -78,11 +78,13 @@ const REPLY_HEADER = 32
 export const DISPATCH_PER_TURN = 256
 const EMPTY = Buffer.alloc(0)
 /**
- * Buffers of large READ replies, shared by every connection of the
- * process: each goes back once the socket has taken the reply (see
- * BufferPool). 4 KiB replies are small enough for plain allocations.
+ * Buffers of large READ replies and WRITE payloads, shared by every
+ * connection of the process (see BufferPool): a reply's goes back once
+ * the socket has taken it, a payload's once the backend's write has
+ * settled (a backend keeps no reference to a payload after that).
+ * 4 KiB requests are small enough for plain allocations.
  */
-const replyBuffers = new BufferPool({ min: 64 * 1024, max: 32 * 2 ** 20, retain: 64 * 2 ** 20 })
+const ioBuffers = new BufferPool({ min: 64 * 1024, max: 32 * 2 ** 20, retain: 64 * 2 ** 20 })
 /** A request at least this costly is started only once the socket is known to still have a peer (unix sockets). */
 const LIVENESS_COST = 256 * 1024
 
@@ -225,13 +227,14 @@ export class Transmission {
       const w = this.pendingWrite
       if (w !== undefined) {
         let payload: Buffer
-        if (this.assembly === undefined && this.reader.length >= w.length) {
-          // All there: a view of the received chunk when it lies in one.
+        if (this.assembly === undefined && this.reader.headLength >= w.length) {
+          // In one received chunk: a view of it.
           payload = this.reader.take(w.length)
         } else {
-          // Copied as it arrives, a socket chunk at a time: a 32 MiB
-          // payload is never one long copy holding the event loop.
-          this.assembly ??= Buffer.allocUnsafe(w.length)
+          // Copied into a buffer of the pool as it arrives, a socket chunk
+          // at a time: a 32 MiB payload is never one long copy holding
+          // the event loop.
+          this.assembly ??= ioBuffers.take(w.length)
           this.assembled += this.reader.takeInto(this.assembly, this.assembled, w.length - this.assembled)
           if (this.assembled < w.length) { starved = true; break }
           payload = this.assembly
@@ -528,6 +531,8 @@ export class Transmission {
     } finally {
       this.inflight--
       this.inflightBytes -= cost
+      // Only a buffer of the pool goes back (a view of a socket chunk is not one).
+      if (payload !== undefined) ioBuffers.give(payload)
     }
     try {
       if (this.accepting) this.pump()
@@ -603,10 +608,10 @@ export class Transmission {
       // An OFFSET_DATA chunk "MUST be at least 9" bytes long: an empty read
       // is answered with NBD_REPLY_TYPE_NONE alone.
       if (req.length === 0) { this.send(encodeStructuredNone(req)); return }
-      const buf = allocOffsetData(req, NBD_REPLY_FLAG_DONE, req.offset, req.length, replyBuffers)
+      const buf = allocOffsetData(req, NBD_REPLY_FLAG_DONE, req.offset, req.length, ioBuffers)
       await this.fillPooled(req.offset, buf, OFFSET_DATA_OFFSET)
     } else {
-      const buf = allocSimpleRead(req, req.length, replyBuffers)
+      const buf = allocSimpleRead(req, req.length, ioBuffers)
       await this.fillPooled(req.offset, buf, SIMPLE_DATA_OFFSET)
     }
   }
@@ -616,10 +621,10 @@ export class Transmission {
     try {
       await this.fill(offset, buf.subarray(at))
     } catch (err) {
-      replyBuffers.give(buf)
+      ioBuffers.give(buf)
       throw err
     }
-    if (!this.send(buf, () => replyBuffers.give(buf))) replyBuffers.give(buf)
+    if (!this.send(buf, () => ioBuffers.give(buf))) ioBuffers.give(buf)
   }
 
   private async fill (offset: number, out: Buffer): Promise<void> {
