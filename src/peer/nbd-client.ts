@@ -402,12 +402,15 @@ export class NbdClient extends EventEmitter {
 
   /**
    * A soft disconnect: NBD_CMD_DISC, then the end of the connection.
-   * Requests still pending fail with UKAI_ERR_SHUTDOWN. Resolves once the
-   * socket is closed.
+   * Requests still pending fail with UKAI_ERR_SHUTDOWN, and then the
+   * connection is cut instead: what the socket still holds of them must
+   * not be sent after their callers were told they failed (they may
+   * reuse the payload's buffer, and the write would land late).
+   * Resolves once the socket is closed.
    */
   async close (): Promise<void> {
     if (this.failure === undefined) {
-      const alive = !this.socket.destroyed && this.socket.writable
+      const alive = !this.socket.destroyed && this.socket.writable && this.pending.size === 0
       this.fail(new UkaiError('UKAI_ERR_SHUTDOWN', 'the NBD connection was closed by this node'), false)
       if (alive) {
         // "The values of the length and offset fields in a disconnect request MUST be zero."
