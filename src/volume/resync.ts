@@ -12,6 +12,7 @@ import type { Replica, ReplicaProvider } from '../replica/replica.js'
 import type { NodeErrors } from './node-errors.js'
 import type { RangeLock } from './range-lock.js'
 import { BufferPool } from '../util/buffer-pool.js'
+import { allSettledOrThrow } from '../util/settle.js'
 
 export interface Failure {
   block: number
@@ -245,7 +246,8 @@ export async function copyBlock (ctx: CopyContext, block: number, source: Replic
       await ctx.pace?.(bytes)
     }
   }
-  await Promise.all(Array.from({ length: Math.min(COPY_PARALLEL, chunks.length) }, worker))
+  // A worker that fails leaves the others to finish: none writes the targets after this returns.
+  await allSettledOrThrow(Array.from({ length: Math.min(COPY_PARALLEL, chunks.length) }, worker))
   if (flush) await flushTargets()
   return failures
 }
@@ -376,7 +378,8 @@ async function syncBatch (ctx: SyncContext, batch: number[], progress: SyncProgr
         onProgress?.({ ...progress, failed: progress.failed.slice() })
       }
     }
-    await Promise.all(Array.from({ length: SYNC_PARALLEL }, worker))
+    // Every copy of the batch ends before the batch does (and its session is left).
+    await allSettledOrThrow(Array.from({ length: SYNC_PARALLEL }, worker))
     if (failures.some((f) => f.fenced === true)) throw ctx.fenced()
     // One flush per target location covers every block copied to it.
     const flushFailed = new Set<string>()
