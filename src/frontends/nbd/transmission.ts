@@ -84,7 +84,7 @@ const EMPTY = Buffer.alloc(0)
  * settled (a backend keeps no reference to a payload after that).
  * 4 KiB requests are small enough for plain allocations.
  */
-const ioBuffers = new BufferPool({ min: 64 * 1024, max: 32 * 2 ** 20, retain: 64 * 2 ** 20 })
+const ioBuffers = new BufferPool({ min: 64 * 1024, max: 32 * 2 ** 20, retain: 32 * 2 ** 20 })
 /** A request at least this costly is started only once the socket is known to still have a peer (unix sockets). */
 const LIVENESS_COST = 256 * 1024
 
