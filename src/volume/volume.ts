@@ -357,21 +357,34 @@ export class Volume {
 
   /**
    * Writes `data` at `offset`. Past used_size (up to size) the image grows;
-   * past size is UKAI_ERR_NO_SPACE.
+   * past size is UKAI_ERR_NO_SPACE. `released` is called once nothing reads
+   * `data` any more (the NBD server then reuses the buffer): only after a
+   * write that every replica request took, since the fan-out waits for
+   * every request to settle and a request that succeeded is done with its
+   * bytes (a local one wrote them, a peer answered after receiving them
+   * all). After any failure it is not called: a request that failed may
+   * still have the bytes queued on a connection being closed.
    */
-  async write (offset: number, data: Buffer): Promise<void> {
+  async write (offset: number, data: Buffer, released?: () => void): Promise<void> {
     checkOffset(offset, data.length)
     if (offset + data.length > this.size) {
       throw new UkaiError('UKAI_ERR_NO_SPACE', `write of ${data.length} bytes at ${offset} passes the end of image '${this.name}' (${this.size} bytes)`)
     }
     if (data.length === 0) return
+    let allTook = true
     await this.writeRange(offset, data.length, true, async (r, p, g) => {
       const started = performance.now()
-      await r.write(this.name, p.block, p.offset, data.subarray(p.bufferOffset, p.bufferOffset + p.length), g)
+      try {
+        await r.write(this.name, p.block, p.offset, data.subarray(p.bufferOffset, p.bufferOffset + p.length), g)
+      } catch (err) {
+        allTook = false
+        throw err
+      }
       countReplicaIo(this.stats, r, 'write', p.length, started)
     })
     this.stats.writes++
     this.stats.bytesWritten += data.length
+    if (allTook) released?.()
   }
 
   /**

@@ -24,6 +24,7 @@ import type { Socket } from 'node:net'
 import { toUkaiError } from '../../errors.js'
 import type { NbdBackend } from './exports.js'
 import { BufferBudget, type Ledger } from './budget.js'
+import { payloadPool } from './payload-pool.js'
 import type { FrameReader } from './frame-reader.js'
 import type { Negotiated } from './handshake.js'
 import {
@@ -218,21 +219,25 @@ export class Transmission {
       const w = this.pendingWrite
       if (w !== undefined) {
         let payload: Buffer
+        let pooled = false
         if (this.assembly === undefined && this.reader.length >= w.length) {
           // All there: a view of the received chunk when it lies in one.
           payload = this.reader.take(w.length)
         } else {
           // Copied as it arrives, a socket chunk at a time: a 32 MiB
-          // payload is never one long copy holding the event loop.
-          this.assembly ??= Buffer.allocUnsafe(w.length)
+          // payload is never one long copy holding the event loop. The
+          // buffer may be one an earlier WRITE's backend handed back
+          // (payload-pool.ts).
+          this.assembly ??= payloadPool.take(w.length)
           this.assembled += this.reader.takeInto(this.assembly, this.assembled, w.length - this.assembled)
           if (this.assembled < w.length) { starved = true; break }
           payload = this.assembly
+          pooled = true
           this.assembly = undefined
           this.assembled = 0
         }
         this.pendingWrite = undefined
-        this.dispatch(w, payload, w.length)
+        this.dispatch(w, payload, w.length, pooled)
         continue
       }
       if (this.saturated()) break
@@ -498,18 +503,19 @@ export class Transmission {
     this.resolveDone()
   }
 
-  private dispatch (req: NbdRequest, payload: Buffer | undefined, cost: number): void {
+  /** `pooled`: the payload is a buffer of the payload pool, to be handed back when the backend releases it. */
+  private dispatch (req: NbdRequest, payload: Buffer | undefined, cost: number, pooled = false): void {
     this.inflight++
     this.inflightBytes += cost
     // The budget sees it before the next request asks for room.
     this.ctx.account()
-    void this.serve(req, payload, cost)
+    void this.serve(req, payload, cost, pooled)
   }
 
   /** Runs one request to its reply; never rejects. */
-  private async serve (req: NbdRequest, payload: Buffer | undefined, cost: number): Promise<void> {
+  private async serve (req: NbdRequest, payload: Buffer | undefined, cost: number, pooled: boolean): Promise<void> {
     try {
-      await this.execute(req, payload)
+      await this.execute(req, payload, pooled)
     } catch (err) {
       const e = toUkaiError(err)
       if (e.code === 'UKAI_ERR_INTERNAL') this.warn(`NBD ${commandName(req.type)}: ${e.message}`)
@@ -533,7 +539,7 @@ export class Transmission {
     }
   }
 
-  private async execute (req: NbdRequest, payload: Buffer | undefined): Promise<void> {
+  private async execute (req: NbdRequest, payload: Buffer | undefined, pooled: boolean): Promise<void> {
     const b = this.backend
     switch (req.type) {
       case NBD_CMD_READ: return await this.read(req)
@@ -541,7 +547,7 @@ export class Transmission {
       case NBD_CMD_FLUSH:
         await b.flush()
         return this.send(encodeSimpleReply(req, 0))
-      case NBD_CMD_WRITE: await b.write(req.offset, payload!); break
+      case NBD_CMD_WRITE: await b.write(req.offset, payload!, pooled ? released(payload!) : undefined); break
       case NBD_CMD_TRIM: await this.inSteps(req, async (offset, length) => await b.trim(offset, length)); break
       case NBD_CMD_WRITE_ZEROES: {
         const noHole = (req.flags & NBD_CMD_FLAG_NO_HOLE) !== 0
@@ -670,6 +676,16 @@ export class Transmission {
   private readonly uncork = (): void => {
     this.corked = false
     this.socket.uncork()
+  }
+}
+
+/** The callback a backend calls when nothing reads `buf` any more: it goes back to the pool, once. */
+function released (buf: Buffer): () => void {
+  let done = false
+  return () => {
+    if (done) return
+    done = true
+    payloadPool.give(buf)
   }
 }
 
