@@ -27,6 +27,7 @@ import type { DiscardMode, Replica, ReplicaProvider } from '../replica/replica.j
 import { splitRange, type Piece } from './block-math.js'
 import type { NodeErrors } from './node-errors.js'
 import { DirtyLog, type LogOwner } from './dirty-log.js'
+import { UnflushedGranules } from './unflushed-granules.js'
 import { RangeLock } from './range-lock.js'
 import { copyBlock, failure, pacer, syncBlocks, type CopyContext, type Failure, type SyncProgress } from './resync.js'
 import { WriterLease } from './writer-lease.js'
@@ -128,7 +129,7 @@ export class Volume {
    * that died may have lost, for its fine records (undefined once too
    * many to keep: its blocks are then copied whole).
    */
-  private readonly unflushedGranules = new Map<string, RangeSet | undefined>()
+  private readonly unflushedGranules = new Map<string, UnflushedGranules | undefined>()
   /**
    * Per location, granules of writes it missed that its fine records do
    * not hold yet (storeFine stores them). Their blocks stay in the
@@ -456,10 +457,12 @@ export class Volume {
           continue
         }
         inSyncHere.add(location)
-        if (this.unflushedGranules.get(location) !== undefined || !this.unflushedGranules.has(location)) {
-          const set = addTo(this.unflushedGranules as Map<string, RangeSet>, location, granules)
-          if (set.rangeCount > MAX_UNFLUSHED_RANGES) this.unflushedGranules.set(location, undefined)
+        let written = this.unflushedGranules.get(location)
+        if (written === undefined && !this.unflushedGranules.has(location)) {
+          written = new UnflushedGranules(MAX_UNFLUSHED_RANGES)
+          this.unflushedGranules.set(location, written)
         }
+        if (written !== undefined && !written.add(p.block, granules)) this.unflushedGranules.set(location, undefined)
         const r = this.ctx.errors.isFailed(location) ? undefined : this.ctx.replicas.replicaFor(location)
         if (r === undefined) {
           failures.push({ ...failure(p.block, location, undefined, undefined), granules })
@@ -575,7 +578,7 @@ export class Volume {
         if (f.transport === true) {
           const written = this.unflushedGranules.get(f.location)
           for (const b of this.unflushed.get(f.location)?.values() ?? []) {
-            blocks.set(b, written === undefined || !this.current.fineGrained ? undefined : new RangeSet(written.within(...this.current.blockGranules(b))))
+            blocks.set(b, written === undefined || !this.current.fineGrained ? undefined : written.of(b))
           }
         }
       }
@@ -610,7 +613,7 @@ export class Volume {
     for (const [location, blocks] of lost) {
       for (const b of blocks.keys()) {
         this.unflushed.get(location)?.remove(b, b + 1)
-        this.unflushedGranules.get(location)?.remove(...this.current.blockGranules(b))
+        this.unflushedGranules.get(location)?.drop(b)
       }
     }
     if (marked) await this.ctx.cluster.publish(this.name, this.current.revision)
