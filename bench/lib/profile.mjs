@@ -30,7 +30,7 @@ export async function profileRuns (o) {
   for (const targetId of o.which) {
     const t = o.targets[targetId]
     if (t === undefined) continue
-    const nodes = targetId === 'ukai-nbd-remote' ? [o.a, o.b] : [o.a]
+    const nodes = targetId === 'ukai-nbd-remote' || targetId === 'ukai-nbd-2' ? [o.a, o.b] : [o.a]
     for (const w of o.workloads) {
       const dirs = nodes.map((n) => join(o.rawDir, 'profiles', `${targetId}-${w.id}-${n.name}`))
       for (const [i, n] of nodes.entries()) {

@@ -269,8 +269,19 @@ export class UkaiNode extends EventEmitter implements ReplicaProvider, ClusterCo
   }
 
   private isMe (node: string): boolean {
-    try { return isLocalLocation(this.config, node) } catch { return false }
+    // Asked for every location of an image on every request a peer makes
+    // of a replica here (placedHere): parsed once per name. The config
+    // does not change while the node runs.
+    let me = this.meCache.get(node)
+    if (me === undefined) {
+      try { me = isLocalLocation(this.config, node) } catch { me = false }
+      if (this.meCache.size >= 1024) this.meCache.clear()
+      this.meCache.set(node, me)
+    }
+    return me
   }
+
+  private readonly meCache = new Map<string, boolean>()
 
   /** True when two node ids (locations) name the same node. */
   sameNode (a: string, b: string): boolean {

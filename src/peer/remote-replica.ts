@@ -41,7 +41,16 @@ export interface RemoteReplicaOptions {
   tls?: ClientTls
 }
 
-interface Pool { image: string, clients: NbdClient[], next: number, connecting: Promise<NbdClient> | undefined }
+interface Pool {
+  image: string
+  /** The export's name. */
+  name: string
+  clients: NbdClient[]
+  next: number
+  connecting: Promise<NbdClient> | undefined
+  /** A connection was chosen in this tick: the tick's requests go on it too (see ready). */
+  chosen: boolean
+}
 
 export class RemoteReplica implements Replica {
   readonly isLocal = false
@@ -81,8 +90,8 @@ export class RemoteReplica implements Replica {
     return bs
   }
 
-  /** A connection of the pool for `image` (for the writer of `generation`, if given). */
-  private async client (image: string, generation?: number): Promise<NbdClient> {
+  /** The pool of an export, made when missing. */
+  private pool (image: string, generation?: number): Pool {
     const name = replicaExportName(image, generation, generation === undefined ? 0 : this.epochs.get(image) ?? 0)
     let pool = this.pools.get(name)
     if (pool === undefined) {
@@ -90,18 +99,45 @@ export class RemoteReplica implements Replica {
       if (generation !== undefined) {
         for (const [n, p] of this.pools) if (p.image === image && n !== replicaExportName(image)) void this.closePool(n)
       }
-      pool = { image, clients: [], next: 0, connecting: undefined }
+      pool = { image, name, clients: [], next: 0, connecting: undefined, chosen: false }
       this.pools.set(name, pool)
     }
-    pool.clients = pool.clients.filter((c) => !c.closed)
+    return pool
+  }
+
+  /**
+   * A connection of the pool that is open now, or undefined when one must
+   * be opened first. The requests of one event-loop tick go on one
+   * connection, the next tick's on the next: a tick's requests then leave
+   * in one socket write (nbd-client.ts corks per tick) and reach the peer
+   * in one read, instead of one write per connection per tick, while the
+   * pool's connections still share the load (a large write on one does
+   * not hold up the next tick's requests).
+   */
+  private ready (pool: Pool): NbdClient | undefined {
     const want = this.options.connections ?? 2
-    if (pool.clients.length >= want || (pool.clients.length > 0 && pool.connecting !== undefined)) {
-      pool.next = (pool.next + 1) % pool.clients.length
-      return pool.clients[pool.next]!
+    let n = pool.clients.length
+    if (pool.clients.some((c) => c.closed)) {
+      pool.clients = pool.clients.filter((c) => !c.closed)
+      n = pool.clients.length
     }
+    if (n === 0 || (n < want && pool.connecting === undefined)) return undefined
+    if (!pool.chosen) {
+      pool.chosen = true
+      pool.next = (pool.next + 1) % n
+      process.nextTick(() => { pool.chosen = false })
+    }
+    return pool.clients[pool.next % n]!
+  }
+
+  /** A connection of the pool for `image` (for the writer of `generation`, if given). */
+  private async client (image: string, generation?: number): Promise<NbdClient> {
+    const pool = this.pool(image, generation)
+    const open = this.ready(pool)
+    if (open !== undefined) return open
     if (pool.connecting === undefined) {
       const p = pool
-      pool.connecting = NbdClient.connect(this.target, name, { timeoutMs: this.options.timeoutMs, tls: this.options.tls, blockStatus: true })
+      pool.connecting = NbdClient.connect(this.target, pool.name, { timeoutMs: this.options.timeoutMs, tls: this.options.tls, blockStatus: true })
         .then((c) => { p.clients.push(c); return c })
         .finally(() => { p.connecting = undefined })
     }
@@ -111,9 +147,14 @@ export class RemoteReplica implements Replica {
   private async timed<T> (fn: () => Promise<T>): Promise<T> {
     const t0 = performance.now()
     const r = await fn()
+    this.measured(t0)
+    return r
+  }
+
+  /** A request that started at `t0` was answered: the latency reads prefer low. */
+  private measured (t0: number): void {
     const ms = performance.now() - t0
     this.rtt = this.rtt === undefined ? ms : this.rtt * 0.9 + ms * 0.1
-    return r
   }
 
   async read (image: string, block: number, offset: number, buf: Buffer): Promise<void> {
@@ -124,7 +165,22 @@ export class RemoteReplica implements Replica {
 
   async write (image: string, block: number, offset: number, data: Buffer, generation: number): Promise<void> {
     const at = this.base(image, block) + offset
-    await this.writing(image, generation, async (c) => await this.timed(async () => await c.write(at, data)))
+    // The common case without a promise chain of its own: a connection is
+    // open, and the request goes out in this tick, with the local write.
+    const c = this.ready(this.pool(image, generation))
+    if (c === undefined) {
+      await this.writing(image, generation, async (c) => await this.timed(async () => await c.write(at, data)))
+      return
+    }
+    const t0 = performance.now()
+    try {
+      await c.write(at, data)
+    } catch (err) {
+      this.failed(image, generation, c, err)
+      throw err
+    }
+    this.measured(t0)
+    this.took(image, c)
   }
 
   async discard (image: string, block: number, offset: number, length: number, mode: DiscardMode, generation: number): Promise<void> {
@@ -145,18 +201,27 @@ export class RemoteReplica implements Replica {
     const c = await this.client(image, generation)
     try {
       await fn(c)
-      let took = this.unflushed.get(image)
-      if (took === undefined) { took = new Map(); this.unflushed.set(image, took) }
-      took.set(c, (took.get(c) ?? 0) + 1)
     } catch (err) {
-      if ((err as UkaiError).details?.nbdError === undefined) {
-        const was = this.epochs.get(image) ?? 0
-        if (replicaExportName(image, generation, was) === c.exportName) {
-          this.epochs.set(image, Math.min(was + 1, 2 ** 20 - 1))
-          void this.closePool(c.exportName)
-        }
-      }
+      this.failed(image, generation, c, err)
       throw err
+    }
+    this.took(image, c)
+  }
+
+  /** `c` acknowledged a write of `image`: the next flush must cover that connection. */
+  private took (image: string, c: NbdClient): void {
+    let took = this.unflushed.get(image)
+    if (took === undefined) { took = new Map(); this.unflushed.set(image, took) }
+    took.set(c, (took.get(c) ?? 0) + 1)
+  }
+
+  /** A writing request on `c` failed: unanswered (not an error answer), the writer goes on with a new epoch. */
+  private failed (image: string, generation: number, c: NbdClient, err: unknown): void {
+    if ((err as UkaiError).details?.nbdError !== undefined) return
+    const was = this.epochs.get(image) ?? 0
+    if (replicaExportName(image, generation, was) === c.exportName) {
+      this.epochs.set(image, Math.min(was + 1, 2 ** 20 - 1))
+      void this.closePool(c.exportName)
     }
   }
 

@@ -163,12 +163,14 @@ class ReplicaBackend implements NbdBackend {
     return pieces.reduce((n, p) => n + p.length, 0)
   }
 
-  async write (offset: number, data: Buffer): Promise<void> {
+  /** `released` (NbdBackend.write): called once every piece is written; not after a failure. */
+  async write (offset: number, data: Buffer, released?: () => void): Promise<void> {
     await this.fenced(async () => await allSettledOrThrow(this.pieces(offset, data.length).map(async (p) =>
       await this.blocks.write(this.image, p.block, p.offset, data.subarray(p.bufferOffset, p.bufferOffset + p.length)))))
     const served = this.node.ioStatsOf(this.image).served
     served.writes++
     served.writtenBytes += data.length
+    released?.()
   }
 
   async flush (): Promise<void> {

@@ -470,6 +470,37 @@ describe('Volume replicas', () => {
     })
   })
 
+  test('a write\'s buffer is released once every replica took it; never after a failure, which is marked out of sync before the ack', async () => {
+    await withRig({ size: 4000, blockSize: 1000 }, async (rig) => {
+      let released = 0
+      await rig.vol.write(500, Buffer.alloc(1000, 1), () => { released++ })
+      assert.equal(released, 1, 'both replicas took it')
+
+      // B fails mid-write, long after A wrote: the buffer is not released
+      // while B's request runs, nor after it failed (a failed request may
+      // still have the bytes queued on a closing connection), and the write
+      // is acknowledged only once B is durably out of sync.
+      const real = rig.replicas.get(B)!
+      let failB!: (err: Error) => void
+      let startedB!: () => void
+      const started = new Promise<void>((resolve) => { startedB = resolve })
+      rig.replicas.set(B, Object.create(real, {
+        write: { value: async (): Promise<void> => { startedB(); await new Promise<void>((_resolve, reject) => { failB = reject }) } }
+      }) as Replica)
+      let acked = false
+      const w = rig.vol.write(1000, Buffer.alloc(1000, 2), () => { released++ }).then(() => { acked = true })
+      await started
+      await new Promise((resolve) => setTimeout(resolve, 20))
+      assert.equal(acked, false)
+      assert.equal(released, 1, 'not released while B may still read the bytes')
+      failB(new UkaiError('UKAI_ERR_IO', 'B failed mid-write'))
+      await w
+      assert.equal(released, 1, 'not released after a failure')
+      assert.deepEqual((await rig.store.require(IMG)).replicasOf(1), [{ location: A, inSync: true }, { location: B, inSync: false }])
+      assert.equal((await readAll(rig.vol, 1000, 1000)).buf.equals(Buffer.alloc(1000, 2)), true)
+    })
+  })
+
   test('an unreachable location is marked out of sync on write', async () => {
     await withRig({ size: 2000, blockSize: 1000 }, async (rig) => {
       rig.replicas.delete(A)

@@ -27,6 +27,7 @@ import type { DiscardMode, Replica, ReplicaProvider } from '../replica/replica.j
 import { splitRange, type Piece } from './block-math.js'
 import type { NodeErrors } from './node-errors.js'
 import { DirtyLog, type LogOwner } from './dirty-log.js'
+import { UnflushedGranules } from './unflushed-granules.js'
 import { allSettledOrThrow } from '../util/settle.js'
 import { RangeLock } from './range-lock.js'
 import { copyBlock, failure, pacer, syncBlocks, type CopyContext, type Failure, type SyncProgress } from './resync.js'
@@ -129,7 +130,7 @@ export class Volume {
    * that died may have lost, for its fine records (undefined once too
    * many to keep: its blocks are then copied whole).
    */
-  private readonly unflushedGranules = new Map<string, RangeSet | undefined>()
+  private readonly unflushedGranules = new Map<string, UnflushedGranules | undefined>()
   /**
    * Per location, granules of writes it missed that its fine records do
    * not hold yet (storeFine stores them). Their blocks stay in the
@@ -359,21 +360,34 @@ export class Volume {
 
   /**
    * Writes `data` at `offset`. Past used_size (up to size) the image grows;
-   * past size is UKAI_ERR_NO_SPACE.
+   * past size is UKAI_ERR_NO_SPACE. `released` is called once nothing reads
+   * `data` any more (the NBD server then reuses the buffer): only after a
+   * write that every replica request took, since the fan-out waits for
+   * every request to settle and a request that succeeded is done with its
+   * bytes (a local one wrote them, a peer answered after receiving them
+   * all). After any failure it is not called: a request that failed may
+   * still have the bytes queued on a connection being closed.
    */
-  async write (offset: number, data: Buffer): Promise<void> {
+  async write (offset: number, data: Buffer, released?: () => void): Promise<void> {
     checkOffset(offset, data.length)
     if (offset + data.length > this.size) {
       throw new UkaiError('UKAI_ERR_NO_SPACE', `write of ${data.length} bytes at ${offset} passes the end of image '${this.name}' (${this.size} bytes)`)
     }
     if (data.length === 0) return
+    let allTook = true
     await this.writeRange(offset, data.length, true, async (r, p, g) => {
       const started = performance.now()
-      await r.write(this.name, p.block, p.offset, data.subarray(p.bufferOffset, p.bufferOffset + p.length), g)
+      try {
+        await r.write(this.name, p.block, p.offset, data.subarray(p.bufferOffset, p.bufferOffset + p.length), g)
+      } catch (err) {
+        allTook = false
+        throw err
+      }
       countReplicaIo(this.stats, r, 'write', p.length, started)
     })
     this.stats.writes++
     this.stats.bytesWritten += data.length
+    if (allTook) released?.()
   }
 
   /**
@@ -445,10 +459,12 @@ export class Volume {
           continue
         }
         inSyncHere.add(location)
-        if (this.unflushedGranules.get(location) !== undefined || !this.unflushedGranules.has(location)) {
-          const set = addTo(this.unflushedGranules as Map<string, RangeSet>, location, granules)
-          if (set.rangeCount > MAX_UNFLUSHED_RANGES) this.unflushedGranules.set(location, undefined)
+        let written = this.unflushedGranules.get(location)
+        if (written === undefined && !this.unflushedGranules.has(location)) {
+          written = new UnflushedGranules(MAX_UNFLUSHED_RANGES)
+          this.unflushedGranules.set(location, written)
         }
+        if (written !== undefined && !written.add(p.block, granules)) this.unflushedGranules.set(location, undefined)
         const r = this.ctx.errors.isFailed(location) ? undefined : this.ctx.replicas.replicaFor(location)
         if (r === undefined) {
           failures.push({ ...failure(p.block, location, undefined, undefined), granules })
@@ -564,7 +580,7 @@ export class Volume {
         if (f.transport === true) {
           const written = this.unflushedGranules.get(f.location)
           for (const b of this.unflushed.get(f.location)?.values() ?? []) {
-            blocks.set(b, written === undefined || !this.current.fineGrained ? undefined : new RangeSet(written.within(...this.current.blockGranules(b))))
+            blocks.set(b, written === undefined || !this.current.fineGrained ? undefined : written.of(b))
           }
         }
       }
@@ -599,7 +615,7 @@ export class Volume {
     for (const [location, blocks] of lost) {
       for (const b of blocks.keys()) {
         this.unflushed.get(location)?.remove(b, b + 1)
-        this.unflushedGranules.get(location)?.remove(...this.current.blockGranules(b))
+        this.unflushedGranules.get(location)?.drop(b)
       }
     }
     if (marked) await this.ctx.cluster.publish(this.name, this.current.revision)

@@ -19,7 +19,13 @@ export interface NbdBackend {
   readonly blockSize: number
   /** Reads into `buf`; returns the bytes read (the rest is left untouched). */
   read: (offset: number, buf: Buffer) => Promise<number>
-  write: (offset: number, data: Buffer) => Promise<void>
+  /**
+   * Writes `data`. `released`, when given, is to be called once nothing
+   * reads `data` any more (every copy made, every request that sends it
+   * answered): the server then reuses the buffer for a later WRITE
+   * (ioBuffers in transmission.ts). A backend that cannot tell never calls it.
+   */
+  write: (offset: number, data: Buffer, released?: () => void) => Promise<void>
   /** Makes every write acknowledged so far durable. */
   flush: () => Promise<void>
   trim: (offset: number, length: number) => Promise<void>

@@ -274,6 +274,60 @@ describe('NBD server', { timeout: 120_000 }, () => {
     } finally { await spy.cleanup() }
   })
 
+  test('an assembled WRITE payload is reused only once the backend released it, and never while a write still holds it', async () => {
+    // Payloads this large span socket chunks: they are assembled, in a
+    // buffer of the I/O buffer pool (ioBuffers in transmission.ts).
+    const n = 320 * 1024
+    const mem = Buffer.alloc(4 * n)
+    const seen: Buffer[] = []
+    const hold: Array<() => void> = []
+    let keep = false
+    const backend: NbdBackend = {
+      blockSize: 4096,
+      read: async (offset, buf) => { mem.copy(buf, 0, offset, offset + buf.length); return buf.length },
+      write: async (offset, data, released) => {
+        seen.push(data)
+        if (keep) {
+          // Held: the bytes are copied only when the test lets the write finish.
+          await new Promise<void>((resolve) => hold.push(resolve))
+        }
+        data.copy(mem, offset)
+        released?.()
+      },
+      flush: async () => {},
+      trim: async () => {},
+      zero: async () => {},
+      extents: async (offset, length) => [{ offset, length, hole: false, zero: false }],
+      zeroIsFast: async () => false
+    }
+    const exports: ExportProvider = {
+      list: () => ['mem'],
+      describe: (name) => name === 'mem' ? { size: mem.length, readOnly: false } : undefined,
+      open: async (name) => ({ name, size: mem.length, readOnly: false, backend, close: async () => {} })
+    }
+    const spy = await startNbd({ exports })
+    try {
+      const c = await TestClient.connect(spy.socket)
+      await c.greet()
+      await c.go('mem')
+      const data = [0, 1, 2, 3].map(() => randomBytes(n))
+      assert.equal((await c.writeAt(0, data[0]!)).error, 0)
+      assert.equal((await c.writeAt(n, data[1]!)).error, 0)
+      assert.equal(seen[1]!.buffer, seen[0]!.buffer, 'the released buffer is reused')
+      // The third write is held (not released): the fourth must get another buffer.
+      keep = true
+      const third = c.writeAt(2 * n, data[2]!)
+      await until(() => hold.length === 1, 'the third write to reach the backend')
+      keep = false
+      assert.equal((await c.writeAt(3 * n, data[3]!)).error, 0)
+      assert.notEqual(seen[3]!.buffer, seen[2]!.buffer, 'a buffer in use is never handed out')
+      hold[0]!()
+      assert.equal((await third).error, 0)
+      for (let i = 0; i < 4; i++) assert.ok(mem.subarray(i * n, (i + 1) * n).equals(data[i]!), `write ${i} landed intact`)
+      await c.close()
+    } finally { await spy.cleanup() }
+  })
+
   test('requests run concurrently and are answered out of order', async (t) => {
     // The first read is held until the second one has started: served one
     // at a time, the two could never finish.

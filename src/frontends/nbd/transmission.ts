@@ -78,11 +78,13 @@ const REPLY_HEADER = 32
 export const DISPATCH_PER_TURN = 256
 const EMPTY = Buffer.alloc(0)
 /**
- * Buffers of large READ replies and WRITE payloads, shared by every
- * connection of the process (see BufferPool): a reply's goes back once
- * the socket has taken it, a payload's once the backend's write has
- * settled (a backend keeps no reference to a payload after that).
- * 4 KiB requests are small enough for plain allocations.
+ * Buffers of large READ replies and of WRITE payloads assembled from
+ * several socket chunks, shared by every connection of the process (see
+ * BufferPool): a reply's goes back once the socket has taken it, a
+ * payload's only when the backend calls the write's `released` (every
+ * consumer done with it, and the write taken everywhere: NbdBackend);
+ * one a backend never releases is left to the collector. 4 KiB requests
+ * are small enough for plain allocations.
  */
 const ioBuffers = new BufferPool({ min: 64 * 1024, max: 32 * 2 ** 20, retain: 32 * 2 ** 20 })
 /** A request at least this costly is started only once the socket is known to still have a peer (unix sockets). */
@@ -227,22 +229,25 @@ export class Transmission {
       const w = this.pendingWrite
       if (w !== undefined) {
         let payload: Buffer
+        let pooled = false
         if (this.assembly === undefined && this.reader.headLength >= w.length) {
           // In one received chunk: a view of it.
           payload = this.reader.take(w.length)
         } else {
-          // Copied into a buffer of the pool as it arrives, a socket chunk
-          // at a time: a 32 MiB payload is never one long copy holding
-          // the event loop.
+          // Copied as it arrives, a socket chunk at a time: a 32 MiB
+          // payload is never one long copy holding the event loop. The
+          // buffer may be one an earlier WRITE's backend released
+          // (ioBuffers).
           this.assembly ??= ioBuffers.take(w.length)
           this.assembled += this.reader.takeInto(this.assembly, this.assembled, w.length - this.assembled)
           if (this.assembled < w.length) { starved = true; break }
           payload = this.assembly
+          pooled = true
           this.assembly = undefined
           this.assembled = 0
         }
         this.pendingWrite = undefined
-        this.dispatch(w, payload, w.length)
+        this.dispatch(w, payload, w.length, pooled)
         continue
       }
       if (this.saturated()) break
@@ -508,18 +513,19 @@ export class Transmission {
     this.resolveDone()
   }
 
-  private dispatch (req: NbdRequest, payload: Buffer | undefined, cost: number): void {
+  /** `pooled`: the payload is a buffer of the payload pool, to be handed back when the backend releases it. */
+  private dispatch (req: NbdRequest, payload: Buffer | undefined, cost: number, pooled = false): void {
     this.inflight++
     this.inflightBytes += cost
     // The budget sees it before the next request asks for room.
     this.ctx.account()
-    void this.serve(req, payload, cost)
+    void this.serve(req, payload, cost, pooled)
   }
 
   /** Runs one request to its reply; never rejects. */
-  private async serve (req: NbdRequest, payload: Buffer | undefined, cost: number): Promise<void> {
+  private async serve (req: NbdRequest, payload: Buffer | undefined, cost: number, pooled: boolean): Promise<void> {
     try {
-      await this.execute(req, payload)
+      await this.execute(req, payload, pooled)
     } catch (err) {
       const e = toUkaiError(err)
       if (e.code === 'UKAI_ERR_INTERNAL') this.warn(`NBD ${commandName(req.type)}: ${e.message}`)
@@ -531,8 +537,6 @@ export class Transmission {
     } finally {
       this.inflight--
       this.inflightBytes -= cost
-      // Only a buffer of the pool goes back (a view of a socket chunk is not one).
-      if (payload !== undefined) ioBuffers.give(payload)
     }
     try {
       if (this.accepting) this.pump()
@@ -545,7 +549,7 @@ export class Transmission {
     }
   }
 
-  private async execute (req: NbdRequest, payload: Buffer | undefined): Promise<void> {
+  private async execute (req: NbdRequest, payload: Buffer | undefined, pooled: boolean): Promise<void> {
     const b = this.backend
     switch (req.type) {
       case NBD_CMD_READ: return await this.read(req)
@@ -554,7 +558,7 @@ export class Transmission {
         await b.flush()
         this.send(encodeSimpleReply(req, 0))
         return
-      case NBD_CMD_WRITE: await b.write(req.offset, payload!); break
+      case NBD_CMD_WRITE: await b.write(req.offset, payload!, pooled ? released(payload!) : undefined); break
       case NBD_CMD_TRIM: await this.inSteps(req, async (offset, length) => await b.trim(offset, length)); break
       case NBD_CMD_WRITE_ZEROES: {
         const noHole = (req.flags & NBD_CMD_FLAG_NO_HOLE) !== 0
@@ -698,6 +702,16 @@ export class Transmission {
   private readonly uncork = (): void => {
     this.corked = false
     this.socket.uncork()
+  }
+}
+
+/** The callback a backend calls when nothing reads `buf` any more: it goes back to the pool, once. */
+function released (buf: Buffer): () => void {
+  let done = false
+  return () => {
+    if (done) return
+    done = true
+    ioBuffers.give(buf)
   }
 }
 
