@@ -18,6 +18,19 @@
  * the file's end) or writes all of buffers[i] there; its result is the
  * number of bytes done, or -errno. fds is an Int32Array, positions a
  * Float64Array; the buffers stay referenced until the promise settles.
+ *
+ * And one read at once on the calling thread, when the page cache can
+ * answer it without waiting (preadv2 with RWF_NOWAIT): no hand-off to the
+ * thread pool at all.
+ *
+ *   readNow(fd, buffer, position) -> number
+ *
+ * The result is the bytes read (up to the file's end), or -EAGAIN when
+ * the read would have waited (for the disk, a locked page): nothing of
+ * it counts then, and the caller reads it on the pool. Any other -errno
+ * is the read's error (-EOPNOTSUPP: not on this kernel or file system).
+ * Writes have no such call: ext4 refuses RWF_NOWAIT on buffered writes
+ * (EOPNOTSUPP, Linux 6.18).
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -28,6 +41,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
+#include <sys/uio.h>
 #include <linux/falloc.h>
 #include <node_api.h>
 
@@ -255,6 +269,36 @@ static napi_value io_start (napi_env env, napi_callback_info info, int writing) 
   return promise;
 }
 
+static napi_value read_now (napi_env env, napi_callback_info info) {
+  size_t argc = 3;
+  napi_value argv[3], out;
+  int32_t fd;
+  double pos;
+  void *p;
+  size_t len;
+  bool isBuffer = false;
+  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  if (argc != 3 || napi_get_value_int32(env, argv[0], &fd) != napi_ok || fd < 0 ||
+      napi_is_buffer(env, argv[1], &isBuffer) != napi_ok || !isBuffer ||
+      napi_get_buffer_info(env, argv[1], &p, &len) != napi_ok || len > INT32_MAX ||
+      napi_get_value_double(env, argv[2], &pos) != napi_ok || !(pos >= 0 && pos <= 9007199254740991.0)) {
+    napi_throw_type_error(env, "EINVAL", "expected (fd >= 0, buffer: Buffer under 2 GiB, position >= 0)");
+    return NULL;
+  }
+  size_t done = 0;
+  int err = 0;
+  while (done < len) {
+    struct iovec v = { .iov_base = (char *)p + done, .iov_len = len - done };
+    ssize_t n = preadv2(fd, &v, 1, (off_t)((int64_t)pos + (int64_t)done), RWF_NOWAIT);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) { err = errno == EWOULDBLOCK ? EAGAIN : errno; break; }
+    if (n == 0) break; /* the file's end */
+    done += (size_t)n;
+  }
+  napi_create_int32(env, err != 0 ? -err : (int32_t)done, &out);
+  return out;
+}
+
 static napi_value read_many (napi_env env, napi_callback_info info) { return io_start(env, info, 0); }
 static napi_value write_many (napi_env env, napi_callback_info info) { return io_start(env, info, 1); }
 
@@ -263,9 +307,10 @@ static napi_value init (napi_env env, napi_value exports) {
     { "dataExtents", NULL, data_extents, NULL, NULL, NULL, napi_default, NULL },
     { "punchHole", NULL, punch_hole, NULL, NULL, NULL, napi_default, NULL },
     { "readMany", NULL, read_many, NULL, NULL, NULL, napi_default, NULL },
-    { "writeMany", NULL, write_many, NULL, NULL, NULL, napi_default, NULL }
+    { "writeMany", NULL, write_many, NULL, NULL, NULL, napi_default, NULL },
+    { "readNow", NULL, read_now, NULL, NULL, NULL, napi_default, NULL }
   };
-  napi_define_properties(env, exports, 4, props);
+  napi_define_properties(env, exports, 5, props);
   return exports;
 }
 

@@ -2,9 +2,11 @@ import { test } from 'node:test'
 import assert from 'node:assert/strict'
 import { randomBytes } from 'node:crypto'
 import { closeSync, mkdtempSync, openSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
-import { tmpdir } from 'node:os'
+import { constants, tmpdir } from 'node:os'
+import { spawnSync } from 'node:child_process'
 import { join } from 'node:path'
 import { readAt, writeAt } from './batched-io.js'
+import { load } from './sparse.js'
 
 test('many reads and writes of one turn: each lands where it was asked, reads stop at the end of the file', async () => {
   const dir = mkdtempSync(join(tmpdir(), 'ukai-batch-'))
@@ -53,4 +55,34 @@ test('many reads and writes of one turn: each lands where it was asked, reads st
   } finally {
     rmSync(dir, { recursive: true, force: true })
   }
+})
+
+test('a small read the page cache holds is answered at once; one it does not hold goes to the thread pool, and both read the right bytes', async (t) => {
+  const dir = mkdtempSync(join(tmpdir(), 'ukai-now-'))
+  t.after(() => rmSync(dir, { recursive: true, force: true }))
+  const model = randomBytes(32 * 2 ** 20)
+  const src = join(dir, 'model')
+  const file = join(dir, 'uncached')
+  writeFileSync(src, model)
+  // Written with O_DIRECT, the file's pages are not in the page cache.
+  const dd = spawnSync('dd', [`if=${src}`, `of=${file}`, 'bs=1M', 'oflag=direct', 'status=none'])
+  if (dd.status !== 0) return t.skip(`O_DIRECT writes are not possible here: ${dd.stderr.toString().trim()}`)
+  const fd = openSync(file, 'r')
+  t.after(() => closeSync(fd))
+  // The kernel's answer for regions nobody read yet: it would have to wait for the disk.
+  const probes = [0, 1, 2, 3].map((i) => load().readNow(fd, Buffer.alloc(4096), i * 8 * 2 ** 20))
+  assert.ok(probes.includes(-constants.errno.EAGAIN), `readNow of uncached pages answered ${probes.join(', ')}, never -EAGAIN`)
+  // Other uncached regions, through readAt: the pool reads them.
+  for (let i = 0; i < 4; i++) {
+    const pos = i * 8 * 2 ** 20 + 4 * 2 ** 20
+    const b = Buffer.alloc(4096)
+    assert.equal(await readAt(fd, b, pos), 4096)
+    assert.ok(b.equals(model.subarray(pos, pos + 4096)), `uncached read at ${pos} differs`)
+  }
+  // A cached region (just read): answered at once, the same bytes.
+  const b = Buffer.alloc(4096)
+  const pos = 4 * 2 ** 20
+  assert.equal(load().readNow(fd, b, pos), 4096)
+  assert.ok(b.equals(model.subarray(pos, pos + 4096)))
+  assert.equal(await readAt(fd, Buffer.alloc(100), model.length - 40), 40, 'stops at the end of the file')
 })

@@ -15,6 +15,7 @@ interface Addon {
   dataExtents: (fd: number, start: number, end: number) => Promise<number[]>
   punchHole: (fd: number, offset: number, length: number) => Promise<void>
   readMany: (fds: Int32Array, positions: Float64Array, buffers: Buffer[]) => Promise<Int32Array>
+  readNow: (fd: number, buffer: Buffer, position: number) => number
   writeMany: (fds: Int32Array, positions: Float64Array, buffers: Buffer[]) => Promise<Int32Array>
 }
 
