@@ -101,7 +101,8 @@ async function onWriter (node: UkaiNode, name: string, what: 'sync' | 'move', bo
   return { result: await callStream(client, 'POST', `/v1/images/${encodeURIComponent(name)}/${what}`, body, emit) }
 }
 
-const routes: Route[] = [
+/** Every route of the control API (test/fuzz/targets/control-api.ts checks that its table covers each one). */
+export const routes: readonly Route[] = [
   {
     method: 'GET',
     pattern: /^\/v1\/node$/,
