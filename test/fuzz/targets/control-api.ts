@@ -59,6 +59,7 @@ import { parseConfig, type Config } from '../../../src/config/config.js'
 import parsePrometheus from 'parse-prometheus-text-format'
 import { ControlServer, routes as serverRoutes } from '../../../src/control/server.js'
 import { MAX_DATA } from '../../../src/control/data-routes.js'
+import { MIN_MOVE_RATE } from '../../../src/node/move.js'
 import { CODES } from '../../../src/errors.js'
 import { encodeStored } from '../../../src/metadata/codec.js'
 import { UkaiNode } from '../../../src/node/node.js'
@@ -129,7 +130,11 @@ const anyBody: fc.Arbitrary<J> = json.value
 
 const moveBody: fc.Arbitrary<J> = fc.record({
   to: locationJ, from: fc.option(locationJ), start: fc.option(blockNo), end: fc.option(blockNo),
-  rate: fc.option(fc.oneof(fc.constantFrom(1, 4096, 1 << 20, 100 * 2 ** 20), fc.double({ min: 0.001, max: 1e12, noNaN: true })).map(num))
+  // At least MIN_MOVE_RATE mostly (a fixture moves within a second or so), below it now and then (refused).
+  rate: fc.option(fc.oneof(
+    { arbitrary: fc.oneof(fc.constantFrom(MIN_MOVE_RATE, 4 * MIN_MOVE_RATE, 100 * 2 ** 20), fc.double({ min: MIN_MOVE_RATE, max: 1e12, noNaN: true })), weight: 4 },
+    { arbitrary: fc.oneof(fc.constantFrom(1, 4096, MIN_MOVE_RATE - 1), fc.double({ min: 0.001, max: MIN_MOVE_RATE - 1, noNaN: true })), weight: 1 }
+  ).map(num))
 }).map((r) => obj(Object.fromEntries(Object.entries(r).filter(([, v]) => v !== null)) as Record<string, J>))
 
 const sessionBody: fc.Arbitrary<J> = fc.oneof(
@@ -446,6 +451,12 @@ function bodyOf (b: Body, c: Config): Buffer | undefined {
 
 /** An answer must come within this (the case limit leaves room for putting the fixtures back). */
 const ANSWER_MS = 10_000
+/**
+ * A streamed answer (sync, move) must be complete within this: a move
+ * copies at MIN_MOVE_RATE at the slowest, so a fixture's data (at most
+ * 1 MiB; 16 MiB written into the large image) moves well within it.
+ */
+const STREAM_MS = 20_000
 
 interface Answer { status: number, headers: Record<string, string | string[] | undefined>, raw: Buffer, text: string }
 
@@ -557,7 +568,7 @@ async function setup (fixtures: Fixture[]): Promise<Ctx> {
   }
 }
 
-const CONTRACT = 'crash: a 5xx answer (500 UKAI_ERR_INTERNAL above all; 501 only counts as an answer with an allow header) or a 5xx error inside a stream, an unhandled rejection or exception in the server, Object.prototype changed; hang: no complete answer (for the live feed: its first events) within 10 s (the case, putting the fixtures back included, within 30 s); violation: an error that is not JSON or not {"error": {code, message, details}}, a code not in the error table or with another status than the table gives, a success not of its route\'s form (JSON; Prometheus text that parses for /metrics; exactly `length` bytes of octet-stream for a data GET; NDJSON ending in result or error for sync and move; data events of {time, nodes} and no end for the live feed), anything stored (image metadata, block directories, the bytes of the range) for a refused request, an accepted data PUT that changes metadata beyond used_size growth and out-of-sync marks of a failed replica within the written blocks, data that does not read back as written (a data GET against the model of the image\'s bytes, the extents called zero)'
+const CONTRACT = 'crash: a 5xx answer (500 UKAI_ERR_INTERNAL above all; 501 only counts as an answer with an allow header) or a 5xx error inside a stream, an unhandled rejection or exception in the server, Object.prototype changed; hang: no complete answer (for the live feed: its first events) within 10 s (sync and move: 20 s) (the case, putting the fixtures back included, within 30 s); violation: an error that is not JSON or not {"error": {code, message, details}}, a code not in the error table or with another status than the table gives, a success not of its route\'s form (JSON; Prometheus text that parses for /metrics; exactly `length` bytes of octet-stream for a data GET; NDJSON ending in result or error for sync and move; data events of {time, nodes} and no end for the live feed), anything stored (image metadata, block directories, the bytes of the range) for a refused request, an accepted data PUT that changes metadata beyond used_size growth and out-of-sync marks of a failed replica within the written blocks, data that does not read back as written (a data GET against the model of the image\'s bytes, the extents called zero)'
 
 const label = (i: ControlInput): string => `${ROUTES[i.route]!.method} ${ROUTES[i.route]!.path}${i.query !== '' ? '?…' : ''}`
 
@@ -750,7 +761,7 @@ async function answer (ctx: Ctx, sentAs: Route, t: Reached, path: string, where:
     chunked: input.chunked,
     ...(input.body.kind === 'bytes' ? { contentType: 'application/octet-stream' } : {}),
     ...(events !== undefined ? { events } : {})
-  }), ANSWER_MS, `${where}`)
+  }), route.kind === 'stream' ? STREAM_MS : ANSWER_MS, `${where}`)
   if (protoState() !== ctx.protoKeys) {
     ctx.protoKeys = protoState()
     throw crash(`${where}: Object.prototype or Array.prototype changed`)
