@@ -7,6 +7,7 @@
 import { test } from 'node:test'
 import assert from 'node:assert/strict'
 import { UkaiError } from '../errors.js'
+import { ImageMeta, emptyLocation } from '../metadata/image.js'
 import { MIN_MOVE_RATE, checkMoveRate, moveImage, type MoveHost } from './move.js'
 
 /** A host whose metadata read is where a move starts work: reaching it means the request was accepted. */
@@ -46,4 +47,43 @@ test('a move at MIN_MOVE_RATE or faster, or without a rate, goes ahead', async (
     await assert.rejects(moveImage(h, 'vm', { to: '127.0.0.1:9', ...(rate !== undefined ? { rate } : {}) }, () => {}), /reached/)
     assert.equal(h.reached, 1)
   }
+})
+
+/** An image of 2^28 blocks (1 TiB of 4 KiB) on 127.0.0.1:7, in sync but for `gap` (out of sync there, and nowhere else). */
+function largeImage (gap?: number): ImageMeta {
+  const st = emptyLocation()
+  st.blocks.add(0, 2 ** 28)
+  if (gap !== undefined) st.outOfSync.add(gap, gap + 1)
+  return new ImageMeta({ name: 'big', size: 2 ** 40, blockSize: 4096, locations: new Map([['127.0.0.1:7', st]]) })
+}
+
+test('a move of a large image checks that every block has a copy run by run, not block by block (the control-api-large target: 2^28 blocks held the event loop for seconds)', async () => {
+  let added = 0
+  let looks = 0
+  /** The image, counting the blocks the move looks at one by one. */
+  const counted = (meta: ImageMeta): ImageMeta => {
+    const of = meta.replicasOf.bind(meta)
+    meta.replicasOf = (b) => { looks++; return of(b) }
+    return meta
+  }
+  const h: MoveHost = {
+    defaultPort: 22222,
+    meta: async () => counted(largeImage()),
+    addLocation: async () => { added++; throw new UkaiError('UKAI_ERR_NOT_FOUND', 'step') },
+    removeLocation: async () => { throw new Error('not expected') },
+    sync: async () => { throw new Error('not expected') }
+  }
+  await assert.rejects(moveImage(h, 'big', { to: '127.0.0.1:8', start: 3 }, () => {}), /step/)
+  assert.equal(added, 1, 'the check passed and the first step began')
+  assert.ok(looks <= 4, `${looks} blocks looked at one by one`)
+  // A block out of sync on its only location: refused, naming it, even deep in the image.
+  looks = 0
+  h.meta = async () => counted(largeImage(2 ** 27 + 5))
+  await assert.rejects(moveImage(h, 'big', { to: '127.0.0.1:8' }, () => {}), (err: UkaiError) => {
+    assert.equal(err.code, 'UKAI_ERR_UNAVAILABLE')
+    assert.deepEqual(err.details, { block: 2 ** 27 + 5 })
+    return true
+  })
+  assert.equal(added, 1, 'nothing started')
+  assert.ok(looks <= 4, `${looks} blocks looked at one by one`)
 })

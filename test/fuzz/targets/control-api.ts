@@ -354,10 +354,23 @@ const wholeLocation: fc.Arbitrary<J> = fc.oneof(
   { arbitrary: rangeBody('location'), weight: 1 }
 )
 
+/**
+ * A move of part of the large image: at most two steps' worth (2^19 blocks
+ * of 4 KiB, 2 GiB), always with an end. A move of all of it is 1,024 steps
+ * and legitimately takes minutes; it cannot be stopped once it runs, so it
+ * would hold the image for the cases after it.
+ */
+const largeMove: fc.Arbitrary<J> = fc.record({
+  to: locationJ, start: fc.integer({ min: 0, max: 2 ** 28 - 1 }), blocks: fc.integer({ min: 1, max: 2 ** 19 }),
+  rate: fc.option(fc.constantFrom(MIN_MOVE_RATE, 100 * 2 ** 20).map(num))
+}).map(({ to, start, blocks, rate }) => obj({ to, start: num(start), end: num(Math.min(2 ** 28 - 1, start + blocks - 1)), ...(rate !== null ? { rate } : {}) }))
+
 /** For the large image: its name, valid bodies mostly (what is slow is the work, not the parsing), every route alike. */
 const largeInputArb = inputsOf(
   fc.oneof({ arbitrary: fc.constant('big'), weight: 9 }, { arbitrary: fc.constant('nope'), weight: 1 }),
-  (r) => r.raw === true || r.body === undefined
+  (r) => r.path.endsWith('/move')
+    ? largeMove.map((doc): Body => ({ kind: 'json', doc }))
+    : r.raw === true || r.body === undefined
     ? bodyFor(r)
     : fc.oneof(
       { arbitrary: (r.method === 'DELETE' && r.path.endsWith('/locations') ? wholeLocation : r.body).map((doc): Body => ({ kind: 'json', doc })), weight: 6 },
