@@ -16,7 +16,7 @@
 // are resumed after the case they were on.
 import { execFileSync, fork, spawnSync } from 'node:child_process'
 import { createHash } from 'node:crypto'
-import { accessSync, constants, existsSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, rmSync, writeFileSync } from 'node:fs'
+import { accessSync, constants, copyFileSync, existsSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, rmSync, writeFileSync } from 'node:fs'
 import { availableParallelism, cpus, loadavg, tmpdir } from 'node:os'
 import { dirname, join, relative, resolve } from 'node:path'
 import { fileURLToPath, pathToFileURL } from 'node:url'
@@ -96,6 +96,15 @@ function build () {
     process.stderr.write(`fuzz: the build failed:\n${r.stdout}${r.stderr}\n`)
     process.exit(1)
   }
+  // The native file addon goes with the snapshot: src/blockstore/sparse.ts looks for it
+  // beside the compiled tree (fuzz/.build/build/Release), and block I/O needs it.
+  const addon = join(ROOT, 'build', 'Release', 'ukai_fs.node')
+  if (!existsSync(addon)) {
+    process.stderr.write('fuzz: the native file addon build/Release/ukai_fs.node is missing: run scripts/setup.sh (or npm ci) first\n')
+    process.exit(1)
+  }
+  mkdirSync(join(BUILD, 'build', 'Release'), { recursive: true })
+  copyFileSync(addon, join(BUILD, 'build', 'Release', 'ukai_fs.node'))
   return errors
 }
 

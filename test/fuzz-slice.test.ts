@@ -10,7 +10,7 @@ import assert from 'node:assert/strict'
 import { runShardInChild } from './fuzz/child.js'
 import { runShard, type AnyTarget, type FindingRecord } from './fuzz/harness.js'
 import { targets } from './fuzz/targets/index.js'
-import { stats as controlStats } from './fuzz/targets/control-api.js'
+import { stats as controlStats, uncoveredRoutes } from './fuzz/targets/control-api.js'
 import { stats as importStats } from './fuzz/targets/metadata-import.js'
 import { stats as clientStats } from './fuzz/targets/peer-client.js'
 
@@ -40,6 +40,10 @@ describe('fuzz slice (fixed seed)', { timeout: 120_000 }, () => {
   for (const t of targets) {
     test(`${t.name}: ${t.sliceCases} cases, no crash, hang or contract violation`, async () => { await slice(t) })
   }
+
+  test("the control-api target's ROUTES names every route of the server's tables, and nothing else", () => {
+    assert.deepEqual(uncoveredRoutes(), { missing: [], stale: [] })
+  })
 
   test('the cases reached the success paths, not only the refusals', () => {
     assert.ok(clientStats.connected > 0 && clientStats.opsOk > 0, `peer-client: ${JSON.stringify(clientStats)}`)

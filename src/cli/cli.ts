@@ -298,7 +298,7 @@ function imageCommands (image: Command, config: () => Config): void {
     .argument('<NAME>', 'image name')
     .requiredOption('--to <NODE>', 'the node the blocks move to')
     .option('--from <NODE>', 'the node they move away from (default: the only other one holding them)')
-    .option('--rate <SIZE>', 'most bytes per second the copy takes (e.g. 100M)'), 'to move')
+    .option('--rate <SIZE>', 'most bytes per second the copy takes (e.g. 100M; at least 1M)'), 'to move')
     .option('--json', 'progress and result as JSON lines')
     .action(async (name: string, o: { to: string, from?: string, start?: string, end?: string, rate?: string, json?: boolean }) => {
       const body = {

@@ -16,6 +16,7 @@ import { randomBytes } from 'node:crypto'
 import { link, lstat, open, rename, unlink, type FileHandle } from 'node:fs/promises'
 import { basename, dirname, join } from 'node:path'
 import type { ControlClient } from '../control/client.js'
+import { MAX_EXTENT_BLOCKS } from '../control/data-routes.js'
 import { CODES, UkaiError, invalidArgument, toUkaiError, type ErrorCode } from '../errors.js'
 import { MIN_BLOCK_SIZE } from '../metadata/image.js'
 import type { SessionInfo } from '../node/data-sessions.js'
@@ -30,7 +31,7 @@ export const CHUNK = 4 * 2 ** 20
 export const IN_FLIGHT = 4
 /** The unit of zero detection: a page. */
 const PAGE = 4096
-/** Bytes of the image whose extents one request asks for. */
+/** Bytes of the image whose extents one request asks for, at most (and no more than the node looks at in detail). */
 const EXTENT_WINDOW = 2 ** 30
 const ZERO_PAGE = Buffer.alloc(PAGE)
 
@@ -193,8 +194,10 @@ export async function exportImage (client: ControlClient, o: ExportOptions): Pro
     const out = fh
     const size = session.size
     await out.truncate(size)
-    for (let window = 0; window < size; window += EXTENT_WINDOW) {
-      const length = Math.min(EXTENT_WINDOW, size - window)
+    // Past MAX_EXTENT_BLOCKS blocks a node answers "data" without looking: a window of at most that many keeps holes holes.
+    const step = Math.min(EXTENT_WINDOW, MAX_EXTENT_BLOCKS * session.block_size)
+    for (let window = 0; window < size; window += step) {
+      const length = Math.min(step, size - window)
       const extents = JSON.parse((await rawCall(client, 'GET', `${path}/extents?offset=${window}&length=${length}&${query}`)).toString('utf8')) as Extent[]
       for (const ext of extents) {
         if (ext.hole || ext.zero) continue

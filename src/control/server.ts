@@ -18,6 +18,7 @@ import { hostname, networkInterfaces } from 'node:os'
 import { bearerMatches } from './token.js'
 import { UkaiError, invalidArgument, toUkaiError } from '../errors.js'
 import { describe, describeState, parseInfoFormat, summarise } from '../node/images.js'
+import { checkMoveRate } from '../node/move.js'
 import { errorReport } from '../node/stats.js'
 import type { UkaiNode } from '../node/node.js'
 import { ControlClient, callStream, controlTlsOf } from './client.js'
@@ -101,7 +102,8 @@ async function onWriter (node: UkaiNode, name: string, what: 'sync' | 'move', bo
   return { result: await callStream(client, 'POST', `/v1/images/${encodeURIComponent(name)}/${what}`, body, emit) }
 }
 
-const routes: Route[] = [
+/** Every route of the control API (test/fuzz/targets/control-api.ts checks that its table covers each one). */
+export const routes: readonly Route[] = [
   {
     method: 'GET',
     pattern: /^\/v1\/node$/,
@@ -196,7 +198,7 @@ const routes: Route[] = [
       for (const k of Object.keys(b)) if (!['to', 'from', 'start', 'end', 'rate'].includes(k)) throw invalidArgument(`unknown field '${k}'`, { key: k })
       if (typeof b.to !== 'string') throw invalidArgument("'to' must be a node address", { key: 'to' })
       if (b.from !== undefined && typeof b.from !== 'string') throw invalidArgument("'from' must be a node address", { key: 'from' })
-      if (b.rate !== undefined && (typeof b.rate !== 'number' || !(b.rate > 0))) throw invalidArgument("'rate' must be a positive number of bytes per second", { key: 'rate' })
+      checkMoveRate(b.rate)
       const start = optionalBlock(b, 'start')
       const last = optionalBlock(b, 'end')
       const forwarded = await onWriter(node, name!, 'move', b, emit)

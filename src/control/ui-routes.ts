@@ -6,7 +6,10 @@
  *
  *   GET /v1/stats                this node: {node, time, images: [stats], errors}
  *   GET /v1/nodes/stats          every registered node's /v1/stats (or why not)
+ *   GET /v1/rtt                  this node's recent RTT to each node, ms
+ *                                (probed at most every RTT_FRESH_MS, directory.ts)
  *   GET /v1/nodes/rtt            every node's RTT to each other node, ms
+ *                                (each one's /v1/rtt)
  *   GET /v1/live[?interval=MS]   text/event-stream: every MS (default 1000),
  *                                {time, nodes: GET /v1/nodes/stats}
  *
@@ -52,6 +55,7 @@ function liveQuery (query: URLSearchParams): number {
 export const uiRoutes: Route[] = [
   { method: 'GET', pattern: /^\/v1\/stats$/, handler: async (node) => nodeIoStats(node) },
   { method: 'GET', pattern: /^\/v1\/nodes\/stats$/, handler: async (node) => await node.images.directory.stats() },
+  { method: 'GET', pattern: /^\/v1\/rtt$/, handler: async (node) => await node.images.directory.recentRtt() },
   { method: 'GET', pattern: /^\/v1\/nodes\/rtt$/, handler: async (node) => await node.images.directory.rtt() },
   {
     method: 'GET',

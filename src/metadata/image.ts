@@ -261,7 +261,7 @@ export function validateImported (meta: ImageMeta): ImageMeta {
 }
 
 /** The next block after `b` where some location's state may change (ranges make this fast on large images). */
-function nextBoundary (meta: ImageMeta, b: number): number {
+export function nextBoundary (meta: ImageMeta, b: number): number {
   let next = meta.blockCount
   for (const st of meta.locations.values()) {
     for (const set of [st.blocks, st.outOfSync]) {

@@ -62,9 +62,37 @@ const STORAGE_TIMEOUT_MS = 30_000
 /** How long a probe of another node may take. */
 const PROBE_TIMEOUT_MS = 3000
 
+/**
+ * How long this node's RTT measurements to its peers stand before a
+ * request for them probes again (GET /v1/rtt): a dashboard refreshing
+ * often, or many of them, costs at most one round of probes per node per
+ * this period.
+ */
+export const RTT_FRESH_MS = 5000
+
+/** This node's RTT to each registered node alive, ms, as it last measured them (GET /v1/rtt). */
+export interface PeerRtt {
+  node: string
+  /** When the round of probes ended, ms since the epoch. */
+  measured: number
+  rtt_ms: Record<string, number>
+  /** Nodes alive that did not answer the probe, and why. */
+  errors: Record<string, string>
+}
+
 export class NodeDirectory {
   private readonly config: Config
   private readonly store: MetadataStore
+
+  /** How long a round of RTT probes stands (RTT_FRESH_MS; tests shorten it). */
+  rttFreshMs = RTT_FRESH_MS
+  /** The last round of RTT probes (this node's or status()'s), and the round under way. */
+  private lastRtt: PeerRtt | undefined
+  private rttRound: Promise<PeerRtt> | undefined
+  /** The cluster-wide RTT answer under way: concurrent GET /v1/nodes/rtt share it. */
+  private matrix: Promise<Array<NodeAnswer & { rtt_ms?: Record<string, number> }>> | undefined
+  /** Rounds of probes this node made for its RTT answer (a round probes every node alive once). */
+  rttRounds = 0
 
   constructor (config: Config, store: MetadataStore) {
     this.config = config
@@ -141,7 +169,8 @@ export class NodeDirectory {
 
   /** Every registered node: alive from its lease; capacity and the RTT of a probe from the ones alive. */
   async status (): Promise<NodeStatus[]> {
-    return await Promise.all((await this.store.listNodes()).map(async ({ info, alive }) => {
+    const round: PeerRtt = { node: this.config.id, measured: 0, rtt_ms: {}, errors: {} }
+    const list = await Promise.all((await this.store.listNodes()).map(async ({ info, alive }) => {
       const base: NodeStatus = {
         id: info.id,
         control: `${info.control_address}:${info.control_port}`,
@@ -156,39 +185,110 @@ export class NodeDirectory {
         const t0 = performance.now()
         await c.call('GET', '/v1/ping')
         const rtt = performance.now() - t0
+        round.rtt_ms[info.id] = Math.round(rtt * 1000) / 1000
         const i = await c.call<{ capacity: NodeStatus['capacity'], open_images: string[] }>('GET', '/v1/node')
         return { ...base, reachable: true, rtt_ms: Math.round(rtt * 1000) / 1000, capacity: i.capacity, open_images: i.open_images }
       } catch (err) {
-        return { ...base, error: toUkaiError(err).message }
+        const error = toUkaiError(err).message
+        if (round.rtt_ms[info.id] === undefined) round.errors[info.id] = error
+        return { ...base, error }
       }
     }))
+    // Those probes are a round of RTT measurements too: GET /v1/rtt answers them while fresh.
+    round.measured = Date.now()
+    this.lastRtt = round
+    return list
+  }
+
+  /**
+   * This node's RTT to every registered node alive (itself included), ms:
+   * the last round of probes while it is younger than rttFreshMs (its own
+   * or status()'s), else a new round, which concurrent callers share. So
+   * however often it is asked, a node probes each other node at most once
+   * per rttFreshMs for it.
+   */
+  async recentRtt (): Promise<PeerRtt> {
+    const last = this.lastRtt
+    if (last !== undefined && Date.now() - last.measured < this.rttFreshMs) return last
+    if (this.rttRound !== undefined) return await this.rttRound
+    const round = this.probeRound()
+    this.rttRound = round
+    try {
+      return await round
+    } finally {
+      this.rttRound = undefined
+    }
+  }
+
+  /** One GET /v1/ping of every registered node alive, in parallel, each bounded by PROBE_TIMEOUT_MS. */
+  private async probeRound (): Promise<PeerRtt> {
+    this.rttRounds++
+    const round: PeerRtt = { node: this.config.id, measured: 0, rtt_ms: {}, errors: {} }
+    await Promise.all((await this.store.listNodes()).map(async ({ info, alive }) => {
+      if (alive === undefined) return
+      try {
+        const c = await this.client(alive)
+        const t0 = performance.now()
+        await c.call('GET', '/v1/ping')
+        round.rtt_ms[info.id] = Math.round((performance.now() - t0) * 1000) / 1000
+      } catch (err) {
+        round.errors[info.id] = toUkaiError(err).message
+      }
+    }))
+    round.measured = Date.now()
+    this.lastRtt = round
+    return round
   }
 
   /** Every registered node's storage report, asked of each node that is alive (GET /v1/storage). */
   async storage (): Promise<NodeStorageStatus[]> {
-    return await this.askEvery('/v1/storage', STORAGE_TIMEOUT_MS, (report: NodeStorage) => report)
+    return await this.askEach('/v1/storage', STORAGE_TIMEOUT_MS, (report: NodeStorage) => report)
   }
 
   /** Every registered node's I/O statistics of every image it knows, and its error state (GET /v1/stats). */
   async stats (): Promise<Array<NodeAnswer & Partial<NodeIoStats>>> {
-    return await this.askEvery('/v1/stats', PROBE_TIMEOUT_MS, (report: NodeIoStats) => report)
+    return await this.askEach('/v1/stats', PROBE_TIMEOUT_MS, (report: NodeIoStats) => report)
   }
 
-  /** The RTT from every node that is alive to every other, ms (each one's GET /v1/nodes). */
+  /**
+   * The RTT from every node that is alive to every other, ms: each one's
+   * recent measurements (GET /v1/rtt, recentRtt), so a request costs one
+   * call per node and no new probes while they are fresh; concurrent
+   * requests share one answer.
+   */
   async rtt (): Promise<Array<NodeAnswer & { rtt_ms?: Record<string, number> }>> {
-    // That node probes each node in turn, each probe bounded by PROBE_TIMEOUT_MS.
-    return await this.askEvery('/v1/nodes', 3 * PROBE_TIMEOUT_MS, (list: NodeStatus[]) => ({
-      rtt_ms: Object.fromEntries(list.filter((n) => n.rtt_ms !== undefined).map((n) => [n.id, n.rtt_ms!]))
-    }))
+    if (this.matrix !== undefined) return await this.matrix
+    // A node probes the others in parallel, each probe bounded by PROBE_TIMEOUT_MS.
+    const matrix = this.askEvery(2 * PROBE_TIMEOUT_MS, async (c) => {
+      try {
+        return { rtt_ms: (await c.call<PeerRtt>('GET', '/v1/rtt')).rtt_ms }
+      } catch (err) {
+        if (toUkaiError(err).code !== 'UKAI_ERR_NOT_FOUND') throw err
+        // A node of an earlier version, without /v1/rtt: its probes of every node, as before.
+        const list = await c.call<NodeStatus[]>('GET', '/v1/nodes')
+        return { rtt_ms: Object.fromEntries(list.filter((n) => n.rtt_ms !== undefined).map((n) => [n.id, n.rtt_ms!])) }
+      }
+    })
+    this.matrix = matrix
+    try {
+      return await matrix
+    } finally {
+      this.matrix = undefined
+    }
   }
 
   /** `GET path` of every registered node that is alive, each answer through `pick`; why not, for the others. */
-  private async askEvery<T, R extends object> (path: string, timeoutMs: number, pick: (answer: T) => R): Promise<Array<NodeAnswer & Partial<R>>> {
+  private async askEach<T, R extends object> (path: string, timeoutMs: number, pick: (answer: T) => R): Promise<Array<NodeAnswer & Partial<R>>> {
+    return await this.askEvery(timeoutMs, async (c) => pick(await c.call<T>('GET', path)))
+  }
+
+  /** `ask` of every registered node that is alive; why not, for the others. */
+  private async askEvery<R extends object> (timeoutMs: number, ask: (client: ControlClient) => Promise<R>): Promise<Array<NodeAnswer & Partial<R>>> {
     return await Promise.all((await this.store.listNodes()).map(async ({ info, alive }) => {
       const base: NodeAnswer = { id: info.id, alive: alive !== undefined, reachable: false }
       if (alive === undefined) return { ...base, error: 'not alive (its lease ended: the node is down)' } as NodeAnswer & Partial<R>
       try {
-        const answer = pick(await (await this.client(alive, timeoutMs)).call<T>('GET', path))
+        const answer = await ask(await this.client(alive, timeoutMs))
         return { ...base, ...answer, id: info.id, reachable: true }
       } catch (err) {
         return { ...base, error: toUkaiError(err).message } as NodeAnswer & Partial<R>

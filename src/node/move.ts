@@ -11,8 +11,9 @@
  * sync are not copied again.
  */
 import { UkaiError } from '../errors.js'
-import type { ImageMeta } from '../metadata/image.js'
+import { nextBoundary, type ImageMeta } from '../metadata/image.js'
 import { sameLocation, validateLocation } from '../metadata/names.js'
+import { show } from '../util/show.js'
 import type { SyncProgress } from '../volume/resync.js'
 
 export interface MoveRequest {
@@ -21,8 +22,24 @@ export interface MoveRequest {
   /** Blocks [start, end) (the whole image by default). */
   start?: number
   end?: number
-  /** Bytes per second the copy may take (unlimited without). */
+  /** Bytes per second the copy may take (unlimited without; at least MIN_MOVE_RATE). */
   rate?: number
+}
+
+/**
+ * The lowest rate a move takes, bytes per second. A move runs in the node
+ * until it is through and cannot be stopped from outside (its command
+ * going does not stop it), holding the image's writer session meanwhile:
+ * at 1 byte per second one 64 MiB block would take two years.
+ */
+export const MIN_MOVE_RATE = 2 ** 20
+
+/** Refuses a rate that is not a number of bytes per second of at least MIN_MOVE_RATE. */
+export function checkMoveRate (rate: unknown): void {
+  if (rate === undefined) return
+  if (typeof rate !== 'number' || !Number.isFinite(rate) || rate < MIN_MOVE_RATE) {
+    throw new UkaiError('UKAI_ERR_INVALID_ARGUMENT', `the rate must be a number of bytes per second of at least ${MIN_MOVE_RATE} (1M), got ${show(rate)}`, { key: 'rate' })
+  }
 }
 
 export interface MoveProgress {
@@ -84,7 +101,7 @@ export async function moveImage (host: MoveHost, name: string, req: MoveRequest,
   const to = validateLocation(req.to, host.defaultPort)
   const from = req.from === undefined ? undefined : validateLocation(req.from, host.defaultPort)
   if (from !== undefined && sameLocation(from, to, host.defaultPort)) throw invalid(`--from and --to name the same location (${to})`)
-  if (req.rate !== undefined && (!Number.isFinite(req.rate) || req.rate <= 0)) throw invalid(`the rate must be a positive number of bytes per second, got ${req.rate}`)
+  checkMoveRate(req.rate)
   const meta = await host.meta(name)
   const start = req.start ?? 0
   const end = req.end ?? meta.blockCount
@@ -92,8 +109,9 @@ export async function moveImage (host: MoveHost, name: string, req: MoveRequest,
     throw new UkaiError('UKAI_ERR_OUT_OF_RANGE', `block range ${start}..${end - 1} is not within image '${name}' (blocks 0..${meta.blockCount - 1})`)
   }
   const source = sourceOf(meta, to, from, start, end, host.defaultPort)
-  // Every block must have a copy to move: refused before anything changes.
-  for (let b = start; b < end; b++) {
+  // Every block must have a copy to move: refused before anything changes. Run by run of
+  // blocks of one state, not block by block (2^28 blocks kept the event loop for seconds).
+  for (let b = start; b < end; b = nextBoundary(meta, b)) {
     if (!meta.replicasOf(b).some((r) => r.inSync)) {
       throw new UkaiError('UKAI_ERR_UNAVAILABLE', `image '${name}' block ${b} has no in-sync replica: there is nothing to move`, { block: b })
     }
