@@ -14,6 +14,7 @@
  *   setUsedSize(slot, usedSize)
  *   takeCounters(slot) -> Float64Array [reads, bytes, pieces, seconds]
  *   fastBlocks(slot) -> Float64Array of readable ranges (tests)
+ *   readFast(slot, offset, buffer) / readFastAsync(...) / setReadDelay(slot, us)   (tests)
  *
  * The rule that keeps the fast path safe (a read never returns data the
  * TypeScript side no longer stands behind): a read takes the image's
@@ -85,6 +86,7 @@ struct image {
   uint64_t clock;    /* where the next eviction scan starts */
   _Atomic uint64_t used_size;
   _Atomic uint64_t reads, bytes, pieces, nanos;
+  _Atomic uint32_t delay_us; /* tests: each read waits this long with its blocks taken */
 };
 
 static struct image images[MAX_SLOTS];
@@ -151,6 +153,8 @@ static ssize_t fast_read (uint64_t fh, char *buf, size_t size, off_t off) {
   for (uint64_t b = first; b <= last; b++) img->blocks[b].inflight++;
   pthread_mutex_unlock(&img->mu);
 
+  uint32_t delay = atomic_load(&img->delay_us);
+  if (delay > 0) usleep(delay);
   uint64_t t0 = now_ns();
   bool ok = true;
   uint64_t at = start;
@@ -172,17 +176,19 @@ static ssize_t fast_read (uint64_t fh, char *buf, size_t size, off_t off) {
   }
   uint64_t t1 = now_ns();
 
+  /* Counted before the blocks are let go: a drain (an unregistration) that returns has them. */
+  if (ok) {
+    atomic_fetch_add(&img->reads, 1);
+    atomic_fetch_add(&img->bytes, size);
+    atomic_fetch_add(&img->pieces, last - first + 1);
+    atomic_fetch_add(&img->nanos, t1 - t0);
+  }
   pthread_mutex_lock(&img->mu);
   bool wake = false;
   for (uint64_t b = first; b <= last; b++) if (--img->blocks[b].inflight == 0) wake = true;
   if (wake) pthread_cond_broadcast(&img->cv);
   pthread_mutex_unlock(&img->mu);
-  if (!ok) return -1;
-  atomic_fetch_add(&img->reads, 1);
-  atomic_fetch_add(&img->bytes, size);
-  atomic_fetch_add(&img->pieces, last - first + 1);
-  atomic_fetch_add(&img->nanos, t1 - t0);
-  return (ssize_t)size;
+  return ok ? (ssize_t)size : -1;
 }
 
 /* ---- requests handed to TypeScript ---- */
@@ -698,6 +704,7 @@ static napi_value js_register (napi_env env, napi_callback_info info) {
   atomic_store(&img->bytes, 0);
   atomic_store(&img->pieces, 0);
   atomic_store(&img->nanos, 0);
+  atomic_store(&img->delay_us, 0);
   img->used = true;
   img->live = true;
   pthread_mutex_unlock(&img->mu);
@@ -916,6 +923,69 @@ static napi_value js_read_fast (napi_env env, napi_callback_info info) {
   return out;
 }
 
+/* setReadDelay(slot, microseconds): tests hold native reads in flight with it. */
+static napi_value js_set_read_delay (napi_env env, napi_callback_info info) {
+  size_t argc = 2;
+  napi_value argv[2];
+  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  uint32_t slot, us;
+  if (argc != 2) { napi_throw_type_error(env, "EINVAL", "setReadDelay(slot, microseconds)"); return NULL; }
+  struct image *img = image_arg(env, argv[0], &slot);
+  if (img == NULL || napi_get_value_uint32(env, argv[1], &us) != napi_ok) return NULL;
+  atomic_store(&img->delay_us, us);
+  return NULL;
+}
+
+struct read_work {
+  napi_async_work work;
+  napi_deferred deferred;
+  napi_ref keep;
+  uint32_t slot;
+  int64_t off;
+  char *buf;
+  size_t len;
+  ssize_t result;
+};
+
+static void read_execute (napi_env env, void *data) {
+  (void)env;
+  struct read_work *w = data;
+  w->result = fast_read((uint64_t)w->slot << 32, w->buf, w->len, (off_t)w->off);
+}
+
+static void read_complete (napi_env env, napi_status status, void *data) {
+  (void)status;
+  struct read_work *w = data;
+  napi_value v;
+  napi_create_int64(env, w->result, &v);
+  napi_resolve_deferred(env, w->deferred, v);
+  napi_delete_reference(env, w->keep);
+  napi_delete_async_work(env, w->work);
+  free(w);
+}
+
+/* readFastAsync(slot, offset, buffer) -> Promise<bytes or -1>: readFast on a thread of the pool, as a FUSE thread runs it (tests). */
+static napi_value js_read_fast_async (napi_env env, napi_callback_info info) {
+  size_t argc = 3;
+  napi_value argv[3], promise, name;
+  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  struct read_work *w = calloc(1, sizeof *w);
+  void *p;
+  if (w == NULL || argc != 3 || napi_get_value_uint32(env, argv[0], &w->slot) != napi_ok || napi_get_value_int64(env, argv[1], &w->off) != napi_ok ||
+      napi_get_buffer_info(env, argv[2], &p, &w->len) != napi_ok) {
+    free(w);
+    napi_throw_type_error(env, "EINVAL", "readFastAsync(slot, offset, buffer)");
+    return NULL;
+  }
+  w->buf = p;
+  napi_create_reference(env, argv[2], 1, &w->keep);
+  napi_create_promise(env, &w->deferred, &promise);
+  napi_create_string_utf8(env, "ukai-fuse:readFast", NAPI_AUTO_LENGTH, &name);
+  napi_create_async_work(env, NULL, name, read_execute, read_complete, w, &w->work);
+  napi_queue_async_work(env, w->work);
+  return promise;
+}
+
 static napi_value init (napi_env env, napi_value exports) {
   pthread_once(&images_once, images_init);
   napi_property_descriptor props[] = {
@@ -930,7 +1000,9 @@ static napi_value init (napi_env env, napi_value exports) {
     { "setUsedSize", NULL, js_set_used_size, NULL, NULL, NULL, napi_default, NULL },
     { "takeCounters", NULL, js_take_counters, NULL, NULL, NULL, napi_default, NULL },
     { "fastBlocks", NULL, js_fast_blocks, NULL, NULL, NULL, napi_default, NULL },
-    { "readFast", NULL, js_read_fast, NULL, NULL, NULL, napi_default, NULL }
+    { "readFast", NULL, js_read_fast, NULL, NULL, NULL, napi_default, NULL },
+    { "readFastAsync", NULL, js_read_fast_async, NULL, NULL, NULL, napi_default, NULL },
+    { "setReadDelay", NULL, js_set_read_delay, NULL, NULL, NULL, napi_default, NULL }
   };
   napi_define_properties(env, exports, sizeof props / sizeof props[0], props);
   return exports;

@@ -62,6 +62,10 @@ export interface FuseAddon {
   fastBlocks: (slot: number) => Float64Array
   /** The fast path alone on the JS thread (tests): the bytes read, or -1 where a request would go to JS. */
   readFast: (slot: number, offset: number, buf: Buffer) => number
+  /** readFast on a thread of libuv's pool, as a FUSE thread runs it (tests). */
+  readFastAsync: (slot: number, offset: number, buf: Buffer) => Promise<number>
+  /** Tests: every native read of the slot waits this long with its blocks taken. */
+  setReadDelay: (slot: number, microseconds: number) => void
 }
 
 let loaded: { addon?: FuseAddon, error?: string } | undefined
