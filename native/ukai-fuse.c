@@ -225,6 +225,7 @@ static struct {
   napi_threadsafe_function tsfn;
   char mountpoint[PATH_MAX];
   int loop_result;
+  _Atomic bool ended;
 } plane;
 
 /* Hands `r` to TypeScript and waits for its reply; returns r->result. */
@@ -531,6 +532,7 @@ static void *loop_thread (void *arg) {
   fuse_unmount(plane.fuse);
   fuse_destroy(plane.fuse);
   plane.fuse = NULL;
+  atomic_store(&plane.ended, true);
   return NULL;
 }
 
@@ -576,6 +578,7 @@ static napi_value js_mount (napi_env env, napi_callback_info info) {
     napi_throw_error(env, "EIO", text);
     return NULL;
   }
+  atomic_store(&plane.ended, false);
   if (pthread_create(&plane.thread, NULL, loop_thread, NULL) != 0) {
     fuse_unmount(plane.fuse);
     fuse_destroy(plane.fuse);
@@ -610,8 +613,18 @@ static void unmount_execute (napi_env env, void *data) {
    */
   char path[PATH_MAX + 64];
   snprintf(path, sizeof path, "%s/.ukai-unmount-%ld", plane.mountpoint, (long)getpid());
-  struct stat st;
-  stat(path, &st);
+  for (int tries = 0; !atomic_load(&plane.ended); tries++) {
+    struct stat st;
+    stat(path, &st);
+    for (int i = 0; i < 100 && !atomic_load(&plane.ended); i++) usleep(10000);
+    /*
+     * Asked again each second: a wake-up may find every thread busy. (A
+     * mount detached behind our back while files on it stay open is not
+     * reached by the lookup at all; its loop ends when the last of them
+     * closes.)
+     */
+    (void)tries;
+  }
   pthread_join(plane.thread, NULL);
 }
 
