@@ -13,6 +13,7 @@
  *   drain(slot, ranges) -> Promise<void>
  *   setUsedSize(slot, usedSize)
  *   takeCounters(slot) -> Float64Array [reads, bytes, pieces, seconds]
+ *   heartbeat(ms)                                        (the JS thread runs: the fast path serves for ms more)
  *   fastBlocks(slot) -> Float64Array of readable ranges (tests)
  *   readFast(slot, offset, buffer) / readFastAsync(...) / setReadDelay(slot, us)   (tests)
  *
@@ -90,6 +91,13 @@ struct image {
 };
 
 static struct image images[MAX_SLOTS];
+/*
+ * Until when (CLOCK_MONOTONIC ns) the JS thread is known to be running:
+ * it renews this (heartbeat) several times within it. A JS thread that
+ * stalls cannot apply a revocation, so the fast path stops with it and
+ * reads wait for JS, as on the fuse-native engine. 0: no deadline.
+ */
+static _Atomic uint64_t fresh_until;
 static pthread_mutex_t slots_mu = PTHREAD_MUTEX_INITIALIZER;
 static pthread_once_t images_once = PTHREAD_ONCE_INIT;
 
@@ -128,6 +136,8 @@ static void evict_one (struct image *img) {
 static ssize_t fast_read (uint64_t fh, char *buf, size_t size, off_t off) {
   uint32_t slot = (uint32_t)(fh >> 32);
   if (slot == 0 || slot >= MAX_SLOTS || off < 0) return -1;
+  uint64_t deadline = atomic_load(&fresh_until);
+  if (deadline != 0 && now_ns() > deadline) return -1;
   struct image *img = &images[slot];
   uint64_t start = (uint64_t)off, end = start + size;
   if (size == 0) return -1;
@@ -936,6 +946,17 @@ static napi_value js_read_fast (napi_env env, napi_callback_info info) {
   return out;
 }
 
+/* heartbeat(ms): the JS thread runs; the fast path serves for `ms` more (0: without a deadline). */
+static napi_value js_heartbeat (napi_env env, napi_callback_info info) {
+  size_t argc = 1;
+  napi_value argv[1];
+  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  uint32_t ms;
+  if (argc != 1 || napi_get_value_uint32(env, argv[0], &ms) != napi_ok) { napi_throw_type_error(env, "EINVAL", "heartbeat(ms)"); return NULL; }
+  atomic_store(&fresh_until, ms == 0 ? 0 : now_ns() + (uint64_t)ms * 1000000u);
+  return NULL;
+}
+
 /* setReadDelay(slot, microseconds): tests hold native reads in flight with it. */
 static napi_value js_set_read_delay (napi_env env, napi_callback_info info) {
   size_t argc = 2;
@@ -1015,7 +1036,8 @@ static napi_value init (napi_env env, napi_value exports) {
     { "fastBlocks", NULL, js_fast_blocks, NULL, NULL, NULL, napi_default, NULL },
     { "readFast", NULL, js_read_fast, NULL, NULL, NULL, napi_default, NULL },
     { "readFastAsync", NULL, js_read_fast_async, NULL, NULL, NULL, napi_default, NULL },
-    { "setReadDelay", NULL, js_set_read_delay, NULL, NULL, NULL, napi_default, NULL }
+    { "setReadDelay", NULL, js_set_read_delay, NULL, NULL, NULL, napi_default, NULL },
+    { "heartbeat", NULL, js_heartbeat, NULL, NULL, NULL, napi_default, NULL }
   };
   napi_define_properties(env, exports, sizeof props / sizeof props[0], props);
   return exports;

@@ -58,6 +58,12 @@ export interface FuseAddon {
   setUsedSize: (slot: number, usedSize: number) => void
   /** [reads, bytes, block pieces, seconds] served since the last call. */
   takeCounters: (slot: number) => Float64Array
+  /**
+   * The JS thread runs: the fast path serves for `ms` more (0: with no
+   * deadline). A stalled JS thread cannot apply a revocation, so the fast
+   * path stops with it.
+   */
+  heartbeat: (ms: number) => void
   /** The granted blocks as ranges. */
   fastBlocks: (slot: number) => Float64Array
   /** The fast path alone on the JS thread (tests): the bytes read, or -1 where a request would go to JS. */

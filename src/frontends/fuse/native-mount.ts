@@ -39,6 +39,7 @@ export class NativeFuseMount {
   private readonly planes = new Map<Volume, Plane>()
   private readonly closing = new Set<Promise<void>>()
   private mounted = false
+  private heartbeat: NodeJS.Timeout | undefined
 
   constructor (node: UkaiNode, mountpoint: string, addon: FuseAddon) {
     this.node = node
@@ -55,19 +56,33 @@ export class NativeFuseMount {
     const opts = ['fsname=ukai', 'subtype=ukai', `max_read=${MAX_IO}`]
     if (options.allowOther === true) opts.push('allow_other')
     if (options.debug === true) opts.push('debug')
-    this.addon.mount(this.mountpoint, opts.join(','), (op, id, path, fd, a, b, data) => {
-      try {
-        this.handle(op, id, path, fd, a, b, data)
-      } catch {
-        this.addon.reply(id, EIO)
-      }
-    })
+    // The fast path serves only while this thread is known to run (and so
+    // to apply revocations): a stall longer than this sends reads here,
+    // where they wait, well before a writer elsewhere gives up waiting for
+    // this node to apply a change (io_timeout).
+    const fresh = Math.min(2000, this.node.config.io_timeout * 500)
+    this.addon.heartbeat(fresh)
+    this.heartbeat = setInterval(() => this.addon.heartbeat(fresh), Math.max(50, fresh / 4))
+    this.heartbeat.unref()
+    try {
+      this.addon.mount(this.mountpoint, opts.join(','), (op, id, path, fd, a, b, data) => {
+        try {
+          this.handle(op, id, path, fd, a, b, data)
+        } catch {
+          this.addon.reply(id, EIO)
+        }
+      })
+    } catch (err) {
+      clearInterval(this.heartbeat)
+      throw err
+    }
     this.mounted = true
   }
 
   async unmount (): Promise<void> {
     if (!this.mounted) return
     this.mounted = false
+    clearInterval(this.heartbeat)
     // Returns once every request handed to JS was answered and the loop ended.
     await this.addon.unmount()
     await Promise.all([...this.closing])

@@ -105,6 +105,25 @@ describe('native FUSE addon: the fast path', { skip }, () => {
     }
   })
 
+  test('the fast path serves only while the JS thread renews its heartbeat', async (t) => {
+    const dir = await makeTmpDir('ukai-plane-')
+    t.after(dir.cleanup)
+    await writeFile(join(dir.path, name(0)), pattern(BS, 1))
+    const slot = addon!.registerImage(dir.path, '', 16, '', BS, 1, BS)
+    try {
+      addon!.grant(slot, ranges(0, 1))
+      addon!.heartbeat(100)
+      assert.equal(addon!.readFast(slot, 0, Buffer.alloc(BS)), BS)
+      await sleep(150)
+      assert.equal(addon!.readFast(slot, 0, Buffer.alloc(BS)), -1, 'no heartbeat for longer than it said: reads go to JS')
+      addon!.heartbeat(100)
+      assert.equal(addon!.readFast(slot, 0, Buffer.alloc(BS)), BS)
+    } finally {
+      addon!.heartbeat(0)
+      await addon!.unregisterImage(slot)
+    }
+  })
+
   test('unregisterImage ends every read of the image and returns what they counted', async (t) => {
     const dir = await makeTmpDir('ukai-plane-')
     t.after(dir.cleanup)
