@@ -29,6 +29,9 @@ done
 declare -A provides=(
   [/usr/lib/x86_64-linux-gnu/libfuse.so.2]=libfuse2
   [fusermount]=fuse3
+  # The native FUSE engine (native/ukai-fuse.c) is built against libfuse 3.
+  [/usr/include/fuse3/fuse.h]=libfuse3-dev
+  [pkg-config]=pkg-config
   [qemu-img]=qemu-utils
   [qemu-io]=qemu-utils
   [nbdinfo]=libnbd-bin
@@ -90,9 +93,14 @@ if [ "$force" = 1 ] || [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$lock_sum" ]
   echo "$lock_sum" > "$stamp"
 fi
 
-# The native file addon (npm ci builds it too); rebuilt when its source changed.
-if [ "$force" = 1 ] || [ ! -f build/Release/ukai_fs.node ] || [ -n "$(find native binding.gyp -newer build/Release/ukai_fs.node 2>/dev/null)" ]; then
-  echo "setup: building the native file addon"
+# The native addons (npm ci builds them too); rebuilt when a source changed,
+# and the FUSE engine's when libfuse 3's headers came after the last build.
+stale=0
+[ -f build/Release/ukai_fs.node ] || stale=1
+[ -n "$(find native binding.gyp -newer build/Release/ukai_fs.node 2>/dev/null)" ] && stale=1
+[ -f /usr/include/fuse3/fuse.h ] && [ ! -f build/Release/ukai_fuse.node ] && stale=1
+if [ "$force" = 1 ] || [ "$stale" = 1 ]; then
+  echo "setup: building the native addons"
   bash scripts/build-native.sh
 fi
 

@@ -8,7 +8,7 @@
  */
 import { after, before, describe, test } from 'node:test'
 import assert from 'node:assert/strict'
-import { mkdtemp, readdir, realpath, rm, writeFile } from 'node:fs/promises'
+import { mkdtemp, readdir, readFile, realpath, rm, writeFile } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join, resolve } from 'node:path'
 import { CLI, freePort, run, type RunResult } from './helpers/node-process.js'
@@ -34,7 +34,8 @@ describe('ukai without FUSE', () => {
   before(async () => {
     dir = await mkdtemp(join(tmpdir(), 'ukai-nofuse-'))
     config = join(dir, 'config.json')
-    await writeFile(config, JSON.stringify({ image_root: 'img', metadata_root: 'meta', control_port: await freePort(), proxy_port: await freePort() }))
+    // The fuse-native engine: what these ways take away (the native engine's own case is the last test).
+    await writeFile(config, JSON.stringify({ image_root: 'img', metadata_root: 'meta', control_port: await freePort(), proxy_port: await freePort(), fuse_engine: 'fuse-native' }))
     lib = await libfusePath()
     if (lib !== undefined) {
       const probe = await run('unshare', ['-m', '--propagation', 'private', 'sh', '-c', `mount --bind /dev/null ${lib} && true`]).catch(() => undefined)
@@ -92,4 +93,18 @@ describe('ukai without FUSE', () => {
       assert.deepEqual((await readdir(dir)).sort(), before)
     })
   }
+
+  test('fuse_engine "native" without its addon: server --mount fails with one clear line and starts nothing', async (t) => {
+    if (!namespaces) return t.skip('needs root and unshare -m to hide the addon')
+    const addon = resolve('build/Release/ukai_fuse.node')
+    const native = join(dir, 'native.json')
+    await writeFile(native, JSON.stringify({ ...JSON.parse(await readFile(config, 'utf8')), fuse_engine: 'native' }))
+    const before = (await readdir(dir)).sort()
+    const r = await run('unshare', ['-m', '--propagation', 'private', 'sh', '-c',
+      `mount --bind /dev/null "$0" && exec "$@"`, addon, process.execPath, CLI, '--config', native, 'server', '--mount', join(dir, 'mnt')])
+    assert.equal(r.code, 8, r.stderr)
+    assert.match(r.stderr, /^ukai: FUSE is not available: the native FUSE engine cannot be loaded .*libfuse3-dev.*"fuse_engine": "fuse-native"/)
+    assert.equal(r.stderr.trim().split('\n').length, 1, r.stderr)
+    assert.deepEqual((await readdir(dir)).sort(), before)
+  })
 })

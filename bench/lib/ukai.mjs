@@ -23,8 +23,10 @@ export async function snapshotBuild (repo, dir, dist = join(repo, 'dist')) {
   await mkdir(dir, { recursive: true })
   await cp(dist, join(dir, 'dist'), { recursive: true })
   await cp(join(repo, 'package.json'), join(dir, 'package.json'))
-  // The native file addon, where dist/ looks for it.
+  // The native addons, where dist/ looks for them (the FUSE engine's only when it was built:
+  // without it the mount is fuse-native's).
   await cp(join(repo, 'build', 'Release', 'ukai_fs.node'), join(dir, 'build', 'Release', 'ukai_fs.node'))
+  await cp(join(repo, 'build', 'Release', 'ukai_fuse.node'), join(dir, 'build', 'Release', 'ukai_fuse.node')).catch((err) => { if (err.code !== 'ENOENT') throw err })
   await symlink(join(repo, 'node_modules'), join(dir, 'node_modules'))
   return join(dir, 'dist', 'src', 'cli', 'main.js')
 }

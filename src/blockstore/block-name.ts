@@ -22,6 +22,13 @@ export function parseBlockNameFormat (format: string): BlockNamer {
   return (index: number) => prefix + String(index).padStart(width, '0') + suffix
 }
 
+/** A format's parts: block `i`'s file is prefix + i zero-padded to width + suffix (for the native FUSE plane). */
+export function blockNameParts (format: string): { prefix: string, width: number, suffix: string } {
+  parseBlockNameFormat(format)
+  const m = FORMAT.exec(format)!
+  return { prefix: m[1]!, width: Number(m[2]), suffix: m[3]! }
+}
+
 /** The inverse of a format's namer: the block a file name is of, undefined for any other name. */
 export function blockNameParser (format: string): (name: string) => number | undefined {
   const namer = parseBlockNameFormat(format)

@@ -45,7 +45,7 @@ async function checkPorts (config: Config): Promise<void> {
 
 export async function runServer (config: Config, options: ServerOptions): Promise<number> {
   // Before anything is touched: a mount without libfuse is refused at once.
-  const FuseMountClass = options.mount !== undefined ? await loadFuseMount() : undefined
+  const FuseMountClass = options.mount !== undefined ? await loadFuseMount(config.fuse_engine) : undefined
   await checkPorts(config)
   const node = await UkaiNode.start(config, log)
   const control = new ControlServer(node)

@@ -63,6 +63,13 @@ export interface Config {
   lease_ttl: number
   /** Default block size for `ukai image create`, in bytes. */
   default_block_size: number
+  /**
+   * The FUSE mount's engine: "native" (native/ukai-fuse.c on libfuse 3,
+   * local in-sync reads without the JS thread) or "fuse-native" (libfuse
+   * 2, every request on the JS thread); undefined: native when its addon
+   * is built, else fuse-native.
+   */
+  fuse_engine: 'native' | 'fuse-native' | undefined
   /** Where the config was read from, or undefined for built-in defaults. */
   source: string | undefined
 }
@@ -96,6 +103,10 @@ const seconds: Checker = (v, key) => {
 const blockNameFormat: Checker = (v, key) => {
   if (typeof v !== 'string') throw fail(key, 'must be a string such as "%016d"')
   try { parseBlockNameFormat(v) } catch (err) { throw fail(key, (err as Error).message) }
+  return v
+}
+const fuseEngine: Checker = (v, key) => {
+  if (v !== 'native' && v !== 'fuse-native') throw fail(key, `must be "native" or "fuse-native", got ${show(v)}`)
   return v
 }
 const backend: Checker = (v, key) => {
@@ -152,7 +163,8 @@ const KEYS: Record<string, { check: Checker, as?: keyof Config }> = {
   metadata_servers: { check: servers },
   metadata_prefix: { check: prefix },
   lease_ttl: { check: ttl },
-  default_block_size: { check: blockSize }
+  default_block_size: { check: blockSize },
+  fuse_engine: { check: fuseEngine }
 }
 
 export function defaultConfig (): Config {
@@ -174,6 +186,7 @@ export function defaultConfig (): Config {
     metadata_prefix: 'ukai',
     lease_ttl: 10,
     default_block_size: 64 * 2 ** 20,
+    fuse_engine: undefined,
     source: undefined
   }
 }

@@ -368,6 +368,9 @@ export class UkaiNode extends EventEmitter implements ReplicaProvider, ClusterCo
       throw new UkaiError('UKAI_ERR_INVALID_ARGUMENT', `image '${image}' is at revision ${now}; revision ${revision} was never written`,
         { image, revision: now })
     }
+    // Reads outside the volume (the native FUSE plane) of blocks this
+    // revision made unreadable here are over before the writer goes on.
+    await this.volumes.get(image)?.volume.readsSettled()
     return { revision: now }
   }
 
@@ -715,6 +718,7 @@ export class UkaiNode extends EventEmitter implements ReplicaProvider, ClusterCo
    * opened), its locations' state from the metadata, and its sync.
    */
   stats (name: string): ImageStats {
+    this.ioStats.get(name)?.collect?.()
     return imageStats(this.config.id, name, this.ioStats.get(name) ?? newIoStats(), this.imageMeta(name), this.syncs.get(name), (l) => this.isMe(l))
   }
 
@@ -775,6 +779,7 @@ export class UkaiNode extends EventEmitter implements ReplicaProvider, ClusterCo
     const served = this.isMe(loc) ? this.leaving.leave(name, start ?? 0, end ?? Number.MAX_SAFE_INTEGER) : undefined
     let meta: ImageMeta
     try {
+      await leaving?.drained
       meta = await this.images.removeLocation(name, loc, start, end)
     } catch (err) {
       leaving?.cancel()

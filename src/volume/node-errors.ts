@@ -22,9 +22,24 @@ export class NodeErrors {
     this.now = now
   }
 
+  private readonly watchers = new Set<() => void>()
+
   fail (location: string, reason: string): void {
     const t = this.now()
     this.entries.set(location, { location, reason, since: t, retryAfter: t + this.retryMs })
+    this.changed()
+    // Watchers learn of the end of the error state too.
+    if (this.watchers.size > 0) setTimeout(() => this.changed(), this.retryMs + 1).unref()
+  }
+
+  /** Calls `fn` (synchronously) whenever a location enters or leaves the error state; returns its removal. */
+  watch (fn: () => void): () => void {
+    this.watchers.add(fn)
+    return () => { this.watchers.delete(fn) }
+  }
+
+  private changed (): void {
+    for (const fn of this.watchers) fn()
   }
 
   /** True while the location should be skipped. */
@@ -34,7 +49,7 @@ export class NodeErrors {
   }
 
   succeed (location: string): void {
-    this.entries.delete(location)
+    if (this.entries.delete(location)) this.changed()
   }
 
   list (): NodeErrorEntry[] {

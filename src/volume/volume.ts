@@ -91,6 +91,8 @@ export interface IoStats {
   replicas: Record<string, ReplicaIo>
   /** Told each replica request's latency (the node's histogram); set by the node. */
   observe?: (location: string, op: 'read' | 'write', seconds: number) => void
+  /** Folds in reads counted elsewhere (the native FUSE plane) before the counters are read. */
+  collect?: () => void
   /** Requests other nodes made of this node's replica over the peer protocol (replica-exports.ts). */
   served: ServedIo
 }
@@ -112,6 +114,22 @@ export interface ReplicaIo {
   writes: number
   writtenBytes: number
   writeSeconds: number
+}
+
+/**
+ * A reader of this volume's local block files that runs outside it (the
+ * native FUSE plane, frontends/fuse/read-plane.ts). It is told, in the
+ * same tick as every change of what this volume knows, exactly which
+ * blocks chooseReader would read from this node's replica (in sync, not
+ * being left, the location not in the error state) and the used size. A
+ * block that leaves the set must be unreadable to the plane once update
+ * returns; the promise it returns (if any) resolves once no read of such
+ * a block is under way any more. The volume waits for it before the
+ * change counts (a write acknowledged, a removal stored, a refresh
+ * answered: readsSettled).
+ */
+export interface LocalReadPlane {
+  update: (readable: RangeSet, usedSize: number) => Promise<void> | undefined
 }
 
 export class Volume {
@@ -159,6 +177,11 @@ export class Volume {
    */
   private readonly leaving: Array<{ location: string, blocks: RangeSet, until?: number }> = []
   readonly stats: IoStats
+  /** Readers of the local block files outside this volume (see LocalReadPlane). */
+  private readonly planes = new Set<LocalReadPlane>()
+  /** Revocations whose reads are still under way. */
+  private readonly draining = new Set<Promise<void>>()
+  private stopWatchingErrors: (() => void) | undefined
 
   constructor (meta: ImageMeta, ctx: VolumeContext) {
     const volume = this
@@ -203,6 +226,61 @@ export class Volume {
       const until = this.leaving[i]!.until
       if (until !== undefined && until <= this.current.revision) this.leaving.splice(i, 1)
     }
+    this.syncPlanes()
+  }
+
+  // ---- readers outside the volume (LocalReadPlane) ------------------------------
+
+  /** Lets `plane` read the local replica where chooseReader would; returns its detach. */
+  attachReadPlane (plane: LocalReadPlane): () => void {
+    this.planes.add(plane)
+    this.stopWatchingErrors ??= this.ctx.errors.watch(() => this.syncPlanes())
+    this.syncPlanes()
+    return () => {
+      this.planes.delete(plane)
+      if (this.planes.size === 0) {
+        this.stopWatchingErrors?.()
+        this.stopWatchingErrors = undefined
+      }
+    }
+  }
+
+  /**
+   * The blocks chooseReader picks this node's replica for: in sync at a
+   * local location that is not in the error state, and not being left.
+   */
+  localReadable (): RangeSet {
+    const out = new RangeSet()
+    for (const [location, st] of this.current.locations) {
+      if (this.ctx.replicas.replicaFor(location)?.isLocal !== true || this.ctx.errors.isFailed(location)) continue
+      const here = st.blocks.clone().removeSet(st.outOfSync)
+      for (const l of this.leaving) if (l.location === location) here.removeSet(l.blocks)
+      out.addSet(here)
+    }
+    return out.remove(Math.min(this.current.blockCount, Number.MAX_SAFE_INTEGER), Number.MAX_SAFE_INTEGER)
+  }
+
+  /** This node's location of the image, if it has one. */
+  localLocation (): string | undefined {
+    return this.localReplica()?.location
+  }
+
+  /** Tells every plane what it may read now; revocations take effect at once, their drains are kept. */
+  private syncPlanes (): void {
+    if (this.planes.size === 0) return
+    const readable = this.localReadable()
+    for (const plane of this.planes) {
+      const drained = plane.update(readable, this.current.usedSize)
+      if (drained === undefined) continue
+      const tracked: Promise<void> = drained.catch(() => {}).finally(() => this.draining.delete(tracked))
+      this.draining.add(tracked)
+    }
+  }
+
+  /** Resolves once no plane has a read under way of a block revoked before this call. */
+  async readsSettled (): Promise<void> {
+    if (this.draining.size === 0) return
+    await Promise.all([...this.draining])
   }
 
   /**
@@ -213,9 +291,10 @@ export class Volume {
    * says which revision removed it (the ranges are forgotten once this
    * volume has it); `cancel` undoes it when the removal failed.
    */
-  leave (location: string, start: number, end: number): { removed: (revision: number) => void, cancel: () => void } {
+  leave (location: string, start: number, end: number): { removed: (revision: number) => void, cancel: () => void, drained: Promise<void> } {
     const entry: { location: string, blocks: RangeSet, until?: number } = { location, blocks: RangeSet.of(start, end) }
     this.leaving.push(entry)
+    this.syncPlanes()
     return {
       removed: (revision) => {
         entry.until = revision
@@ -224,7 +303,10 @@ export class Volume {
       cancel: () => {
         const i = this.leaving.indexOf(entry)
         if (i >= 0) this.leaving.splice(i, 1)
-      }
+        this.syncPlanes()
+      },
+      // Reads outside the volume (the native FUSE plane) of the range under way now.
+      drained: this.readsSettled()
     }
   }
 
@@ -667,6 +749,11 @@ export class Volume {
       if (toUkaiError(err).code === 'UKAI_ERR_FENCED') s.fence()
       throw err
     }
+    // A block this change makes unreadable here (marked out of sync) is
+    // revoked from the planes now, and the change returns (the write it
+    // records is acknowledged) only once no read of it is under way.
+    this.syncPlanes()
+    await this.readsSettled()
   }
 
   /**

@@ -90,6 +90,8 @@ export class TestNode {
         control_port: await freePort(),
         proxy_port: proxy,
         id: `127.0.0.1:${proxy}`,
+        // UKAI_TEST_FUSE_ENGINE=fuse-native runs the FUSE tests on the fallback engine.
+        ...(process.env.UKAI_TEST_FUSE_ENGINE !== undefined ? { fuse_engine: process.env.UKAI_TEST_FUSE_ENGINE } : {}),
         ...opts.config
       }
       if (opts.tlsCa !== undefined) {
