@@ -343,6 +343,35 @@ describe('image move', { timeout: 600_000 }, () => {
     assert.deepEqual(await cluster.checkReplicas('tw', model), [])
   })
 
+  test('a move cancelled (from the other node\'s CLI) stops between chunks, consistent, drops its record, and resumes when run again', async () => {
+    const model = await filled('cx', 64)
+    let seen = 0
+    const first = move(A, 'cx', { to: B.id, rate: 4 * MiB }, (l) => { if (l.progress !== undefined) seen = l.progress.bytes })
+    await waitUntil('the move copied 8 MiB', async () => seen >= 8 * MiB, 60_000)
+    // B does not run the move: its CLI's cancel reaches A, where it runs.
+    const said = await B.cliOk('image', 'move', 'cx', '--cancel')
+    assert.match(said, new RegExp(`cancelled the move of 'cx' on ${A.id.replace(/[.]/g, '\\.')} after \\d+ of 16 block\\(s\\)`))
+    const stopped = await first
+    assert.equal(stopped.error, undefined, stopped.error?.message)
+    assert.equal((stopped.result as { cancelled?: boolean }).cancelled, true)
+    assert.ok(stopped.result!.done < 16, 'the move was through before the cancel')
+    // Consistent: every block still has an in-sync copy holding the model's data; nothing will resume it.
+    assert.deepEqual(await cluster.checkReplicas('cx', model), [])
+    assert.ok(Object.keys((await cluster.image('cx')).locations).includes(A.id), 'A gave up blocks it still had to give')
+    const none = await B.cli('image', 'move', 'cx', '--cancel')
+    assert.notEqual(none.code, 0)
+    assert.match(none.stderr, /no move of image 'cx' runs/)
+    const bad = await B.cli('image', 'move', 'cx', '--cancel', '--to', A.id)
+    assert.notEqual(bad.code, 0)
+    assert.match(bad.stderr, /--cancel takes no other option/)
+    // Run again, the move resumes and ends.
+    const again = await move(A, 'cx', { to: B.id })
+    assert.equal(again.error, undefined, again.error?.message)
+    assert.deepEqual(again.result!.failed, [])
+    assert.deepEqual(Object.keys((await cluster.image('cx')).locations), [B.id])
+    assert.deepEqual(await cluster.checkReplicas('cx', model), [])
+  })
+
   test('a move whose copy cannot be made stops before the old copy goes: nothing is lost', async () => {
     const model = await filled('st', 32)
     await B.stop('SIGKILL')

@@ -294,13 +294,25 @@ function imageCommands (image: Command, config: () => Config): void {
     })
 
   rangeOptions(image.command('move')
-    .description('relocate blocks START..END to another node while the image is in use: add the location, copy, drop the old copy (its node deletes the files); run again to resume')
+    .description('relocate blocks START..END to another node while the image is in use: add the location, copy, drop the old copy (its node deletes the files); run again to resume; --cancel stops a move under way')
     .argument('<NAME>', 'image name')
-    .requiredOption('--to <NODE>', 'the node the blocks move to')
+    .option('--to <NODE>', 'the node the blocks move to (required unless --cancel)')
     .option('--from <NODE>', 'the node they move away from (default: the only other one holding them)')
     .option('--rate <SIZE>', 'most bytes per second the copy takes (e.g. 100M; at least 1M)'), 'to move')
+    .option('--cancel', 'stop the move of the image under way, wherever it runs (consistent; run the move again to resume it)')
     .option('--json', 'progress and result as JSON lines')
-    .action(async (name: string, o: { to: string, from?: string, start?: string, end?: string, rate?: string, json?: boolean }) => {
+    .action(async (name: string, o: { to?: string, from?: string, start?: string, end?: string, rate?: string, cancel?: boolean, json?: boolean }) => {
+      if (o.cancel === true) {
+        if (o.to !== undefined || o.from !== undefined || o.rate !== undefined || o.start !== undefined || o.end !== undefined) {
+          throw new UkaiError('UKAI_ERR_INVALID_ARGUMENT', '--cancel takes no other option than --json: it stops whatever move of the image runs')
+        }
+        const r = await onNode(config(), 'a move is cancelled by a node', async (c) =>
+          await c.call<{ node: string, result?: MoveResult }>('DELETE', `/v1/images/${encodeURIComponent(name)}/move`))
+        if (o.json === true) print(JSON.stringify(r))
+        else print(r.result !== undefined ? `cancelled the move of '${name}' on ${r.node} after ${r.result.done} of ${r.result.blocks} block(s); run the move again to resume it` : `cancelled the move of '${name}' recorded for ${r.node} (not running); it will not resume`)
+        return
+      }
+      if (o.to === undefined) throw new UkaiError('UKAI_ERR_INVALID_ARGUMENT', "required option '--to <NODE>' not specified")
       const body = {
         to: o.to,
         ...(o.from !== undefined ? { from: o.from } : {}),
@@ -483,6 +495,10 @@ async function syncCommand (config: Config, name: string, body: { start?: number
 
 async function moveCommand (config: Config, name: string, body: Record<string, unknown>, json: boolean): Promise<void> {
   const result = await copyCommand<MoveResult>(config, name, 'move', body, json)
+  if (result.cancelled === true) {
+    if (!json) print(`the move was cancelled after ${result.done} of ${result.blocks} block(s) (${formatSize(result.bytes)} copied); run it again to resume`)
+    throw new UkaiError('UKAI_ERR_BUSY', `the move of image '${name}' was cancelled before it was through`, { image: name })
+  }
   if (!json) print(`moved ${result.done} of ${result.blocks} block(s) to ${result.to}${result.from !== undefined ? ` from ${result.from}` : ''}, ${formatSize(result.bytes)} copied`)
   if (result.failed.length > 0) throw new UkaiError('UKAI_ERR_UNAVAILABLE', `${result.failed.length} replica(s) could not be copied; nothing was removed from the old location for them: run the move again once their nodes are back`)
 }

@@ -212,6 +212,12 @@ export const routes: readonly Route[] = [
       }, emit)
     }
   },
+  // Cancels the move of the image, wherever it runs (UkaiNode.cancelMove).
+  {
+    method: 'DELETE',
+    pattern: new RegExp(`^/v1/images/${IMAGE}/move$`),
+    handler: async (node, [name]) => await node.cancelMove(name!)
+  },
   {
     method: 'POST',
     pattern: new RegExp(`^/v1/images/${IMAGE}/fence$`),

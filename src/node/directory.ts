@@ -14,6 +14,7 @@ import { canonicalLocation } from '../metadata/names.js'
 import type { MetadataStore, NodeInfo } from '../metadata/store.js'
 import { loadControlToken } from '../control/token.js'
 import type { FenceReply } from './node.js'
+import type { MoveResult } from './move.js'
 import type { NodeStorage } from './storage.js'
 import type { ImageStats, NodeErrorReport } from './stats.js'
 
@@ -165,6 +166,12 @@ export class NodeDirectory {
     const n = await this.require(location)
     // The API's END is inclusive.
     await (await this.client(n, timeoutMs)).call('DELETE', `/v1/images/${encodeURIComponent(image)}/locations`, { location, start, end: end === undefined ? undefined : end - 1 })
+  }
+
+  /** Asks the node `node` to cancel the move of `image` it runs (UkaiNode.cancelMove). */
+  async cancelMove (node: string, image: string, timeoutMs: number): Promise<{ node: string, result?: MoveResult }> {
+    const n = await this.require(node)
+    return await (await this.client(n, timeoutMs)).call('DELETE', `/v1/images/${encodeURIComponent(image)}/move`)
   }
 
   /** Every registered node: alive from its lease; capacity and the RTT of a probe from the ones alive. */

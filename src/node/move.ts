@@ -6,7 +6,7 @@
  * for them, which its node reclaims (deletes the block files) once it
  * has seen the change. Each step is one of the ordinary placement
  * changes, so the image is consistent after any of them, and a move that
- * stopped (an error, the command interrupted, a node restarted) resumes
+ * stopped (an error, a cancel, a node restarted) resumes
  * when run again: placement already moved stays, and blocks already in
  * sync are not copied again.
  */
@@ -59,6 +59,8 @@ export interface MoveProgress {
 export interface MoveResult extends MoveProgress {
   /** Blocks whose copy failed (the move stopped before removing them from the old location). */
   failed: SyncProgress['failed']
+  /** The move was cancelled (`ukai image move --cancel`): it stopped between two chunks of its copy, consistent; run again, it resumes. */
+  cancelled?: boolean
 }
 
 /** What a move needs of the node. */
@@ -67,7 +69,8 @@ export interface MoveHost {
   meta: (name: string) => Promise<ImageMeta>
   addLocation: (name: string, location: string, start: number, end: number) => Promise<unknown>
   removeLocation: (name: string, location: string, start: number, end: number) => Promise<unknown>
-  sync: (name: string, start: number, end: number, onProgress: (p: SyncProgress) => void, rate?: number) => Promise<SyncProgress>
+  /** A sync of blocks [start, end); with `signal`, it stops between two chunks once the signal is aborted (it rejects then). */
+  sync: (name: string, start: number, end: number, onProgress: (p: SyncProgress) => void, rate?: number, signal?: AbortSignal) => Promise<SyncProgress>
 }
 
 /** Bytes of blocks moved per step (at least one block). */
@@ -97,7 +100,13 @@ function movedTo (meta: ImageMeta, to: string, start: number, end: number, port:
   return false
 }
 
-export async function moveImage (host: MoveHost, name: string, req: MoveRequest, emit: (p: MoveProgress) => void): Promise<MoveResult> {
+/**
+ * Runs a move. With `signal`, aborting it stops the move between two
+ * chunks of its copy (the step under way keeps its new location, out of
+ * sync where not copied yet, and its old one): the result says
+ * `cancelled`.
+ */
+export async function moveImage (host: MoveHost, name: string, req: MoveRequest, emit: (p: MoveProgress) => void, signal?: AbortSignal): Promise<MoveResult> {
   const to = validateLocation(req.to, host.defaultPort)
   const from = req.from === undefined ? undefined : validateLocation(req.from, host.defaultPort)
   if (from !== undefined && sameLocation(from, to, host.defaultPort)) throw invalid(`--from and --to name the same location (${to})`)
@@ -129,15 +138,28 @@ export async function moveImage (host: MoveHost, name: string, req: MoveRequest,
   report(0, 0)
   const step = Math.max(1, Math.floor(STEP_BYTES / meta.blockSize))
   let copied = 0
+  // A function, not a field read: the signal changes while the move awaits.
+  const aborted = (): boolean => signal?.aborted === true
+  const cancelled = (done: number): MoveResult => {
+    report(copied, done)
+    return { ...progress, failed: [], cancelled: true }
+  }
   for (let s = start; s < end; s += step) {
     const e = Math.min(end, s + step)
+    if (aborted()) return cancelled(s - start)
     await host.addLocation(name, to, s, e)
     const before = copied
-    const synced = await host.sync(name, s, e, (p) => {
-      copied = before + p.bytes
-      // Blocks of the step count as they are copied (all of them once it is through).
-      report(copied, s - start + Math.min(e - s, p.done))
-    }, req.rate)
+    let synced: SyncProgress
+    try {
+      synced = await host.sync(name, s, e, (p) => {
+        copied = before + p.bytes
+        // Blocks of the step count as they are copied (all of them once it is through).
+        report(copied, s - start + Math.min(e - s, p.done))
+      }, req.rate, signal)
+    } catch (err) {
+      if (aborted()) return cancelled(s - start)
+      throw err
+    }
     copied = before + synced.bytes
     if (synced.failed.length > 0) {
       report(copied, s - start)

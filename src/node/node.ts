@@ -103,7 +103,7 @@ export class UkaiNode extends EventEmitter implements ReplicaProvider, ClusterCo
   /** Reclaims waiting for their delay, per image. */
   private readonly reclaims = new Map<string, NodeJS.Timeout>()
   /** Moves running on this node, per image (moveImage). */
-  private readonly moves = new Map<string, { request: MoveRequest, listeners: Set<(p: MoveProgress) => void>, done: Promise<MoveResult> }>()
+  private readonly moves = new Map<string, { request: MoveRequest, listeners: Set<(p: MoveProgress) => void>, done: Promise<MoveResult>, abort: AbortController }>()
   /** Images whose reclaim found them open here: it runs again when they close. */
   private readonly reclaimAtClose = new Set<string>()
   private closed = false
@@ -819,7 +819,7 @@ export class UkaiNode extends EventEmitter implements ReplicaProvider, ClusterCo
    * Re-synchronises blocks [start, end) of an image (all when absent):
    * every out-of-sync replica is copied from an in-sync one.
    */
-  async syncImage (name: string, start?: number, end?: number, onProgress?: (p: SyncProgress) => void, rate?: number): Promise<SyncProgress> {
+  async syncImage (name: string, start?: number, end?: number, onProgress?: (p: SyncProgress) => void, rate?: number, signal?: AbortSignal): Promise<SyncProgress> {
     const volume = await this.acquireVolume(name)
     // Followed for `ukai stats` and the metrics (ukai_sync_*).
     const started = new Date().toISOString()
@@ -832,7 +832,7 @@ export class UkaiNode extends EventEmitter implements ReplicaProvider, ClusterCo
         last = p
         follow(p, true)
         onProgress?.(p)
-      }, rate === undefined ? {} : { rate })
+      }, { ...(rate === undefined ? {} : { rate }), ...(signal === undefined ? {} : { signal }) })
       last = result
       return result
     } finally {
@@ -860,6 +860,7 @@ export class UkaiNode extends EventEmitter implements ReplicaProvider, ClusterCo
       try { return await running.done } finally { running.listeners.delete(emit) }
     }
     const listeners = new Set([emit])
+    const abort = new AbortController()
     const run = async (): Promise<MoveResult> => {
       validateLocation(req.to, this.config.proxy_port)
       await this.store.putMove(name, { node: this.config.id, request: moveKeyOf(req), since: new Date().toISOString() })
@@ -869,16 +870,45 @@ export class UkaiNode extends EventEmitter implements ReplicaProvider, ClusterCo
           meta: async (n) => await this.store.require(n),
           addLocation: async (n, loc, s, e) => await this.images.addLocation(n, loc, s, e),
           removeLocation: async (n, loc, s, e) => await this.removeLocation(n, loc, s, e),
-          sync: async (n, s, e, onProgress, rate) => await this.syncImage(n, s, e, onProgress, rate)
-        }, name, req, (p) => { for (const l of listeners) l(p) })
+          sync: async (n, s, e, onProgress, rate, signal) => await this.syncImage(n, s, e, onProgress, rate, signal)
+        }, name, req, (p) => { for (const l of listeners) l(p) }, abort.signal)
       } finally {
         // A node that is shutting down keeps the record: it resumes the move when it starts again.
         if (!this.closed) await this.store.putMove(name, undefined).catch(() => {})
       }
     }
-    const entry = { request: req, listeners, done: run() }
+    const entry = { request: req, listeners, done: run(), abort }
     this.moves.set(name, entry)
     try { return await entry.done } finally { this.moves.delete(name) }
+  }
+
+  /**
+   * Cancels the move of an image: the one running here stops between two
+   * chunks of its copy (resolves once it has stopped, consistent: run
+   * again, it resumes), and its record goes. A move recorded for another
+   * node is cancelled there, through its control API; a record of a node
+   * that is not running (it would resume the move when it starts) is
+   * dropped. UKAI_ERR_NOT_FOUND when no move of the image runs.
+   */
+  async cancelMove (name: string): Promise<{ node: string, result?: MoveResult }> {
+    validateImageName(name)
+    const running = this.moves.get(name)
+    if (running !== undefined) {
+      running.abort.abort(new UkaiError('UKAI_ERR_BUSY', `the move of image '${name}' was cancelled`, { image: name }))
+      return { node: this.config.id, result: await running.done }
+    }
+    const intent = (await this.store.state(name))?.move
+    if (intent === undefined) throw new UkaiError('UKAI_ERR_NOT_FOUND', `no move of image '${name}' runs`, { image: name })
+    if (!this.isMe(intent.node)) {
+      try {
+        return await this.images.directory.cancelMove(intent.node, name, this.config.io_timeout * 1000)
+      } catch (err) {
+        if (!isNotRunning(err)) throw err
+      }
+    }
+    // Its node does not run it now (it is down, or has not resumed it yet): it will not.
+    await this.store.putMove(name, undefined)
+    return { node: intent.node }
   }
 
   /** True when two move requests move the same blocks to the same place (the source and the pace may differ). */

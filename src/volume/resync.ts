@@ -351,6 +351,8 @@ async function syncBatch (ctx: SyncContext, batch: number[], progress: SyncProgr
   try {
     const copied: Array<{ block: number, targets: string[] }> = []
     const failures: Failure[] = []
+    /** Locations a copy of the batch wrote (or began to). */
+    const touched = new Set<string>()
     const queue = batch.slice()
     const worker = async (): Promise<void> => {
       for (let block = queue.shift(); block !== undefined; block = queue.shift()) {
@@ -362,6 +364,7 @@ async function syncBatch (ctx: SyncContext, batch: number[], progress: SyncProgr
             progress.failed.push({ block, reason: 'no in-sync location reachable' })
           } else {
             mirrors.push(ctx.mirror(block, targets))
+            for (const t of targets) touched.add(t)
             // After the mirror: a write either reached the fine record read now, or reaches the targets.
             const only = ctx.changedIn(block, targets)
             const failed = await copyBlock({ ...ctx, meta }, block, source, targets, (n) => { progress.bytes += n }, false, {
@@ -379,7 +382,16 @@ async function syncBatch (ctx: SyncContext, batch: number[], progress: SyncProgr
       }
     }
     // Every copy of the batch ends before the batch does (and its session is left).
-    await allSettledOrThrow(Array.from({ length: SYNC_PARALLEL }, worker))
+    try {
+      await allSettledOrThrow(Array.from({ length: SYNC_PARALLEL }, worker))
+    } catch (err) {
+      // Stopped (cancelled, fenced): nothing of the batch is marked in sync,
+      // but what its copies wrote is flushed all the same, so that no
+      // connection is closed later holding writes nobody flushed (the next
+      // flush on that peer would fail for them: remote-replica.ts).
+      await Promise.all([...touched].map(async (loc) => await ctx.replicas.replicaFor(loc)?.flush(ctx.image).catch(() => {})))
+      throw err
+    }
     if (failures.some((f) => f.fenced === true)) throw ctx.fenced()
     // One flush per target location covers every block copied to it.
     const flushFailed = new Set<string>()

@@ -844,7 +844,7 @@ export class Volume {
    * the image's writer: on the node that writes it, or taking the lease
    * for itself when nobody does.
    */
-  async sync (start: number, end: number, onProgress?: (p: SyncProgress) => void, options: { rate?: number } = {}): Promise<SyncProgress> {
+  async sync (start: number, end: number, onProgress?: (p: SyncProgress) => void, options: { rate?: number, signal?: AbortSignal } = {}): Promise<SyncProgress> {
     const count = this.current.blockCount
     if (!Number.isSafeInteger(start) || !Number.isSafeInteger(end) || start < 0 || end > count || start > end) {
       throw new UkaiError('UKAI_ERR_OUT_OF_RANGE', `block range [${start}, ${end}) is not within the image's ${count} blocks`)
@@ -856,7 +856,7 @@ export class Volume {
         image: this.name,
         replicas: this.ctx.replicas,
         generation: s.generation,
-        ...(options.rate !== undefined ? { pace: pacer(options.rate) } : {}),
+        ...(options.rate !== undefined || options.signal !== undefined ? { pace: stoppablePace(options.rate, options.signal) } : {}),
         meta: () => this.current,
         lock: this.lock,
         errors: this.ctx.errors,
@@ -1108,6 +1108,20 @@ function addTo (map: Map<string, RangeSet>, key: string, [s, e]: [number, number
   let set = map.get(key)
   if (set === undefined) { set = new RangeSet(); map.set(key, set) }
   return set.add(s, e)
+}
+
+/**
+ * A copy's pace (CopyContext.pace): the rate's, and a stop once `signal`
+ * is aborted (the copy rejects with its reason, between two chunks, never
+ * inside one's lock).
+ */
+function stoppablePace (rate: number | undefined, signal: AbortSignal | undefined): (bytes: number) => Promise<void> {
+  const pace = rate === undefined ? undefined : pacer(rate)
+  return async (bytes) => {
+    signal?.throwIfAborted()
+    await pace?.(bytes)
+    signal?.throwIfAborted()
+  }
 }
 
 export function newIoStats (): IoStats {

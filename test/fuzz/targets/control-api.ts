@@ -229,6 +229,7 @@ const ROUTES: Route[] = [
   { method: 'GET', path: '/v1/images/{N}/stats', body: undefined },
   { method: 'POST', path: '/v1/images/{N}/sync', body: syncBody, kind: 'stream' },
   { method: 'POST', path: '/v1/images/{N}/move', body: moveBody, kind: 'stream' },
+  { method: 'DELETE', path: '/v1/images/{N}/move', body: undefined },
   { method: 'POST', path: '/v1/images/{N}/fence', body: counter('generation') },
   { method: 'POST', path: '/v1/images/{N}/refresh', body: counter('revision') },
   { method: 'POST', path: '/v1/images/{N}/locations', body: rangeBody('location') },
