@@ -229,7 +229,6 @@ export class Transmission {
       const w = this.pendingWrite
       if (w !== undefined) {
         let payload: Buffer
-        let pooled = false
         if (this.assembly === undefined && this.reader.headLength >= w.length) {
           // In one received chunk: a view of it.
           payload = this.reader.take(w.length)
@@ -242,12 +241,11 @@ export class Transmission {
           this.assembled += this.reader.takeInto(this.assembly, this.assembled, w.length - this.assembled)
           if (this.assembled < w.length) { starved = true; break }
           payload = this.assembly
-          pooled = true
           this.assembly = undefined
           this.assembled = 0
         }
         this.pendingWrite = undefined
-        this.dispatch(w, payload, w.length, pooled)
+        this.dispatch(w, payload, w.length)
         continue
       }
       if (this.saturated()) break
@@ -513,19 +511,18 @@ export class Transmission {
     this.resolveDone()
   }
 
-  /** `pooled`: the payload is a buffer of the payload pool, to be handed back when the backend releases it. */
-  private dispatch (req: NbdRequest, payload: Buffer | undefined, cost: number, pooled = false): void {
+  private dispatch (req: NbdRequest, payload: Buffer | undefined, cost: number): void {
     this.inflight++
     this.inflightBytes += cost
     // The budget sees it before the next request asks for room.
     this.ctx.account()
-    void this.serve(req, payload, cost, pooled)
+    void this.serve(req, payload, cost)
   }
 
   /** Runs one request to its reply; never rejects. */
-  private async serve (req: NbdRequest, payload: Buffer | undefined, cost: number, pooled: boolean): Promise<void> {
+  private async serve (req: NbdRequest, payload: Buffer | undefined, cost: number): Promise<void> {
     try {
-      await this.execute(req, payload, pooled)
+      await this.execute(req, payload)
     } catch (err) {
       const e = toUkaiError(err)
       if (e.code === 'UKAI_ERR_INTERNAL') this.warn(`NBD ${commandName(req.type)}: ${e.message}`)
@@ -549,7 +546,7 @@ export class Transmission {
     }
   }
 
-  private async execute (req: NbdRequest, payload: Buffer | undefined, pooled: boolean): Promise<void> {
+  private async execute (req: NbdRequest, payload: Buffer | undefined): Promise<void> {
     const b = this.backend
     switch (req.type) {
       case NBD_CMD_READ: return await this.read(req)
@@ -558,7 +555,7 @@ export class Transmission {
         await b.flush()
         this.send(encodeSimpleReply(req, 0))
         return
-      case NBD_CMD_WRITE: await b.write(req.offset, payload!, pooled ? released(payload!) : undefined); break
+      case NBD_CMD_WRITE: await b.write(req.offset, payload!, released(payload!)); break
       case NBD_CMD_TRIM: await this.inSteps(req, async (offset, length) => await b.trim(offset, length)); break
       case NBD_CMD_WRITE_ZEROES: {
         const noHole = (req.flags & NBD_CMD_FLAG_NO_HOLE) !== 0
@@ -705,7 +702,12 @@ export class Transmission {
   }
 }
 
-/** The callback a backend calls when nothing reads `buf` any more: it goes back to the pool, once. */
+/**
+ * The callback a backend calls when nothing reads `buf` any more: it goes
+ * back to the pool, once (a later call would give back a buffer lent
+ * again since). A payload that is no buffer of the pool (a view of a
+ * socket chunk) the pool ignores.
+ */
 function released (buf: Buffer): () => void {
   let done = false
   return () => {
