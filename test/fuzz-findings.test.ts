@@ -6,14 +6,9 @@
 import { after, before, describe, test } from 'node:test'
 import assert from 'node:assert/strict'
 import { request } from 'node:http'
-import { mkdtemp, rm } from 'node:fs/promises'
-import { tmpdir } from 'node:os'
-import { join } from 'node:path'
-import { parseConfig } from '../src/config/config.js'
-import { ControlServer } from '../src/control/server.js'
 import { importAny } from '../src/metadata/codec.js'
-import { UkaiNode } from '../src/node/node.js'
-import { freePort } from './helpers/node-process.js'
+import type { UkaiNode } from '../src/node/node.js'
+import { startControlNode, type ControlNode } from './helpers/control-node.js'
 
 interface Answer { status: number, body: { error?: { code: string, message: string, details: Record<string, unknown> } } & Record<string, unknown> }
 
@@ -41,27 +36,16 @@ async function call (port: number, method: string, path: string, body: string): 
 }
 
 describe('fuzz findings, kept', () => {
-  let dir: string
+  let api: ControlNode
   let node: UkaiNode
-  let control: ControlServer
   let port: number
 
   before(async () => {
-    dir = await mkdtemp(join(tmpdir(), 'ukai-findings-'))
-    port = await freePort()
-    const proxy = await freePort()
-    const config = parseConfig({ image_root: 'images', metadata_root: 'metadata', id: `127.0.0.1:${proxy}`, proxy_port: proxy, control_port: port, control_address: '127.0.0.1' }, dir)
-    node = await UkaiNode.start(config)
-    control = new ControlServer(node)
-    await control.listen(port, '127.0.0.1')
-    token = await node.images.directory.controlToken()
+    api = await startControlNode('ukai-findings-')
+    ;({ node, port, token } = api)
     await node.createImage({ name: 'fx', size: 1 << 20, block_size: 1 << 16 })
   })
-  after(async () => {
-    await control?.close()
-    await node?.close()
-    await rm(dir, { recursive: true, force: true })
-  })
+  after(async () => { await api?.close() })
 
   test('a refresh to a revision the image never had is refused as bad input (was 500 UKAI_ERR_INTERNAL)', async () => {
     const r = await call(port, 'POST', '/v1/images/fx/refresh', '{"revision":2147483648}')

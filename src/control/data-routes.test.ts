@@ -7,36 +7,19 @@
  */
 import { after, before, describe, test } from 'node:test'
 import assert from 'node:assert/strict'
-import { createServer, request } from 'node:http'
-import { mkdtemp, rm } from 'node:fs/promises'
-import { tmpdir } from 'node:os'
-import { join } from 'node:path'
-import { parseConfig } from '../config/config.js'
-import { UkaiNode } from '../node/node.js'
+import { request } from 'node:http'
 import type { Extent } from '../volume/volume.js'
 import { MAX_EXTENT_BLOCKS } from './data-routes.js'
-import { ControlServer } from './server.js'
+import { startControlNode, type ControlNode } from '../../test/helpers/control-node.js'
 
 const BS = 4096
 const SIZE = 2 ** 40
 
-async function freePort (): Promise<number> {
-  const s = createServer()
-  await new Promise<void>((resolve) => s.listen(0, '127.0.0.1', resolve))
-  const port = (s.address() as { port: number }).port
-  await new Promise<void>((resolve) => s.close(() => resolve()))
-  return port
-}
-
 describe('extents of a large image', () => {
-  let dir: string
-  let node: UkaiNode
-  let control: ControlServer
-  let port: number
-  let token: string
+  let api: ControlNode
 
   const call = async (method: string, path: string, body?: Buffer): Promise<{ status: number, body: Buffer }> => await new Promise((resolve, reject) => {
-    const req = request({ host: '127.0.0.1', port, method, path, headers: { authorization: `Bearer ${token}`, ...(body !== undefined ? { 'content-type': 'application/octet-stream', 'content-length': body.length } : {}) } }, (res) => {
+    const req = request({ host: '127.0.0.1', port: api.port, method, path, headers: { authorization: `Bearer ${api.token}`, ...(body !== undefined ? { 'content-type': 'application/octet-stream', 'content-length': body.length } : {}) } }, (res) => {
       const chunks: Buffer[] = []
       res.on('data', (c: Buffer) => chunks.push(c))
       res.on('end', () => resolve({ status: res.statusCode ?? 0, body: Buffer.concat(chunks) }))
@@ -52,25 +35,15 @@ describe('extents of a large image', () => {
   }
 
   before(async () => {
-    dir = await mkdtemp(join(tmpdir(), 'ukai-extents-'))
-    port = await freePort()
-    const proxy = await freePort()
-    node = await UkaiNode.start(parseConfig({ image_root: 'images', metadata_root: 'metadata', id: `127.0.0.1:${proxy}`, proxy_port: proxy, control_port: port, control_address: '127.0.0.1' }, dir))
-    control = new ControlServer(node)
-    await control.listen(port, '127.0.0.1')
-    token = await node.images.directory.controlToken()
-    await node.createImage({ name: 'big', size: SIZE, block_size: BS })
+    api = await startControlNode('ukai-extents-')
+    await api.node.createImage({ name: 'big', size: SIZE, block_size: BS })
     // Data in one block inside the walk, one past it, and the last block (used_size reaches the end).
     for (const block of [MAX_EXTENT_BLOCKS / 2, MAX_EXTENT_BLOCKS * 3 / 2, SIZE / BS - 1]) {
       const r = await call('PUT', `/v1/images/big/data?offset=${block * BS}`, Buffer.alloc(BS, 7))
       assert.equal(r.status, 200, r.body.toString('utf8'))
     }
   })
-  after(async () => {
-    await control?.close()
-    await node?.close()
-    await rm(dir, { recursive: true, force: true })
-  })
+  after(async () => { await api?.close() })
 
   test('the whole image, no length: answered, the first MAX_EXTENT_BLOCKS blocks in detail, data past them, the range tiled', async () => {
     const list = await extents('')

@@ -9,24 +9,13 @@
 import { after, before, describe, test } from 'node:test'
 import assert from 'node:assert/strict'
 import { createServer, request, type Server } from 'node:http'
-import { mkdtemp, rm } from 'node:fs/promises'
-import { tmpdir } from 'node:os'
-import { join } from 'node:path'
-import { parseConfig } from '../config/config.js'
-import { ControlServer } from '../control/server.js'
 import type { Lease } from '../metadata/core.js'
-import { UkaiNode } from './node.js'
+import type { UkaiNode } from './node.js'
 import { RTT_FRESH_MS } from './directory.js'
+import { startControlNode, type ControlNode } from '../../test/helpers/control-node.js'
+import { freePort } from '../../test/helpers/node-process.js'
 
 const PEER = '127.0.0.1:1'
-
-async function freePort (): Promise<number> {
-  const s = createServer()
-  await new Promise<void>((resolve) => s.listen(0, '127.0.0.1', resolve))
-  const port = (s.address() as { port: number }).port
-  await new Promise<void>((resolve) => s.close(() => resolve()))
-  return port
-}
 
 async function get (port: number, path: string, token: string): Promise<unknown> {
   return await new Promise((resolve, reject) => {
@@ -48,9 +37,8 @@ async function get (port: number, path: string, token: string): Promise<unknown>
 type Row = { id: string, alive: boolean, reachable: boolean, rtt_ms?: Record<string, number>, error?: string }
 
 describe('RTT between nodes: bounded probes', () => {
-  let dir: string
+  let api: ControlNode
   let node: UkaiNode
-  let control: ControlServer
   let port: number
   let token: string
   let peer: Server
@@ -59,13 +47,8 @@ describe('RTT between nodes: bounded probes', () => {
   const seen = { ping: 0, rtt: 0 }
 
   before(async () => {
-    dir = await mkdtemp(join(tmpdir(), 'ukai-rtt-'))
-    port = await freePort()
-    const proxy = await freePort()
-    node = await UkaiNode.start(parseConfig({ image_root: 'images', metadata_root: 'metadata', id: `127.0.0.1:${proxy}`, proxy_port: proxy, control_port: port, control_address: '127.0.0.1' }, dir))
-    control = new ControlServer(node)
-    await control.listen(port, '127.0.0.1')
-    token = await node.images.directory.controlToken()
+    api = await startControlNode('ukai-rtt-')
+    ;({ node, port, token } = api)
     peer = createServer((req, res) => {
       res.setHeader('content-type', 'application/json')
       if (req.url === '/v1/ping') { seen.ping++; res.end(JSON.stringify({ id: PEER, time: Date.now() })); return }
@@ -83,9 +66,7 @@ describe('RTT between nodes: bounded probes', () => {
   after(async () => {
     await lease?.revoke().catch(() => {})
     await new Promise<void>((resolve) => peer?.close(() => resolve()))
-    await control?.close()
-    await node?.close()
-    await rm(dir, { recursive: true, force: true })
+    await api?.close()
   })
 
   test('two quick GET /v1/nodes/rtt, then two at once, make one round of probes; the answer keeps its shape', async () => {
