@@ -6,23 +6,11 @@
  */
 import { test } from 'node:test'
 import assert from 'node:assert/strict'
-import { ImageMeta } from '../metadata/image.js'
-import { startNbd } from '../../test/helpers/nbd.js'
-import { ReplicaExports } from './replica-exports.js'
+import { startReplicaPeer } from '../../test/helpers/nbd.js'
 import { RemoteReplica } from './remote-replica.js'
 
 test('a write the writer timed out on is refused, or lands first, once the writer has moved on to a new epoch', async (t) => {
-  const fx = await startNbd({ exportsFor: (node) => new ReplicaExports(node) })
-  t.after(fx.cleanup)
-  const node = fx.node
-  const meta = new ImageMeta({ name: 'img', size: 4 * 4096, blockSize: 4096 })
-  meta.addLocation(node.config.id, 0, meta.blockCount, true)
-  await node.store.create(meta)
-  await node.blocks.allocate('img')
-  await node.reload('img')
-  const lease = await node.store.grantLease(60)
-  t.after(async () => await lease.revoke())
-  const grant = await node.store.acquireWriter('img', { node: '10.9.9.9', session: 's', purpose: 'write', lease: lease.id, mayTakeOver: () => false })
+  const { fx, node, grant } = await startReplicaPeer((fn) => t.after(fn), 4 * 4096, 4096)
 
   // The peer takes the first write in, and sits on it.
   const realWrite = node.blocks.write.bind(node.blocks)

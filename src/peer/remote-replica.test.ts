@@ -5,24 +5,12 @@
 import { test } from 'node:test'
 import assert from 'node:assert/strict'
 import { randomBytes } from 'node:crypto'
-import { ImageMeta } from '../metadata/image.js'
-import { startNbd } from '../../test/helpers/nbd.js'
+import { startReplicaPeer } from '../../test/helpers/nbd.js'
 import { NbdClient } from './nbd-client.js'
-import { ReplicaExports } from './replica-exports.js'
 import { RemoteReplica } from './remote-replica.js'
 
 test('a tick\'s writes go on one pooled connection (one socket write), the next tick\'s on the other, and all land', async (t) => {
-  const fx = await startNbd({ exportsFor: (node) => new ReplicaExports(node) })
-  t.after(fx.cleanup)
-  const node = fx.node
-  const meta = new ImageMeta({ name: 'img', size: 64 * 4096, blockSize: 16 * 4096 })
-  meta.addLocation(node.config.id, 0, meta.blockCount, true)
-  await node.store.create(meta)
-  await node.blocks.allocate('img')
-  await node.reload('img')
-  const lease = await node.store.grantLease(60)
-  t.after(async () => await lease.revoke())
-  const grant = await node.store.acquireWriter('img', { node: '10.9.9.9', session: 's', purpose: 'write', lease: lease.id, mayTakeOver: () => false })
+  const { fx, node, grant } = await startReplicaPeer((fn) => t.after(fn), 64 * 4096, 16 * 4096)
 
   const carriers: NbdClient[] = []
   const realWrite = NbdClient.prototype.write

@@ -24,6 +24,9 @@ import { parseReplyHeader } from '../../src/frontends/nbd/replies.js'
 import { encodeRequest, type NbdRequest } from '../../src/frontends/nbd/requests.js'
 import { NbdServer, type NbdServerOptions } from '../../src/frontends/nbd/server.js'
 import type { ExportProvider } from '../../src/frontends/nbd/exports.js'
+import { ImageMeta } from '../../src/metadata/image.js'
+import type { WriterGrant } from '../../src/metadata/store.js'
+import { ReplicaExports } from '../../src/peer/replica-exports.js'
 
 let nextPort = 31000 + Math.floor(Math.random() * 20000)
 
@@ -324,4 +327,26 @@ export function enterTransmission (name: string, structured: boolean, byName: bo
   }
   parts.push(byName ? encodeOption(NBD_OPT_EXPORT_NAME, Buffer.from(name)) : encodeOption(NBD_OPT_GO, encodeInfoRequest(name, [])))
   return Buffer.concat(parts)
+}
+
+/**
+ * A peer for a RemoteReplica: a node whose replica exports are served on
+ * a unix socket, with image `img` (`size` bytes in blocks of `blockSize`)
+ * placed and in sync there, and the writer lease of `img` held by a
+ * writer elsewhere (10.9.9.9), whose generation the writes carry.
+ * `after` takes the cleanups (a test context's t.after).
+ */
+export async function startReplicaPeer (after: (fn: () => Promise<void>) => void, size: number, blockSize: number): Promise<{ fx: NbdFixture, node: UkaiNode, grant: WriterGrant }> {
+  const fx = await startNbd({ exportsFor: (node) => new ReplicaExports(node) })
+  after(fx.cleanup)
+  const node = fx.node
+  const meta = new ImageMeta({ name: 'img', size, blockSize })
+  meta.addLocation(node.config.id, 0, meta.blockCount, true)
+  await node.store.create(meta)
+  await node.blocks.allocate('img')
+  await node.reload('img')
+  const lease = await node.store.grantLease(60)
+  after(async () => await lease.revoke())
+  const grant = await node.store.acquireWriter('img', { node: '10.9.9.9', session: 's', purpose: 'write', lease: lease.id, mayTakeOver: () => false })
+  return { fx, node, grant }
 }
