@@ -116,8 +116,10 @@ interface ChunkRead { start: number, end: number, data: Array<{ offset: number, 
 /**
  * The buffers chunks are read into, reused (a fresh 4 MiB buffer is a
  * fresh mapping the kernel faults in and zeroes): one goes back once its
- * chunk is written to every target, or failed. A request to a peer that
- * failed has closed its connection, so no late send reads a reused one.
+ * chunk is read and written to every target without a failure, the rule
+ * of the NBD server's payloads (Volume.write); after any failure it is
+ * left to the collector, since a request that failed is not relied on to
+ * be done with the bytes.
  */
 const chunkBuffers = new BufferPool({ min: 64 * 1024, max: COPY_CHUNK, retain: 2 * COPY_PARALLEL * COPY_CHUNK })
 
@@ -174,19 +176,14 @@ export async function copyBlock (ctx: CopyContext, block: number, source: Replic
     const data: ChunkRead['data'] = []
     const zeros = new RangeSet().add(start, end)
     const buffers: Buffer[] = []
-    try {
-      for (const [s, e] of await source.dataExtents(ctx.image, block, start, end)) {
-        const buf = chunkBuffers.take(e - s)
-        buffers.push(buf)
-        await source.read(ctx.image, block, s, buf)
-        for (const [rs, re] of nonZeroRuns(buf, s)) {
-          data.push({ offset: rs, buf: buf.subarray(rs - s, re - s) })
-          zeros.remove(rs, re)
-        }
+    for (const [s, e] of await source.dataExtents(ctx.image, block, start, end)) {
+      const buf = chunkBuffers.take(e - s)
+      buffers.push(buf)
+      await source.read(ctx.image, block, s, buf)
+      for (const [rs, re] of nonZeroRuns(buf, s)) {
+        data.push({ offset: rs, buf: buf.subarray(rs - s, re - s) })
+        zeros.remove(rs, re)
       }
-    } catch (err) {
-      for (const b of buffers) chunkBuffers.give(b)
-      throw err
     }
     return { start, end, data, zeros, mark, buffers }
   }
@@ -232,12 +229,9 @@ export async function copyBlock (ctx: CopyContext, block: number, source: Replic
   const worker = async (): Promise<void> => {
     while (next < chunks.length && live.size > 0) {
       const chunk = await read(chunks[next++]!)
-      let bytes: number
-      try {
-        bytes = await apply(chunk)
-      } finally {
-        for (const b of chunk.buffers) chunkBuffers.give(b)
-      }
+      const failed = failures.length
+      const bytes = await apply(chunk)
+      if (failures.length === failed) for (const b of chunk.buffers) chunkBuffers.give(b)
       unflushed += bytes
       if (unflushed >= FLUSH_EVERY) {
         unflushed = 0
