@@ -617,14 +617,13 @@ export class Transmission {
     }
   }
 
-  /** Fills a pooled reply from `at` on and sends it; the buffer goes back to the pool once the socket took it, or at once on failure. */
+  /**
+   * Fills a pooled reply from `at` on and sends it; the buffer goes back
+   * to the pool once the socket took it (or at once when the socket takes
+   * nothing more). A read that failed leaves it to the collector.
+   */
   private async fillPooled (offset: number, buf: Buffer, at: number): Promise<void> {
-    try {
-      await this.fill(offset, buf.subarray(at))
-    } catch (err) {
-      ioBuffers.give(buf)
-      throw err
-    }
+    await this.fill(offset, buf.subarray(at))
     if (!this.send(buf, () => ioBuffers.give(buf))) ioBuffers.give(buf)
   }
 
