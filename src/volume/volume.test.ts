@@ -594,6 +594,26 @@ function patch (rig: Rig, loc: string, ops: Partial<Record<'read' | 'write' | 'f
   rig.replicas.set(loc, Object.create(r, props) as Replica)
 }
 
+describe('Volume: a read split over blocks', () => {
+  test('fails only once every piece is done: no piece still reads into the buffer its caller may hand on', async () => {
+    await withRig({ size: 8192, blockSize: 4096, locations: [A] }, async (rig) => {
+      await rig.vol.write(0, bytes(8192, 3))
+      let slowDone = false
+      const real = rig.replicas.get(A)!
+      patch(rig, A, {
+        read: (async (image: string, block: number, offset: number, out: Buffer) => {
+          if (block === 0) throw errno('EIO')
+          await new Promise((resolve) => setTimeout(resolve, 50))
+          await real.read(image, block, offset, out)
+          slowDone = true
+        }) as never
+      })
+      await assert.rejects(rig.vol.read(0, Buffer.alloc(8192)), (err: UkaiError) => err.code === 'UKAI_ERR_UNAVAILABLE')
+      assert.equal(slowDone, true, 'the read failed while its other piece still read into the buffer')
+    })
+  })
+})
+
 describe('Volume: local write failures lose nothing acknowledged (issue 9)', () => {
   test('ENOSPC on the only copy: the writer gets ENOSPC, no block changes state, other reads go on', async () => {
     await withRig({ size: 4000, blockSize: 1000, locations: [A] }, async (rig) => {
