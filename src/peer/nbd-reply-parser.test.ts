@@ -15,7 +15,7 @@ import {
   NBD_REPLY_TYPE_ERROR, NBD_REPLY_TYPE_ERROR_OFFSET, NBD_REPLY_TYPE_NONE, NBD_REPLY_TYPE_OFFSET_DATA,
   NBD_REPLY_TYPE_OFFSET_HOLE, NBD_SIMPLE_REPLY_MAGIC, NBD_STRUCTURED_REPLY_MAGIC
 } from '../frontends/nbd/protocol.js'
-import { ReplyParser, type InFlightRequest, type StatusExtent } from './nbd-reply-parser.js'
+import { ReplyParser, protocolError, type InFlightRequest, type StatusExtent } from './nbd-reply-parser.js'
 import type { UkaiError } from '../errors.js'
 
 const CONTEXT = 7
@@ -69,7 +69,8 @@ function run (requests: Map<number, Request>, pieces: Buffer[]): Outcome {
       completed.set(cookie, error)
     },
     status: (cookie, context, extents) => {
-      assert.equal(context, CONTEXT)
+      // As the client does (nbd-client.ts): a context that was not negotiated breaks the protocol.
+      if (context !== CONTEXT) return protocolError(`unexpected status chunk for context ${context}`)
       statuses.set(cookie, extents)
       return undefined
     }
